@@ -1,0 +1,41 @@
+"""Which keys a query may see: causal order, padding and packed-document boundaries, evaluated one query block at a time.
+
+Never materialised as a whole S×T matrix on the sparse path: the indexer asks for one block of queries at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Visibility:
+    num_queries: int  # S
+    num_keys: int  # T; the queries are keys offset .. offset+S-1
+    offset: int = 0
+    key_valid: torch.Tensor | None = None  # [B, T] bool, False = padding
+    segments: torch.Tensor | None = None  # [B, T] int, keys of another document are invisible
+
+    @property
+    def plain_causal(self) -> bool:
+        """True when SDPA's is_causal expresses the mask exactly."""
+        return self.key_valid is None and self.segments is None and self.offset == 0 and self.num_queries == self.num_keys
+
+    def block(self, s0: int, s1: int) -> torch.Tensor:
+        """[B or 1, s1-s0, T] bool, True = visible."""
+        dev = self.key_valid.device if self.key_valid is not None else (
+            self.segments.device if self.segments is not None else None)
+        qi = torch.arange(self.offset + s0, self.offset + s1, device=dev)
+        ki = torch.arange(self.num_keys, device=dev)
+        m = (ki[None, :] <= qi[:, None])[None]
+        if self.key_valid is not None:
+            m = m & self.key_valid[:, None, :]
+        if self.segments is not None:
+            qs = self.segments[:, self.offset + s0 : self.offset + s1]
+            m = m & (qs[:, :, None] == self.segments[:, None, :])
+        return m
+
+    def full(self) -> torch.Tensor:
+        return self.block(0, self.num_queries)

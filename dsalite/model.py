@@ -1,0 +1,142 @@
+"""Transformer for the DSA family: embed → blocks → norm → head, plus the MTP layers.
+
+One class serves glm_moe_dsa, deepseek_v32 and deepseek_v3; the config decides per layer whether it has an indexer
+("full"), reuses the previous full layer's top-k ("shared") or has none (V3), and whether its MLP is dense or MoE.
+The IndexShare top-k is returned by each block and handed to the next one in `forward` — no module state — so
+activation recompute and pipeline stages see exactly what they are given. Layers are keyed by global index
+(`model.layers["7"]`), so a pipeline stage is this model with layers deleted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from dsalite.config import ModelConfig
+from dsalite.layers.block import Block
+from dsalite.layers.mask import Visibility
+from dsalite.layers.mtp import MTPLayer
+from dsalite.layers.norm import RMSNorm
+from dsalite.layers.rope import cos_sin, inv_freq_and_scale
+
+
+@dataclass
+class Output:
+    logits: torch.Tensor | None  # [B, S, V]
+    last_hidden: torch.Tensor  # [B, S, D] after the final norm
+    hidden_states: list[torch.Tensor] = field(default_factory=list)  # embeddings, then every block's output
+    topk: list[torch.Tensor | None] = field(default_factory=list)  # per trunk layer; None = all visible keys
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.num_hidden_layers)})
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, mtp_own_embeddings: bool = True):
+        super().__init__()
+        self.cfg = cfg
+        self.model = Backbone(cfg)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.mtp = nn.ModuleList(
+            [MTPLayer(cfg, k, mtp_own_embeddings) for k in range(cfg.num_nextn_predict_layers)]
+        )
+        with torch.device("cpu"):
+            self.inv_freq, self.rope_scale = inv_freq_and_scale(
+                cfg.rope, cfg.qk_rope_head_dim, cfg.max_position_embeddings
+            )
+
+    # ----- forward -----
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "lm_head"):
+            return self.lm_head(h)
+        return nn.functional.linear(h, self.model.embed_tokens.weight)
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype):
+        return cos_sin(self.inv_freq, positions, self.rope_scale, dtype)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [B, S]
+        position_ids: torch.Tensor | None = None,  # [B, S]; default offset + arange(S)
+        attention_mask: torch.Tensor | None = None,  # [B, T] 1 = real token, 0 = padding
+        segment_ids: torch.Tensor | None = None,  # [B, T] packed documents: no attention across ids
+        cache=None,
+        output_hidden_states: bool = False,
+        compute_logits: bool = True,
+    ) -> Output:
+        B, S = input_ids.shape
+        offset = cache.seq_len if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(offset, offset + S, device=input_ids.device).expand(B, S)
+        vis = Visibility(S, offset + S, offset,
+                         None if attention_mask is None else attention_mask.bool(), segment_ids)
+        x = self.model.embed_tokens(input_ids) if self.model.embed_tokens is not None else input_ids
+        cos, sin = self.rope(position_ids, x.dtype)
+        hidden, topks = [x] if output_hidden_states else [], []
+        topk = None
+        for block in self.model.layers.values():
+            x, topk = block(x, cos, sin, vis, topk, cache)
+            topks.append(topk)
+            if output_hidden_states:
+                hidden.append(x)
+        if cache is not None:
+            cache.advance(S)
+        h = self.model.norm(x)
+        return Output(self.head(h) if compute_logits else None, h, hidden, topks)
+
+    def mtp_forward(self, last_hidden: torch.Tensor, next_ids: torch.Tensor, position_ids=None,
+                    attention_mask=None, segment_ids=None) -> list[torch.Tensor]:
+        """Logits of every MTP depth: depth d at position t predicts token t+2+d from token t+1+d.
+
+        last_hidden [B,S,D] is `Output.last_hidden`; next_ids [B,S] are the tokens one step ahead (x_{t+1}); depth
+        d > 0 uses next_ids shifted d further (the tail is padded with the last id and its logits are meaningless).
+        """
+        B, S = next_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(S, device=next_ids.device).expand(B, S)
+        vis = Visibility(S, S, 0, None if attention_mask is None else attention_mask.bool(), segment_ids)
+        cos, sin = self.rope(position_ids, last_hidden.dtype)
+        h, topk, out = last_hidden, None, []
+        ids = next_ids
+        for d, layer in enumerate(self.mtp):
+            if d > 0:
+                ids = torch.cat([ids[:, 1:], ids[:, -1:]], dim=1)
+            h, logits, topk = layer.step(h, ids, cos, sin, vis, self.model.embed_tokens, self.head, topk)
+            out.append(logits)
+        return out
+
+    # ----- init / io -----
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+        """Random init (normal(0, std) weights, unit norms, zero biases) for models trained from scratch."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                m.weight.normal_(0.0, std, generator=generator)
+                if getattr(m, "bias", None) is not None:
+                    m.bias.zero_()
+            elif isinstance(m, (RMSNorm, nn.LayerNorm)):
+                m.weight.fill_(1.0)
+                if getattr(m, "bias", None) is not None:
+                    m.bias.zero_()
+        for name, p in self.named_parameters():
+            if name.endswith(("gate_up_proj", "down_proj")) and p.dim() == 3 or name.endswith("mlp.gate.weight"):
+                p.normal_(0.0, std, generator=generator)
+        for name, b in self.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.zero_()
+
+    def save_pretrained(self, path: str, **kwargs) -> None:
+        from dsalite.checkpoint.pretrained import save_pretrained
+
+        save_pretrained(self, path, **kwargs)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
