@@ -53,7 +53,7 @@ class ModelConfig:
     attention_bias: bool = False
     tie_word_embeddings: bool = False
     mlp_types: list[str] = field(default_factory=list)  # "dense" | "sparse" per trunk layer
-    # DSA lightning indexer; index_topk == 0 means the family has no indexer (deepseek_v3).
+    # DSA lightning indexer (absent in deepseek_v3).
     index_topk: int = 2048
     index_n_heads: int = 32
     index_head_dim: int = 128
@@ -72,7 +72,7 @@ class ModelConfig:
 
     @property
     def has_indexer(self) -> bool:
-        return self.index_topk > 0
+        return self.model_type != "deepseek_v3"
 
     @property
     def num_layers_total(self) -> int:

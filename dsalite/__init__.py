@@ -1,0 +1,18 @@
+"""dsalite: a PyTorch-native stack for the DSA family of sparse-attention MoE models."""
+
+from dsalite.config import ConfigError, ModelConfig
+from dsalite.model import Output, Transformer
+
+__version__ = "0.1.0"
+
+
+def from_pretrained(path, dtype=None, device="cpu"):
+    """Load an HF checkpoint directory into a dsalite `Transformer` (see `dsalite.checkpoint.pretrained`)."""
+    import torch
+
+    from dsalite.checkpoint.pretrained import from_pretrained as _load
+
+    return _load(path, dtype=torch.float32 if dtype is None else dtype, device=device)
+
+
+__all__ = ["ConfigError", "ModelConfig", "Output", "Transformer", "from_pretrained", "__version__"]

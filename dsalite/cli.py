@@ -1,0 +1,128 @@
+"""The `dsalite` command: one subcommand per job. Each subcommand's --help explains every option."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+PRESETS = {
+    # A GLM-5.2-shaped toy: 8 layers on the 5.2 IndexShare schedule (freq 4, offset 3), MTP on, yarn-free rope.
+    "glm-5.2-tiny": dict(
+        model_type="glm_moe_dsa", vocab_size=512, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
+        num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=64, kv_lora_rank=64,
+        qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=8, n_shared_experts=1,
+        num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1, index_topk=32, index_n_heads=4,
+        index_head_dim=32, index_topk_freq=4, index_skip_topk_offset=3, num_nextn_predict_layers=1,
+        max_position_embeddings=4096, rms_norm_eps=1e-5, routed_scaling_factor=2.5,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=False,
+        bos_token_id=0, eos_token_id=1, pad_token_id=None,
+    ),
+    "deepseek-v3.2-tiny": dict(
+        model_type="deepseek_v32", vocab_size=512, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=64, kv_lora_rank=64,
+        qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=8, n_shared_experts=1,
+        num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1, index_topk=32, index_n_heads=4,
+        index_head_dim=32, num_nextn_predict_layers=1, max_position_embeddings=4096, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, bos_token_id=0, eos_token_id=1,
+    ),
+    "deepseek-v3-tiny": dict(
+        model_type="deepseek_v3", vocab_size=512, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=64, kv_lora_rank=64,
+        qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=8, n_shared_experts=1,
+        num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1, num_nextn_predict_layers=1,
+        max_position_embeddings=4096, rms_norm_eps=1e-6, bos_token_id=0, eos_token_id=1,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    ),
+}
+
+
+def cmd_create(args) -> int:
+    import torch
+
+    from dsalite.config import ModelConfig
+    from dsalite.model import Transformer
+
+    cfg = ModelConfig.from_hf(PRESETS[args.preset])
+    g = torch.Generator().manual_seed(args.seed)
+    model = Transformer(cfg)
+    model.init_weights(std=args.init_std, generator=g)
+    with torch.no_grad():  # non-zero router bias so its selection-only role is visible in parity checks
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(torch.randn(b.shape, generator=g) * 0.05)
+    model.save_pretrained(args.out)
+    n = model.num_params()
+    print(f"wrote {args.preset} ({cfg.model_type}, {n / 1e6:.2f}M parameters, "
+          f"{cfg.num_hidden_layers} layers + {cfg.num_nextn_predict_layers} MTP) to {args.out}")
+    if cfg.has_indexer:
+        sched = "".join("F" if t == "full" else "S" for t in cfg.indexer_types)
+        print(f"  indexer schedule (F = full, S = shared; last {cfg.num_nextn_predict_layers} = MTP): {sched}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from dsalite import verify
+
+    return verify.run(args)
+
+
+def cmd_convert(args) -> int:
+    import torch
+
+    from dsalite.checkpoint.pretrained import convert
+
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    convert(args.src, args.dst, dtype=dtype, max_shard_bytes=int(args.max_shard_gb * 2**30))
+    print(f"wrote {args.dst} ({args.dtype})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dsalite",
+        description="dsalite: models, checkpoints, training and sparse inference for GLM-5.x / DeepSeek-V3.2 / V3.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    c = sub.add_parser("create", help="write a randomly initialised model from a preset as an HF checkpoint",
+                       description="Build a model from a named preset with random weights and save it in HF layout "
+                                   "(MTP layers included).")
+    c.add_argument("out", help="output directory (written atomically)")
+    c.add_argument("--preset", choices=sorted(PRESETS), default="glm-5.2-tiny", help="architecture preset "
+                   "(default glm-5.2-tiny: GLM-5.2 IndexShare schedule, one MTP layer)")
+    c.add_argument("--seed", type=int, default=0, help="random seed for the weights (default 0)")
+    c.add_argument("--init-std", type=float, default=0.1,
+                   help="standard deviation of the normal weight init (default 0.1)")
+    c.set_defaults(func=cmd_create)
+
+    from dsalite import verify
+
+    v = sub.add_parser("verify", help="compare logits, hidden states and top-k with HF transformers",
+                       description="Load a checkpoint in dsalite and in transformers, run one batch long enough that "
+                                   "the DSA top-k selection is sparse, print the comparison; exit 1 when outside "
+                                   "tolerance. Needs the `verify` extra (transformers==5.23.0).")
+    verify.add_arguments(v)
+    v.set_defaults(func=cmd_verify)
+
+    k = sub.add_parser("convert", help="dequantise an FP8 checkpoint to a plain bf16/fp32 HF checkpoint",
+                       description="Read an HF checkpoint (FP8 block-scaled or not), dequantise every FP8 weight with "
+                                   "its block scales, and write a plain HF checkpoint (MTP kept).")
+    k.add_argument("src", help="input checkpoint directory")
+    k.add_argument("dst", help="output directory (written to a temporary name, then renamed)")
+    k.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="output dtype (default bf16)")
+    k.add_argument("--max-shard-gb", type=float, default=5.0, help="largest shard in GiB (default 5)")
+    k.set_defaults(func=cmd_convert)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:  # ConfigError / CheckpointError name the field or tensor
+        print(f"dsalite {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
