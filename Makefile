@@ -11,7 +11,6 @@ setup: $(STAMP)
 # torch is pinned to the CPU wheel this machine provides; the package itself accepts a range (pyproject.toml).
 $(STAMP): pyproject.toml
 	python3 -m venv .venv
-	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[test]'
 	touch $(STAMP)
