@@ -11,7 +11,7 @@ PRESETS = {
         model_type="glm_moe_dsa", vocab_size=512, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
         num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=64, kv_lora_rank=64,
         qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=8, n_shared_experts=1,
-        num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1, index_topk=32, index_n_heads=4,
+        num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1, index_topk=32, index_n_heads=16,
         index_head_dim=32, index_topk_freq=4, index_skip_topk_offset=3, num_nextn_predict_layers=1,
         max_position_embeddings=4096, rms_norm_eps=1e-5, routed_scaling_factor=2.5,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=False,

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 
+from dsalite.indexshare import source_layer
 from dsalite.layers.indexer import index_scores
 
 
@@ -21,6 +22,7 @@ from dsalite.layers.indexer import index_scores
 class LayerReport:
     layer: int
     hidden_max_abs: float
+    indexer: str = "-"  # "full", "shared←j" (reuses layer j's top-k) or "-" (no DSA)
     topk_overlap: float | None = None  # mean over queries of |ours ∩ HF| / K
     excluded_fraction: float | None = None  # visible keys left out of the selection
     boundary_gap: float | None = None  # min over rows of (k-th score − (k+1)-th score)
@@ -48,13 +50,13 @@ class Report:
             f"dsalite verify: {self.path} ({self.model_type}), batch {self.batch} × {self.seq_len} tokens",
             f"  logits   max|Δ| {self.max_abs:.3e} (tolerance {self.atol:.0e})   cosine {self.cosine:.8f}   "
             f"top-1 agreement {self.top1 * 100:.2f}%",
-            "  layer  hidden max|Δ|  top-k overlap  keys excluded  boundary gap",
+            "  layer  indexer    hidden max|Δ|  top-k overlap  keys excluded  boundary gap",
         ]
         for r in self.layers:
             ov = "-" if r.topk_overlap is None else f"{r.topk_overlap * 100:.2f}%"
             ex = "-" if r.excluded_fraction is None else f"{r.excluded_fraction * 100:.1f}%"
             gap = "-" if r.boundary_gap is None else f"{r.boundary_gap:.2e}"
-            lines.append(f"  {r.layer:>5}  {r.hidden_max_abs:>13.3e}  {ov:>13}  {ex:>13}  {gap:>12}")
+            lines.append(f"  {r.layer:>5}  {r.indexer:<9}  {r.hidden_max_abs:>13.3e}  {ov:>13}  {ex:>13}  {gap:>12}")
         lines.append("  PASS" if self.ok else "  FAIL")
         return "\n".join(lines)
 
@@ -110,11 +112,19 @@ def compare(path: str, seq_len: int | None = None, batch: int = 2, seed: int = 0
     ours_h = out.hidden_states[1:]
     ours_h[-1] = out.last_hidden
     for i in range(n):
-        r = LayerReport(i, (ours_h[i] - ref.hidden_states[i + 1]).abs().max().item())
+        r = LayerReport(i, (ours_h[i] - ref.hidden_states[i + 1]).abs().max().item(), _indexer_label(cfg, i))
         if i in hf_topk:
             _fill_topk(r, ours, i, out.topk[i], hf_topk[i], out.hidden_states[i], seq_len)
         rep.layers.append(r)
     return rep
+
+
+def _indexer_label(cfg, i: int) -> str:
+    if not cfg.has_indexer:
+        return "-"
+    if cfg.indexer_types[i] == "full":
+        return "full"
+    return f"shared←{source_layer(cfg.indexer_types, i)}"
 
 
 def _fill_topk(r: LayerReport, model, i: int, ours: torch.Tensor | None, theirs: torch.Tensor, x_in, T: int):
