@@ -47,9 +47,11 @@ class Indexer(nn.Module):
 
 def index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, scale: float) -> torch.Tensor:
     """Unmasked scores for one query block: q [B,s,Hi,Di], k [B,T,Di], w [B,s,Hi] → [B,s,T] fp32."""
-    sc = torch.matmul(q.float(), k.float().transpose(-1, -2).unsqueeze(1)) * scale  # [B, s, Hi, T]
+    B, s, Hi, Di = q.shape
+    # one GEMM over all (query, head) rows instead of a batch of tiny ones
+    sc = torch.bmm(q.float().reshape(B, s * Hi, Di), k.float().transpose(-1, -2)).view(B, s, Hi, -1)  # [B, s, Hi, T]
     sc = torch.relu_(sc)
-    return torch.matmul(w.unsqueeze(-2), sc).squeeze(-2)
+    return torch.einsum("bsh,bsht->bst", w * scale, sc)  # ReLU(x·scale) = scale·ReLU(x) for scale > 0
 
 
 def topk_indices(q, k, w, allowed, topk: int, scale: float) -> torch.Tensor:

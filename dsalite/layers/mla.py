@@ -72,15 +72,31 @@ class MLA(nn.Module):
 
         topk = self._select(x, q_resid, cos, sin, vis, topk_in, cache, T)
 
+        if topk is None:
+            o = self._attend_dense(q[..., :n], q_r, c, k_r, vis)
+        else:
+            o = self._attend_sparse(q[..., :n], q_r, c, k_r, topk)
+        return self.o_proj(o.reshape(B, S, H * self.v_dim)), topk
+
+    def _attend_dense(self, q_nope, q_r, c, k_r, vis):
+        """Every visible key: expand the latents through kv_b_proj once and let SDPA do the rest."""
+        B, T, _ = c.shape
+        H, n, p = self.n_heads, self.nope, self.rope
         kv = self.kv_b_proj(c).view(B, T, H, n + self.v_dim)
         k = torch.cat([kv[..., :n], k_r[:, :, None].expand(B, T, H, p)], dim=-1)  # [B, T, H, n+p]
-        v = kv[..., n:]
-        q = torch.cat([q[..., :n], q_r], dim=-1)
-        if topk is None:
-            o = dense_attention(q, k, v, None if vis.plain_causal else vis.full(), self.scale)
-        else:
-            o = sparse_attention(q, k, v, topk, self.scale)
-        return self.o_proj(o.reshape(B, S, H * self.v_dim)), topk
+        q = torch.cat([q_nope, q_r], dim=-1)
+        return dense_attention(q, k, kv[..., n:], None if vis.plain_causal else vis.full(), self.scale)
+
+    def _attend_sparse(self, q_nope, q_r, c, k_r, topk):
+        """Selected keys only, in the absorbed (MQA) form: kv_b_proj's key half is folded into the query and its
+        value half applied after the weighted sum, so only the [r+p] latents of the K chosen tokens are gathered
+        (one copy for all heads) instead of K expanded keys per head."""
+        H, n, r = self.n_heads, self.nope, self.rank
+        w = self.kv_b_proj.weight.view(H, n + self.v_dim, r)
+        q_lat = torch.einsum("bshn,hnr->bshr", q_nope, w[:, :n])
+        latent = torch.cat([c, k_r], dim=-1)[:, :, None]  # [B, T, 1, r+p]
+        o_lat = sparse_attention(torch.cat([q_lat, q_r], dim=-1), latent, r, topk, self.scale)  # [B, S, H, r]
+        return torch.einsum("bshr,hvr->bshv", o_lat, w[:, n:])
 
     def _select(self, x, q_resid, cos, sin, vis, topk_in, cache, T):
         """Top-k for this layer; None means every visible key is selected (no DSA, or index_topk >= T)."""

@@ -19,22 +19,28 @@ GATHER_BUDGET = 1 << 24
 def sparse_attention(
     q: torch.Tensor,  # [B, S, H, D]
     k: torch.Tensor,  # [B, T, Hk, D]   Hk = H, or 1 (shared across heads)
-    v: torch.Tensor,  # [B, T, Hk, Dv]
+    v: torch.Tensor | int,  # [B, T, Hk, Dv], or Dv: the values are the first Dv channels of k (MLA's latent)
     idx: torch.Tensor,  # [B, S, K] int, -1 = no key
     scale: float,
 ) -> torch.Tensor:  # [B, S, H, Dv]
     B, S, H, _ = q.shape
     K = idx.shape[-1]
-    Hk, Dv = k.shape[2], v.shape[-1]
+    Hk = k.shape[2]
+    Dv = v if isinstance(v, int) else v.shape[-1]
     out = q.new_empty(B, S, H, Dv)
-    chunk = max(1, GATHER_BUDGET // max(1, B * K * Hk * (k.shape[-1] + Dv)))
-    b_idx = torch.arange(B, device=q.device)[:, None, None]
+    per_query = K * Hk * (k.shape[-1] + (0 if isinstance(v, int) else Dv))
+    chunk = max(1, GATHER_BUDGET // max(1, B * per_query))
+    T = k.shape[1]
+    row0 = (torch.arange(B, device=q.device) * T)[:, None, None]
+    k_rows = k.reshape(B * T, Hk * k.shape[-1])
+    v_rows = None if isinstance(v, int) else v.reshape(B * T, Hk * Dv)
     for s0 in range(0, S, chunk):
         sl = slice(s0, min(S, s0 + chunk))
         ids = idx[:, sl].long()
         valid = ids >= 0
-        ids = ids.clamp(min=0)
-        ks, vs = k[b_idx, ids], v[b_idx, ids]  # [B, s, K, Hk, D]
+        rows = (ids.clamp(min=0) + row0).reshape(-1)  # index_select copies whole rows: far faster than fancy indexing
+        ks = k_rows.index_select(0, rows).view(B, -1, K, Hk, k.shape[-1])  # [B, s, K, Hk, D]
+        vs = ks[..., :Dv] if v_rows is None else v_rows.index_select(0, rows).view(B, -1, K, Hk, Dv)
         if Hk == 1:
             logits = torch.einsum("bshd,bskd->bshk", q[:, sl], ks[:, :, :, 0])
         else:
