@@ -1,0 +1,63 @@
+"""Prefill (one full forward) latency and peak memory: dsalite vs HF transformers, same weights, one process.
+
+Runs the bench-small GLM config of hf-reference §10 (index_topk 256, so DSA is active for S > 256) in fp32, batch 1,
+one thread (the stable setting on a shared 2-core machine), and prints medians and the ratio HF / dsalite.
+Peak memory is measured as the growth of the process's peak RSS during each model's own runs, so each length runs
+in a fresh subprocess.
+
+    .venv/bin/python bench/prefill.py [--seqs 512,2048,4096] [--reps 3] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import BENCH_SMALL, dsalite_from_hf, hf_model, median_time, peak_rss_gb  # noqa: E402
+
+
+def one(which: str, S: int, reps: int, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    hf = hf_model(BENCH_SMALL)
+    model = hf if which == "hf" else dsalite_from_hf(hf)
+    if which != "hf":
+        del hf
+    ids = torch.randint(0, BENCH_SMALL["vocab_size"], (1, S), generator=torch.Generator().manual_seed(0))
+    base = peak_rss_gb()
+    with torch.no_grad():
+        t = median_time(lambda: model(ids), reps, warmup=1)
+    return {"which": which, "S": S, "seconds": t, "peak_gb": peak_rss_gb() - base}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seqs", default="512,2048,4096", help="comma-separated prompt lengths (default 512,2048,4096)")
+    ap.add_argument("--reps", type=int, default=3, help="timed repetitions per point, median reported (default 3)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--one", nargs=2, metavar=("WHICH", "S"), help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.one:
+        print(json.dumps(one(a.one[0], int(a.one[1]), a.reps, a.threads)))
+        return
+    print(f"prefill, bench-small GLM (D 256, 4 layers, 8 experts top-2, index_topk 256), fp32, batch 1, "
+          f"{a.threads} thread(s), median of {a.reps}")
+    print(f"{'S':>6} {'HF ms':>10} {'dsalite ms':>11} {'speedup':>8} {'HF peak GB':>11} {'dsalite peak GB':>16}")
+    for S in (int(s) for s in a.seqs.split(",")):
+        r = {}
+        for which in ("hf", "dsalite"):
+            out = subprocess.run([sys.executable, __file__, "--one", which, str(S), "--reps", str(a.reps),
+                                  "--threads", str(a.threads)], capture_output=True, text=True, check=True)
+            r[which] = json.loads(out.stdout.strip().splitlines()[-1])
+        h, d = r["hf"], r["dsalite"]
+        print(f"{S:>6} {h['seconds'] * 1e3:>10.1f} {d['seconds'] * 1e3:>11.1f} {h['seconds'] / d['seconds']:>7.2f}x "
+              f"{h['peak_gb']:>11.2f} {d['peak_gb']:>16.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
