@@ -454,7 +454,7 @@ def load_state_dict(
     """Read every disk tensor into dsalite naming, checked against `expected` before any data is read.
 
     Dtype after load: `expected[name][1]` when given; else `e_score_correction_bias` is float32, other tensors are
-    cast to `dtype`, or with dtype=None keep their stored dtype (FP8/FP4 weights dequantise to float32).
+    cast to `dtype`; with dtype=None every tensor keeps its stored dtype (FP8/FP4 weights dequantise to float32).
     Every problem (missing, unexpected, shape, dtype, expert index, FP8 scale pairing) goes into one CheckpointError.
     """
     reader = path_or_reader if isinstance(path_or_reader, CheckpointReader) else CheckpointReader(path_or_reader)
@@ -566,7 +566,8 @@ def load_state_dict(
                 slots.append((None, dk))
         if any(s is None for s in srcs):
             continue
-        if name.endswith("e_score_correction_bias"):
+        if name.endswith("e_score_correction_bias") and (want is not None or dtype is not None):
+            # fp32 whatever the load dtype (HF `_keep_in_fp32_modules_strict`); dtype=None keeps the stored bytes
             target = torch.float32
             if want is not None and want != torch.float32:
                 problems.append(f"{name}: expected dtype {want}, but e_score_correction_bias always loads as float32")
@@ -728,28 +729,12 @@ def save_state_dict(
     plan = _disk_plan(state_dict, cfg)
     config_text = json.dumps(_hf_config(cfg, state_dict), indent=2)
 
-    shards: list[list[tuple[str, Callable, int]]] = [[]]
-    size = 0
-    for item in plan:
-        if shards[-1] and size + item[2] > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(item)
-        size += item[2]
-    n = len(shards)
-    names = [SINGLE_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    shards, names = plan_shards(plan, lambda item: item[2], max_shard_bytes)
     for fname in extra_files:
         if fname in (CONFIG_NAME, INDEX_NAME, *names):
             raise CheckpointError(f"extra_files[{fname!r}]: clashes with a file the checkpoint itself writes")
 
-    parent = os.path.dirname(path)
-    made = []  # parent dirs created here, removed again on failure
-    d = parent
-    while not os.path.isdir(d):
-        made.append(d)
-        d = os.path.dirname(d)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
+    tmp, made = _begin_temp(path)
     bar = _progress(len(plan), "saving")
     try:
         written = []
@@ -766,7 +751,7 @@ def save_state_dict(
                 total += t.numel() * t.element_size()
             del tensors
             bar.update(len(shard))
-        if n > 1:
+        if len(shards) > 1:
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             with open(os.path.join(tmp, INDEX_NAME), "w", encoding="utf-8") as f:
                 json.dump(index, f, indent=2)
@@ -782,15 +767,47 @@ def save_state_dict(
             _fsync(os.path.join(tmp, fname))
         _swap_into_place(tmp, path)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for d in made:  # innermost first
-            try:
-                os.rmdir(d)
-            except OSError:
-                break
+        _abandon(tmp, made)
         raise
     finally:
         bar.close()
+
+
+def plan_shards(items: list, size_of: Callable, max_shard_bytes: int) -> tuple[list[list], list[str]]:
+    """Greedy split into shards of at most max_shard_bytes (a lone larger tensor gets its own) and their file names."""
+    shards: list[list] = [[]]
+    size = 0
+    for item in items:
+        if shards[-1] and size + size_of(item) > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(item)
+        size += size_of(item)
+    n = len(shards)
+    names = [SINGLE_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    return shards, names
+
+
+def _begin_temp(path: str) -> tuple[str, list[str]]:
+    """A sibling temp dir for an atomic write of `path`, and the parent dirs created for it (innermost first)."""
+    parent = os.path.dirname(path)
+    made = []
+    d = parent
+    while not os.path.isdir(d):
+        made.append(d)
+        d = os.path.dirname(d)
+    os.makedirs(parent, exist_ok=True)
+    return tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent), made
+
+
+def _abandon(tmp: str, made: list[str]) -> None:
+    """Remove a failed write's temp dir and the (empty) parent dirs it created, innermost first."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    for d in made:
+        try:
+            os.rmdir(d)
+        except OSError:
+            break
 
 
 def _swap_into_place(tmp: str, path: str) -> None:

@@ -13,7 +13,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import types
 
 import torch
@@ -40,6 +39,12 @@ def build_for_checkpoint(path: str) -> tuple[ModelConfig, "hf.CheckpointReader",
             cfg = dataclasses.replace(cfg, num_nextn_predict_layers=0, indexer_types=cfg.indexer_types[: cfg.num_hidden_layers])
         elif state == "partial":
             missing = hf.missing_mtp_keys(reader, cfg)
+            L = cfg.num_hidden_layers
+            if f"model.layers.{L}.enorm.weight" not in reader and f"model.layers.{L}.input_layernorm.weight" in reader:
+                raise hf.CheckpointError(
+                    f"{path}: config.json says num_hidden_layers={L}, but model.layers.{L} holds a decoder block "
+                    "without the MTP tensors (enorm, hnorm, eh_proj): num_hidden_layers does not match the weights"
+                )
             raise hf.CheckpointError(
                 f"{path}: the MTP layer is only partly present; missing tensors:\n  " + "\n  ".join(missing)
             )
@@ -60,7 +65,7 @@ def from_pretrained(path: str, dtype: torch.dtype | None = torch.float32, device
         model = Transformer(cfg, mtp_own_embeddings=own)
     expected = {}
     for name, t in model.state_dict().items():
-        want = torch.float32 if name.endswith("e_score_correction_bias") else dtype
+        want = torch.float32 if name.endswith("e_score_correction_bias") and dtype is not None else dtype
         expected[name] = (t.shape, want)
     sd = hf.load_state_dict(reader, cfg, expected, dtype=dtype)
     model.load_state_dict(sd, assign=True, strict=True)
@@ -203,16 +208,7 @@ def convert(src: str, dst: str, *, dtype: torch.dtype = torch.bfloat16, max_shar
     plan = sorted(_convert_plan(reader, block, dtype), key=lambda p: (order[reader.file(p[0])], p[0]))
     config_text = json.dumps(_convert_config(raw, dtype), indent=2)
 
-    shards: list[list] = [[]]
-    size = 0
-    for item in plan:
-        if shards[-1] and size + item[3] > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(item)
-        size += item[3]
-    n = len(shards)
-    names = [hf.SINGLE_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    shards, names = hf.plan_shards(plan, lambda item: item[3], max_shard_bytes)
     side = [f for f in sorted(os.listdir(src)) if f in _SIDE_FILES or f.endswith(".py")]
     side = [f for f in side if os.path.isfile(os.path.join(src, f))]
 
@@ -226,14 +222,7 @@ def convert(src: str, dst: str, *, dtype: torch.dtype = torch.bfloat16, max_shar
                 raise hf.CheckpointError(f"{name}: cannot dequantise ({e})") from None
         return t if t.dtype == out else t.to(out)
 
-    parent = os.path.dirname(dst)
-    made = []  # parent dirs created here, removed again on failure
-    d = parent
-    while not os.path.isdir(d):
-        made.append(d)
-        d = os.path.dirname(d)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(dst) + ".tmp-", dir=parent)
+    tmp, made = hf._begin_temp(dst)
     bar = hf._progress(len(plan), "converting")
     try:
         written = [hf.CONFIG_NAME]
@@ -250,7 +239,7 @@ def convert(src: str, dst: str, *, dtype: torch.dtype = torch.bfloat16, max_shar
             save_file(tensors, os.path.join(tmp, fname), metadata={"format": "pt"})
             written.append(fname)
             del tensors
-        if n > 1:
+        if len(shards) > 1:
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             with open(os.path.join(tmp, hf.INDEX_NAME), "w", encoding="utf-8") as f:
                 json.dump(index, f, indent=2)
@@ -264,12 +253,7 @@ def convert(src: str, dst: str, *, dtype: torch.dtype = torch.bfloat16, max_shar
         reader.close()
         hf._swap_into_place(tmp, dst)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for d in made:  # innermost first
-            try:
-                os.rmdir(d)
-            except OSError:
-                break
+        hf._abandon(tmp, made)
         raise
     finally:
         bar.close()

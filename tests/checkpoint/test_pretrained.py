@@ -108,15 +108,9 @@ def test_hf_dsalite_hf_bf16_keeps_values_and_dtypes(hf_ckpts, tmp_path):
     model.save_pretrained(tmp_path / "out")
     theirs, ours = disk_tensors(src), disk_tensors(str(tmp_path / "out"))
     assert {t.dtype for t in theirs.values()} == {torch.bfloat16}
-    bias = {k for k in theirs if k.endswith("e_score_correction_bias")}
-    assert bias
-    assert_same_bytes(ours, theirs, skip=bias)
-    for k in bias:  # loaded as float32 by design; the values themselves survive exactly
-        assert torch.equal(ours[k].float(), theirs[k].float()), k
+    assert_same_bytes(ours, theirs)
 
 
-@pytest.mark.xfail(strict=True, reason="from_pretrained(dtype=None) loads e_score_correction_bias as float32 whatever "
-                   "its stored dtype, so a bf16 bias comes back as float32 (not byte-identical)")
 def test_hf_dsalite_hf_bf16_router_bias_keeps_stored_dtype(hf_ckpts, tmp_path):
     src = hf_ckpts["glm52_schedule_bf16"]
     from_pretrained(src, dtype=None).save_pretrained(tmp_path / "out")
@@ -146,8 +140,8 @@ def test_transformers_checkpoint_without_mtp_loads_with_one_warning(hf_ckpts, ca
         # one layer fewer and no MTP: the last trunk layer's tensors are unexpected
         (dict(num_hidden_layers=3, num_nextn_predict_layers=0),
          ["model.layers.3.self_attn.q_a_proj.weight: unexpected", "model.layers.3.mlp.experts.7.down_proj.weight"]),
-        # one layer fewer, MTP declared: layer 3 is read as the MTP layer, which lacks its MTP-only tensors
-        (dict(num_hidden_layers=3), ["model.layers.3.enorm.weight", "model.layers.3.eh_proj.weight"]),
+        # one layer fewer, MTP declared: layer 3 would be the MTP layer but holds a plain block
+        (dict(num_hidden_layers=3), ["num_hidden_layers=3", "model.layers.3 holds a decoder block"]),
         # a different hidden size: every tensor with a hidden dimension is named, in one error
         (dict(hidden_size=48),
          ["model.embed_tokens.weight: shape [256, 64], expected [256, 48]", "lm_head.weight: shape [256, 64]",
