@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 PRESETS = {
@@ -77,6 +78,25 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from dsalite.training.recipe import load_recipe
+    from dsalite.training.trainer import train
+
+    r = load_recipe(args.recipe)
+    if args.init_from:
+        r.model.init_from = args.init_from
+    out = args.out or os.path.join("out", os.path.splitext(os.path.basename(args.recipe))[0])
+    recs = train(r, out, max_steps=args.max_steps, resume=args.resume, progress=not args.quiet)
+    if recs:
+        print(f"trained {r.train.stage}: step {recs[-1]['step']}, loss {recs[0]['loss']:.4f} -> {recs[-1]['loss']:.4f}")
+    print(f"  metrics     {os.path.join(out, 'metrics.jsonl')} (TensorBoard: {os.path.join(out, 'tensorboard')})")
+    print(f"  loss plot   {os.path.join(out, 'loss.png')}")
+    print(f"  checkpoints {os.path.join(out, 'checkpoints')}")
+    print(f"  HF model    {os.path.join(out, 'hf')}" + (f", adapters {os.path.join(out, 'lora')}"
+                                                         if r.train.stage == "lora" else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dsalite",
@@ -112,6 +132,19 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="output dtype (default bf16)")
     k.add_argument("--max-shard-gb", type=float, default=5.0, help="largest shard in GiB (default 5)")
     k.set_defaults(func=cmd_convert)
+
+    t = sub.add_parser("train", help="train from a TOML recipe (pretrain, SFT, LoRA, the two DSA stages)",
+                       description="Run a training recipe (see recipes/). Writes DIR/metrics.jsonl (one JSON object "
+                                   "per step), DIR/tensorboard, DIR/loss.png, DIR/checkpoints (atomic, last N kept) "
+                                   "and the final model as an HF checkpoint in DIR/hf (LoRA adapters in DIR/lora).")
+    t.add_argument("recipe", help="recipe TOML file")
+    t.add_argument("--out", help="output directory DIR (default out/RECIPE_NAME)")
+    t.add_argument("--max-steps", type=int, help="override train.max_steps (the schedule follows it)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in DIR; the losses equal an uninterrupted run's")
+    t.add_argument("--init-from", help="override model.init_from: start from this HF checkpoint directory")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_train)
     return p
 
 

@@ -71,6 +71,7 @@ class Transformer(nn.Module):
         cache=None,
         output_hidden_states: bool = False,
         compute_logits: bool = True,
+        dsa=None,  # training.losses.DSATraining for the indexer loss / dense warm-up; None for inference
     ) -> Output:
         B, S = input_ids.shape
         offset = cache.seq_len if cache is not None else 0
@@ -83,7 +84,7 @@ class Transformer(nn.Module):
         hidden, topks = [x] if output_hidden_states else [], []
         topk = None
         for block in self.model.layers.values():
-            x, topk = block(x, cos, sin, vis, topk, cache)
+            x, topk = block(x, cos, sin, vis, topk, cache, dsa)
             topks.append(topk)
             if output_hidden_states:
                 hidden.append(x)
@@ -93,7 +94,7 @@ class Transformer(nn.Module):
         return Output(self.head(h) if compute_logits else None, h, hidden, topks)
 
     def mtp_forward(self, last_hidden: torch.Tensor, next_ids: torch.Tensor, position_ids=None,
-                    attention_mask=None, segment_ids=None) -> list[torch.Tensor]:
+                    attention_mask=None, segment_ids=None, dsa=None) -> list[torch.Tensor]:
         """Logits of every MTP depth: depth d at position t predicts token t+2+d from token t+1+d.
 
         last_hidden [B,S,D] is `Output.last_hidden`; next_ids [B,S] are the tokens one step ahead (x_{t+1}); depth
@@ -109,7 +110,7 @@ class Transformer(nn.Module):
         for d, layer in enumerate(self.mtp):
             if d > 0:
                 ids = torch.cat([ids[:, 1:], ids[:, -1:]], dim=1)
-            h, logits, topk = layer.step(h, ids, cos, sin, vis, self.model.embed_tokens, self.head, topk)
+            h, logits, topk = layer.step(h, ids, cos, sin, vis, self.model.embed_tokens, self.head, topk, None, dsa)
             out.append(logits)
         return out
 

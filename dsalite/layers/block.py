@@ -23,9 +23,9 @@ class Block(nn.Module):
         else:
             self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, vis, topk_in=None, cache=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x, cos, sin, vis, topk_in=None, cache=None, dsa=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns the new hidden state and the top-k this layer used (the next shared layer reuses it)."""
-        a, topk = self.self_attn(self.input_layernorm(x), cos, sin, vis, topk_in, cache)
+        a, topk = self.self_attn(self.input_layernorm(x), cos, sin, vis, topk_in, cache, dsa)
         x = x + a
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, topk

@@ -53,6 +53,7 @@ class MLA(nn.Module):
         vis: Visibility,
         topk_in: torch.Tensor | None = None,  # [B, S, K] from the most recent full layer (shared layers only)
         cache=None,
+        dsa=None,  # training.losses.DSATraining: dense-attention switch and indexer-loss collector, per forward
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, S, _ = x.shape
         H, n, p = self.n_heads, self.nope, self.rope
@@ -70,12 +71,14 @@ class MLA(nn.Module):
             c, k_r = cache.update_latent(self.layer_idx, c, k_r)  # [B, T, r], [B, T, p]
         T = c.shape[1]
 
-        topk = self._select(x, q_resid, cos, sin, vis, topk_in, cache, T)
+        topk, proj = self._select(x, q_resid, cos, sin, vis, topk_in, cache, T, dsa)
 
         if topk is None:
             o = self._attend_dense(q[..., :n], q_r, c, k_r, vis)
         else:
             o = self._attend_sparse(q[..., :n], q_r, c, k_r, topk)
+        if proj is not None:
+            dsa.add(self, proj, q[..., :n], q_r, c, k_r, vis, topk)
         return self.o_proj(o.reshape(B, S, H * self.v_dim)), topk
 
     def _attend_dense(self, q_nope, q_r, c, k_r, vis):
@@ -98,16 +101,20 @@ class MLA(nn.Module):
         o_lat = sparse_attention(torch.cat([q_lat, q_r], dim=-1), latent, r, topk, self.scale)  # [B, S, H, r]
         return torch.einsum("bshr,hvr->bshv", o_lat, w[:, n:])
 
-    def _select(self, x, q_resid, cos, sin, vis, topk_in, cache, T):
-        """Top-k for this layer; None means every visible key is selected (no DSA, or index_topk >= T)."""
+    def _select(self, x, q_resid, cos, sin, vis, topk_in, cache, T, dsa=None):
+        """Top-k for this layer (None means every visible key: no DSA, index_topk >= T, or dense warm-up), and the
+        indexer's (q, k, w) when a DSA training loss wants them."""
         if self.indexer_type is None:
-            return None
+            return None, None
         if self.indexer_type == "shared":
-            return topk_in
+            return topk_in, None
+        if dsa is not None:  # Megatron-Core isolation: the indexer learns only from its own loss
+            x, q_resid = x.detach(), q_resid.detach()
         q, k, w = self.indexer.project(x, q_resid, cos, sin)
         if cache is not None:
             k = cache.update_index_keys(self.layer_idx, k)
-        if self.index_topk >= T:
-            return None
+        proj = (q, k, w) if dsa is not None else None
+        if self.index_topk >= T or (dsa is not None and dsa.dense_attention):
+            return None, proj
         with torch.no_grad():
-            return self.indexer.select(q, k, w, vis.block)
+            return self.indexer.select(q, k, w, vis.block), proj

@@ -36,10 +36,10 @@ class MTPLayer(Block):
         if own_embeddings:
             self.embed_tokens = nn.Embedding(cfg.vocab_size, D)
 
-    def step(self, h, next_ids, cos, sin, vis, main_embed, main_head, topk_in=None, cache=None):
+    def step(self, h, next_ids, cos, sin, vis, main_embed, main_head, topk_in=None, cache=None, dsa=None):
         """h [B,S,D] from the previous depth, next_ids [B,S] → (hidden [B,S,D], logits [B,S,V], top-k)."""
         embed = getattr(self, "embed_tokens", main_embed)
         head = getattr(self.shared_head, "head", main_head)
         x = self.eh_proj(torch.cat([self.enorm(embed(next_ids)), self.hnorm(h)], dim=-1))
-        x, topk = super().forward(x, cos, sin, vis, topk_in, cache)
+        x, topk = super().forward(x, cos, sin, vis, topk_in, cache, dsa)
         return x, head(self.shared_head.norm(x)), topk

@@ -46,7 +46,7 @@ def sparse_attention(
         else:
             logits = torch.einsum("bshd,bskhd->bshk", q[:, sl], ks)
         logits = (logits * scale).masked_fill(~valid[:, :, None, :], float("-inf"))
-        p = torch.softmax(logits, dim=-1, dtype=torch.float32).nan_to_num_(0.0).to(q.dtype)
+        p = torch.softmax(logits, dim=-1, dtype=torch.float32).nan_to_num(0.0).to(q.dtype)  # out of place: autograd
         if Hk == 1:
             out[:, sl] = torch.einsum("bshk,bskd->bshd", p, vs[:, :, :, 0])
         else:
@@ -67,5 +67,5 @@ def dense_attention(
     else:
         o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask[:, None], scale=scale)
         # a query with no visible key (padding) gets NaN from SDPA; it contributes nothing.
-        o = o.nan_to_num_(0.0)
+        o = o.nan_to_num(0.0)  # out of place: SDPA saves its output for backward
     return o.transpose(1, 2)

@@ -1,0 +1,141 @@
+"""Training losses: causal-LM cross-entropy with a loss mask, multi-token prediction, the DSA indexer KL loss.
+
+Legend: B batch, S queries, T keys, H attention heads, Hi indexer heads, r kv_lora_rank, p rope width, V vocab.
+Indexer loss (DeepSeek-V3.2 paper §2.1; Megatron-Core `compute_dsa_indexer_loss`): the teacher is the main attention's
+per-head softmax summed over heads and L1-normalised (detached); the student is the log-softmax of the index scores
+over the same keys; KL(teacher ‖ student) is averaged over query rows that see at least one key. Dense target = every
+visible key; sparse target = only the selected top-k. The indexer sees detached inputs (mla.py) and the teacher is
+computed without grad, so the indexer learns only from this loss and the rest of the model only from CE/MTP.
+Both sides are evaluated one query block at a time (student under activation checkpointing), so neither the
+[B,S,H,T] attention probabilities nor the [B,S,Hi,T] index scores exist whole.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from dsalite.layers.indexer import SCORE_BUDGET, index_scores
+
+IGNORE = -100
+
+
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token cross-entropy [B,S] in fp32; 0 where labels == IGNORE."""
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
+                           reduction="none").view(labels.shape)
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over tokens whose label is not IGNORE (0 when there are none)."""
+    n = (labels != IGNORE).sum()
+    return token_losses(logits, labels).sum() / n.clamp(min=1)
+
+
+def mtp_loss(depth_logits: list[torch.Tensor], depth_labels: list[torch.Tensor]) -> torch.Tensor:
+    """DeepSeek-V3 §2.2: the mean over depths of each depth's cross-entropy (the coefficient is applied by the caller)."""
+    if not depth_logits:
+        raise ValueError("mtp_loss needs at least one MTP depth (num_nextn_predict_layers = 0)")
+    return torch.stack([lm_loss(lg, lb) for lg, lb in zip(depth_logits, depth_labels)]).mean()
+
+
+@dataclass
+class DSATraining:
+    """Per-forward DSA training options and the indexer-loss collector, handed through `Transformer.forward(dsa=)`.
+
+    dense_attention: attend to every visible key (the warm-up stage) instead of the indexer's top-k.
+    sparse_target: restrict the KL target to the selected top-k (sparse stage); ignored when attention is dense.
+    """
+
+    dense_attention: bool = False
+    sparse_target: bool = True
+    terms: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # layer -> (kl sum, rows)
+
+    def add(self, mla, proj, q_nope, q_r, c, k_r, vis, topk) -> None:
+        """Called by every full-indexer MLA layer; a recomputed layer (activation checkpointing) overwrites its entry."""
+        q, k, w = proj
+        sel = None if (self.dense_attention or not self.sparse_target) else topk
+        self.terms[mla.layer_idx] = indexer_kl(
+            q, k, w, mla.indexer.head_dim**-0.5, _teacher_fn(mla, q_nope, q_r, c, k_r), vis.block, sel)
+
+    def layer_losses(self) -> dict[int, torch.Tensor]:
+        """Per-layer mean KL over valid query rows."""
+        return {i: s / n.clamp(min=1) for i, (s, n) in sorted(self.terms.items())}
+
+    def loss(self) -> torch.Tensor | None:
+        """Sum over indexer layers of each layer's mean KL (each layer's indexer has its own loss); None if none ran."""
+        ls = list(self.layer_losses().values())
+        return torch.stack(ls).sum() if ls else None
+
+
+def _teacher_fn(mla, q_nope, q_r, c, k_r):
+    """Per-head attention logits for one query block, in MLA's absorbed form: [B,s,H,T] = q_lat·c + q_r·k_r."""
+    H, n, r = mla.n_heads, mla.nope, mla.rank
+    with torch.no_grad():
+        w_k = mla.kv_b_proj.weight.view(H, n + mla.v_dim, r)[:, :n]
+        q_lat = torch.einsum("bshn,hnr->bshr", q_nope.detach(), w_k)  # [B, S, H, r]
+    c, k_r, q_r = c.detach(), k_r.detach(), q_r.detach()
+
+    @torch.no_grad()
+    def logits(s0: int, s1: int) -> torch.Tensor:
+        lg = torch.einsum("bshr,btr->bsht", q_lat[:, s0:s1], c) + torch.einsum("bshp,btp->bsht", q_r[:, s0:s1], k_r)
+        return lg.float() * mla.scale
+
+    logits.n_heads = H
+    return logits
+
+
+def teacher_probs(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """logits [B,s,H,T], allowed [B,s,T] → per-head softmax over allowed keys, summed over heads, L1-normalised."""
+    p = torch.softmax(logits.masked_fill(~allowed[:, :, None], float("-inf")), dim=-1).nan_to_num_(0.0).sum(2)
+    return p / p.sum(-1, keepdim=True).clamp(min=1e-30)
+
+
+def _student_kl(q, k, w, scale, p, allowed):
+    """Σ over rows of KL(p ‖ softmax(index scores)) for one query block; q [B,s,Hi,Di], p/allowed [B,s,T]."""
+    logq = torch.log_softmax(index_scores(q, k, w, scale).masked_fill(~allowed, float("-inf")), dim=-1)
+    logq = logq.masked_fill(~allowed, 0.0)
+    pos = p > 0
+    logp = torch.where(pos, p, torch.ones_like(p)).log()
+    return (p * (logp - logq)).sum()
+
+
+def indexer_kl(q, k, w, scale: float, teacher_logits, allowed_fn, topk: torch.Tensor | None):
+    """(Σ KL over valid rows, number of valid rows). topk [B,S,K] (-1 = none) restricts both sides to the selection."""
+    B, S, Hi, _ = q.shape
+    T = k.shape[1]
+    H = getattr(teacher_logits, "n_heads", Hi)
+    chunk = max(1, SCORE_BUDGET // max(1, B * max(H, Hi) * T))
+    total = q.new_zeros((), dtype=torch.float32)
+    rows = torch.zeros((), dtype=torch.long, device=q.device)
+    for s0 in range(0, S, chunk):
+        s1 = min(S, s0 + chunk)
+        allowed = allowed_fn(s0, s1).expand(B, s1 - s0, T)
+        if topk is not None:
+            ids = topk[:, s0:s1]
+            sel = torch.zeros(B, s1 - s0, T + 1, dtype=torch.bool, device=q.device)
+            sel.scatter_(-1, torch.where(ids < 0, T, ids), True)  # -1 lands in a spill column
+            allowed = allowed & sel[..., :T]
+        p = teacher_probs(teacher_logits(s0, s1), allowed)
+        rows = rows + allowed.any(-1).sum()
+        args = (q[:, s0:s1], k, w[:, s0:s1], scale, p, allowed)
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_student_kl, *args, use_reentrant=False)
+        else:
+            total = total + _student_kl(*args)
+    return total, rows
+
+
+def shifted_labels(tokens, segments, loss_mask, S: int, shift: int) -> torch.Tensor:
+    """Labels [B,S] for predicting tokens[t+shift] at t: IGNORE across a document boundary, on masked tokens and
+    past the window. tokens/segments/loss_mask are [B, L] windows with L >= S."""
+    B, L = tokens.shape
+    lab = torch.full((B, S), IGNORE, dtype=torch.long, device=tokens.device)
+    n = max(0, min(S, L - shift))
+    if n:
+        ok = (segments[:, shift:shift + n] == segments[:, :n]) & loss_mask[:, shift:shift + n].bool()
+        lab[:, :n] = torch.where(ok, tokens[:, shift:shift + n].long(), IGNORE)
+    return lab
