@@ -1,0 +1,105 @@
+"""Training throughput: tokens/s of one full step (forward + backward + AdamW) for dsalite vs HF transformers on the
+same model, batch and sequence length, and dsalite's model-FLOPs utilisation against the fp32 GEMM peak measured in
+the same run (env notes: about 175 GFLOP/s per core).
+
+Both sides train with the plain causal-LM loss (HF's own `labels=` path) so the work is the same; dsalite's numbers
+use `Transformer.flops_per_token` (attention over the top-k keys a DSA layer really uses). Each measurement runs in a
+fresh subprocess with one thread (the stable setting on a shared 2-core machine); medians are reported.
+
+    .venv/bin/python bench/train.py [--configs small,medium] [--seq 2048] [--batch 1] [--reps 3] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import BENCH_SMALL, dsalite_from_hf, hf_model, median_time  # noqa: E402
+
+# hidden >= 1024: a bench-medium GLM (1 dense + 3 MoE layers) where GEMMs dominate at S = 2048.
+BENCH_MEDIUM = dict(
+    BENCH_SMALL, hidden_size=1024, intermediate_size=2816, moe_intermediate_size=512, num_attention_heads=8,
+    num_key_value_heads=8, q_lora_rank=384, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32,
+    v_head_dim=64, index_n_heads=8, index_head_dim=64, index_topk=256,
+)
+CONFIGS = {"small": BENCH_SMALL, "medium": BENCH_MEDIUM}
+
+
+def gemm_peak(threads: int, n: int = 2048, reps: int = 5) -> float:
+    """Measured fp32 matmul GFLOP/s (median), the hardware reference for MFU."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    c = torch.empty(n, n)
+    t = median_time(lambda: torch.matmul(a, b, out=c), reps, warmup=2)
+    return 2 * n**3 / t / 1e9
+
+
+def one(which: str, config: str, S: int, batch: int, reps: int, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    cfg = CONFIGS[config]
+    hf = hf_model(cfg)
+    model = hf if which == "hf" else dsalite_from_hf(hf)
+    if which != "hf":
+        del hf
+    model.train()
+    ids = torch.randint(0, cfg["vocab_size"], (batch, S), generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    if which == "hf":
+        def step():
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    else:
+        from dsalite.training.losses import IGNORE, lm_loss
+
+        labels = torch.cat([ids[:, 1:], torch.full((batch, 1), IGNORE)], dim=1)
+
+        def step():
+            lm_loss(model(ids).logits, labels).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    t = median_time(step, reps, warmup=1)
+    rec = {"which": which, "config": config, "S": S, "tok_s": batch * S / t}
+    if which != "hf":
+        rec["flops_per_token"] = model.flops_per_token(S, training=True, mtp=False)
+    return rec
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", default="small,medium", help="comma-separated: small (D 256), medium (D 1024)")
+    ap.add_argument("--seq", type=int, default=2048, help="sequence length S (default 2048)")
+    ap.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
+    ap.add_argument("--reps", type=int, default=3, help="timed steps per point, median reported (default 3)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--one", nargs=2, metavar=("WHICH", "CONFIG"), help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.one:
+        print(json.dumps(one(a.one[0], a.one[1], a.seq, a.batch, a.reps, a.threads)))
+        return
+    peak = gemm_peak(a.threads)
+    print(f"training step (fwd + bwd + AdamW), fp32, batch {a.batch} x S {a.seq}, {a.threads} thread(s), "
+          f"median of {a.reps}; measured fp32 GEMM peak {peak:.0f} GFLOP/s")
+    print(f"{'config':>8} {'HF tok/s':>9} {'dsalite tok/s':>14} {'speedup':>8} {'GFLOP/tok':>10} {'GFLOP/s':>8} "
+          f"{'MFU':>6}")
+    for config in a.configs.split(","):
+        r = {}
+        for which in ("hf", "dsalite"):
+            out = subprocess.run([sys.executable, __file__, "--one", which, config, "--seq", str(a.seq), "--batch",
+                                  str(a.batch), "--reps", str(a.reps), "--threads", str(a.threads)],
+                                 capture_output=True, text=True, check=True)
+            r[which] = json.loads(out.stdout.strip().splitlines()[-1])
+        h, d = r["hf"], r["dsalite"]
+        gflops = d["flops_per_token"] * d["tok_s"] / 1e9
+        print(f"{config:>8} {h['tok_s']:>9.0f} {d['tok_s']:>14.0f} {d['tok_s'] / h['tok_s']:>7.2f}x "
+              f"{d['flops_per_token'] / 1e9:>10.3f} {gflops:>8.1f} {gflops / peak:>6.1%}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
