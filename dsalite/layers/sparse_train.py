@@ -5,9 +5,9 @@ Legend: B batch, S queries, T keys, H heads, D = r + p latent width, Dv = r valu
 Same result as `sparse_attention` with a shared latent (the tests compare both, values and gradients). Why a second
 path: under autograd the gather path keeps a [S, K, D] copy of the gathered latents per chunk and its backward
 scatters zeros and sums into them, which is memory-bound; here each query block multiplies against the latents it
-can see with one GEMM, masks everything outside the selection, and the backward recomputes the probabilities from
-the saved log-sum-exp (FlashAttention-style), so nothing of size S×K×D is stored. The cost is that of the causal
-keys (like the indexer's scoring), at GEMM speed; memory stays one [s, H, T] block.
+can see with one GEMM, masks everything outside the selection, and the backward recomputes the block's
+probabilities (FlashAttention-style), so only the inputs are stored. The cost is that of the causal keys (like the
+indexer's scoring), at GEMM speed, with three fused element-wise passes per block; memory stays one [s, H, T] block.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 # Queries per block are chosen so one [s, H, T] logits block stays near this many fp32 elements.
-BLOCK_BUDGET = 1 << 22
+BLOCK_BUDGET = 1 << 20
 
 
 def _blocks(S: int, H: int, T: int):
@@ -37,55 +37,51 @@ class MaskedMQAAttention(torch.autograd.Function):
     @torch.amp.custom_fwd(device_type="cpu", cast_inputs=torch.float32)
     def forward(ctx, q, kv, dv: int, idx, scale: float):
         B, S, H, D = q.shape
-        T = kv.shape[1]
         out = q.new_zeros(B, S, H, dv)
-        lse = q.new_full((B, S, H), float("-inf"), dtype=torch.float32)
         for b in range(B):
-            for s0, s1 in _blocks(S, H, T):
-                mask, t = _selection(idx[b, s0:s1], T)
-                if t == 0:
-                    continue
-                lg = _logits(q[b, s0:s1], kv[b, :t], scale, mask)  # [s, H, t]
-                m = torch.logsumexp(lg, dim=-1)  # [s, H]
-                p = torch.exp(lg - m[..., None]).nan_to_num_(0.0)
-                out[b, s0:s1] = (p.view(-1, t) @ kv[b, :t, :dv]).view(s1 - s0, H, dv)
-                lse[b, s0:s1] = m
-        ctx.save_for_backward(q, kv, idx, lse, out)
+            for s0, s1 in _blocks(S, H, kv.shape[1]):
+                p, t = _probs(q[b, s0:s1], kv[b], idx[b, s0:s1], scale)
+                if t:
+                    out[b, s0:s1] = (p.view(-1, t) @ kv[b, :t, :dv]).view(s1 - s0, H, dv)
+        ctx.save_for_backward(q, kv, idx)
         ctx.dv, ctx.scale = dv, scale
         return out
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cpu")
     def backward(ctx, dout):
-        q, kv, idx, lse, out = ctx.saved_tensors
+        q, kv, idx = ctx.saved_tensors
         dv, scale = ctx.dv, ctx.scale
         B, S, H, D = q.shape
-        T = kv.shape[1]
         dq = torch.zeros_like(q)
         dkv = torch.zeros_like(kv)
-        delta = (dout * out).sum(-1)  # [B, S, H]
         for b in range(B):
-            for s0, s1 in _blocks(S, H, T):
-                mask, t = _selection(idx[b, s0:s1], T)
-                if t == 0:
+            for s0, s1 in _blocks(S, H, kv.shape[1]):
+                p, t = _probs(q[b, s0:s1], kv[b], idx[b, s0:s1], scale)  # recomputed, never stored
+                if not t:
                     continue
-                s = s1 - s0
-                lg = _logits(q[b, s0:s1], kv[b, :t], scale, mask)
-                p = torch.exp(lg - lse[b, s0:s1, :, None]).nan_to_num_(0.0)  # [s, H, t]
-                do = dout[b, s0:s1].reshape(s * H, dv)
-                dkv[b, :t, :dv] += p.view(s * H, t).T @ do
-                dp = (do @ kv[b, :t, :dv].T).view(s, H, t)
-                ds = p * (dp - delta[b, s0:s1, :, None]) * scale  # [s, H, t]
-                dq[b, s0:s1] = (ds.view(s * H, t) @ kv[b, :t]).view(s, H, D)
-                dkv[b, :t] += ds.view(s * H, t).T @ q[b, s0:s1].reshape(s * H, D)
+                n = (s1 - s0) * H
+                do = dout[b, s0:s1].reshape(n, dv)
+                dkv[b, :t, :dv] += p.view(n, t).T @ do
+                dp = (do @ kv[b, :t, :dv].T).view_as(p)
+                ds = torch._softmax_backward_data(dp, p, -1, p.dtype).view(n, t)  # p·(dp − Σ p·dp), fused
+                dq[b, s0:s1] = ((ds @ kv[b, :t]) * scale).view(s1 - s0, H, D)
+                dkv[b, :t] += (ds.T @ q[b, s0:s1].reshape(n, D)) * scale
         return dq, dkv, None, None, None
 
 
-def _logits(q: torch.Tensor, kv: torch.Tensor, scale: float, mask: torch.Tensor) -> torch.Tensor:
-    """q [s, H, D], kv [t, D], mask [s, t] → masked scaled logits [s, H, t] in one GEMM."""
+def _probs(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, scale: float) -> tuple[torch.Tensor, int]:
+    """Attention probabilities [s, H, t] of one query block over the first t keys (t = largest selected index + 1);
+    q [s, H, D], kv [T, D], idx [s, K]. Unselected keys get probability 0; a query with no key gets all zeros."""
     s, H, D = q.shape
-    lg = (q.reshape(s * H, D) @ kv.T).view(s, H, -1) * scale
-    return lg.masked_fill_(~mask[:, None], float("-inf"))
+    mask, t = _selection(idx, kv.shape[0])
+    if t == 0:
+        return q.new_zeros(s, H, 0), 0
+    lg = ((q * scale).reshape(s * H, D) @ kv[:t].T).view(s, H, t).masked_fill_(~mask[:, None], float("-inf"))
+    p = torch.softmax(lg, dim=-1)
+    if not bool(mask.any(-1).all()):
+        p = p.nan_to_num_(0.0)
+    return p, t
 
 
 def masked_mqa_attention(q, kv, dv: int, idx, scale: float) -> torch.Tensor:
