@@ -277,10 +277,16 @@ def prepare_data(r: Recipe, out: str, n_mtp: int) -> tuple[D.PackedTokens, str]:
     """Tokenizer (trained once, or the recipe's) and the token file under DIR/data; reused on resume."""
     tok_dir = r.data.tokenizer or os.path.join(out, "tokenizer")
     prefix = os.path.join(out, "data", "train")
-    if not os.path.isfile(prefix + ".docs.npy"):
-        docs = D.read_documents(r.data.files or D.builtin_corpus())
+    files = r.data.files or D.builtin_corpus()
+    source = {"files": files, "tokenizer": r.data.tokenizer, "vocab_size": r.data.vocab_size}
+    stamp = prefix + ".source.json"
+    fresh = os.path.isfile(stamp) and json.load(open(stamp)) == source
+    if not fresh:
+        docs = D.read_documents(files)
         tok = D.load_tokenizer(tok_dir) if r.data.tokenizer else D.train_tokenizer(docs, r.data.vocab_size, tok_dir)
         D.write_token_file(docs, tok, prefix)
+        with open(stamp, "w") as f:
+            json.dump(source, f)
     return D.PackedTokens(prefix, r.data.seq_len, n_mtp), tok_dir
 
 
@@ -302,6 +308,8 @@ def train(r: Recipe, out: str, max_steps: int | None = None, resume: bool = Fals
         if s is None:
             raise FileNotFoundError(f"--resume: no checkpoint under {out}/checkpoints")
         trainer.load_state(s)
+    else:  # a fresh run: an earlier run's checkpoints in DIR would otherwise outrank the new ones
+        shutil.rmtree(os.path.join(out, "checkpoints"), ignore_errors=True)
     _truncate_metrics(metrics_path, trainer.step)
     tb = _tensorboard(os.path.join(out, "tensorboard"))
     from tqdm import tqdm

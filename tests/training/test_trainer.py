@@ -141,3 +141,12 @@ def test_recipe_errors_name_the_key():
         parse_recipe({"train": {"max_steps": "ten"}})
     with pytest.raises(ValueError, match=r"train\.stage='warm' is unknown"):
         parse_recipe({"train": {"stage": "warm"}})
+
+
+def test_bf16_autocast_with_recompute_trains(tmp_path):
+    r = tiny_recipe([write_corpus(tmp_path / "c.txt")], bf16=True, recompute=True, max_steps=3, lr=1e-2)
+    t = Trainer(r, str(tmp_path / "o"))
+    t.set_data(prepare_data(r, str(tmp_path / "o"), t.n_mtp)[0])
+    recs = [t.train_step() for _ in range(3)]
+    assert all(torch.isfinite(torch.tensor([x["loss"], x["kl"], x["grad_norm"]])).all() for x in recs)
+    assert recs[-1]["ce"] < recs[0]["ce"]
