@@ -17,6 +17,7 @@ from dsalite.layers.mask import Visibility
 from dsalite.layers.norm import RMSNorm
 from dsalite.layers.rope import apply_rope
 from dsalite.layers.sparse_attention import dense_attention, sparse_attention
+from dsalite.layers.sparse_train import masked_attention
 
 
 class MLA(nn.Module):
@@ -81,19 +82,26 @@ class MLA(nn.Module):
             dsa.add(self, proj, q[..., :n], q_r, c, k_r, vis, topk)
         return self.o_proj(o.reshape(B, S, H * self.v_dim)), topk
 
+    def _expand(self, c, k_r):
+        """Per-head keys [B,T,H,n+p] and values [B,T,H,v] from the latents, through kv_b_proj."""
+        B, T, _ = c.shape
+        H, n = self.n_heads, self.nope
+        kv = self.kv_b_proj(c).view(B, T, H, n + self.v_dim)
+        return torch.cat([kv[..., :n], k_r[:, :, None].expand(B, T, H, self.rope)], dim=-1), kv[..., n:]
+
     def _attend_dense(self, q_nope, q_r, c, k_r, vis):
         """Every visible key: expand the latents through kv_b_proj once and let SDPA do the rest."""
-        B, T, _ = c.shape
-        H, n, p = self.n_heads, self.nope, self.rope
-        kv = self.kv_b_proj(c).view(B, T, H, n + self.v_dim)
-        k = torch.cat([kv[..., :n], k_r[:, :, None].expand(B, T, H, p)], dim=-1)  # [B, T, H, n+p]
+        k, v = self._expand(c, k_r)
         q = torch.cat([q_nope, q_r], dim=-1)
-        return dense_attention(q, k, kv[..., n:], None if vis.plain_causal else vis.full(), self.scale)
+        return dense_attention(q, k, v, None if vis.plain_causal else vis.full(), self.scale)
 
     def _attend_sparse(self, q_nope, q_r, c, k_r, topk):
         """Selected keys only, in the absorbed (MQA) form: kv_b_proj's key half is folded into the query and its
         value half applied after the weighted sum, so only the [r+p] latents of the K chosen tokens are gathered
         (one copy for all heads) instead of K expanded keys per head."""
+        if torch.is_grad_enabled():  # training: expanded keys, masked GEMMs (cheaper per query-key; sparse_train.py)
+            k, v = self._expand(c, k_r)
+            return masked_attention(torch.cat([q_nope, q_r], dim=-1), k, v, topk, self.scale)
         H, n, r = self.n_heads, self.nope, self.rank
         w = self.kv_b_proj.weight.view(H, n + self.v_dim, r)
         q_lat = torch.einsum("bshn,hnr->bshr", q_nope, w[:, :n])

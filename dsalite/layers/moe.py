@@ -72,12 +72,15 @@ class Experts(nn.Module):
         xs = x[order // k]
         ys = torch.empty_like(xs)
         start = 0
+        # unbind once: its backward stacks the per-expert grads in one pass (indexing per expert would zero-fill a
+        # full [E, ...] gradient for every expert)
+        gate_up, down = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
         for e, cnt in enumerate(counts):
             if cnt == 0:
                 continue
             seg = slice(start, start + cnt)
-            gate, up = F.linear(xs[seg], self.gate_up_proj[e]).chunk(2, dim=-1)
-            ys[seg] = F.linear(F.silu(gate) * up, self.down_proj[e])
+            gate, up = F.linear(xs[seg], gate_up[e]).chunk(2, dim=-1)
+            ys[seg] = F.linear(F.silu(gate) * up, down[e])
             start += cnt
         ys = ys * w.reshape(-1)[order, None].to(ys.dtype)
         out = torch.empty_like(ys)

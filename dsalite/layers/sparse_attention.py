@@ -23,10 +23,6 @@ def sparse_attention(
     idx: torch.Tensor,  # [B, S, K] int, -1 = no key
     scale: float,
 ) -> torch.Tensor:  # [B, S, H, Dv]
-    if isinstance(v, int) and k.shape[2] == 1 and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
-        from dsalite.layers.sparse_train import masked_mqa_attention  # training: GEMMs + recomputing backward
-
-        return masked_mqa_attention(q, k[:, :, 0], v, idx, scale)
     B, S, H, _ = q.shape
     K = idx.shape[-1]
     Hk = k.shape[2]

@@ -3,10 +3,14 @@
 import torch
 
 from dsalite.layers.sparse_attention import sparse_attention
-from dsalite.layers.sparse_train import masked_mqa_attention
+from dsalite.layers.sparse_train import masked_attention
 
 
-def test_masked_mqa_matches_gather_path_with_grads():
+import pytest
+
+
+@pytest.mark.parametrize("shared_latent", [True, False])
+def test_masked_attention_matches_gather_path_with_grads(shared_latent):
     g = torch.Generator().manual_seed(0)
     B, S, H, D, dv, K = 2, 37, 3, 12, 8, 6
     q = torch.randn(B, S, H, D, generator=g, requires_grad=True)
@@ -17,7 +21,10 @@ def test_masked_mqa_matches_gather_path_with_grads():
     idx[1, 5] = -1  # a query with no key at all contributes zeros
     dout = torch.randn(B, S, H, dv, generator=g)
 
-    got = masked_mqa_attention(q, kv, dv, idx, 0.3)
+    if not shared_latent:  # per-head keys and separate values, as MLA's expanded training path passes them
+        _test_per_head(g, idx)
+        return
+    got = masked_attention(q, kv[:, :, None], dv, idx, 0.3)
     dq, dkv = torch.autograd.grad(got, (q, kv), dout)
     with torch.no_grad():
         want = sparse_attention(q, kv[:, :, None], dv, idx, 0.3)  # the gather path (no grad → no dispatch)
@@ -32,3 +39,22 @@ def test_masked_mqa_matches_gather_path_with_grads():
     assert got[1, 5].abs().max() == 0
     torch.testing.assert_close(dq, rq, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(dkv, rkv, rtol=1e-5, atol=1e-6)
+
+
+def _test_per_head(g, idx):
+    B, S, K = idx.shape
+    H, D, dv = 3, 10, 7
+    q = torch.randn(B, S, H, D, generator=g, requires_grad=True)
+    k = torch.randn(B, S, H, D, generator=g, requires_grad=True)
+    v = torch.randn(B, S, H, dv, generator=g, requires_grad=True)
+    dout = torch.randn(B, S, H, dv, generator=g)
+    got = masked_attention(q, k, v, idx, 0.25)
+    grads = torch.autograd.grad(got, (q, k, v), dout)
+    with torch.no_grad():
+        want = sparse_attention(q, k, v, idx, 0.25)
+    sel = torch.zeros(B, S, S + 1, dtype=torch.bool).scatter_(-1, torch.where(idx < 0, S, idx), True)[..., :S]
+    lg = (torch.einsum("bshd,bthd->bhst", q, k) * 0.25).masked_fill(~sel[:, None], float("-inf"))
+    ref = torch.einsum("bhst,bthv->bshv", torch.softmax(lg, -1).nan_to_num(0.0), v)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads, torch.autograd.grad(ref, (q, k, v), dout)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
