@@ -52,11 +52,12 @@ def _probs(q, k, idx, scale):
     mask, t = _selection(idx)
     if t == 0:
         return None, 0
+    bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
     if hk == 1:
-        mask = mask.repeat_interleave(H, dim=0)  # rows are (s, H)
-    lg = torch.bmm(_rows(q * scale, hk), k[:, :t].transpose(1, 2)).masked_fill_(~mask, float("-inf"))
+        bias = bias.repeat_interleave(H, dim=0)  # rows are (s, H)
+    lg = torch.baddbmm(bias, _rows(q * scale, hk), k[:, :t].transpose(1, 2))  # the mask rides on the GEMM
     p = torch.softmax(lg, dim=-1)
-    if not bool(mask.any(-1).all()):  # a query that sees no key: zeros, not NaN
+    if not bool((idx >= 0).any(-1).all()):  # a query that sees no key: zeros, not NaN
         p = p.nan_to_num_(0.0)
     return p, t
 
