@@ -59,7 +59,7 @@ class DSATraining:
         q, k, w = proj
         sel = None if (self.dense_attention or not self.sparse_target) else topk
         self.terms[mla.layer_idx] = indexer_kl(
-            q, k, w, mla.indexer.head_dim**-0.5, _teacher_fn(mla, q_nope, q_r, c, k_r), vis.block, sel)
+            q, k, w, mla.indexer.head_dim**-0.5, _teacher_fn(mla, q_nope, q_r, c, k_r), vis.block, sel, mla.n_heads)
 
     def layer_losses(self) -> dict[int, torch.Tensor]:
         """Per-layer mean KL over valid query rows."""
@@ -84,7 +84,6 @@ def _teacher_fn(mla, q_nope, q_r, c, k_r):
         lg = torch.einsum("bshr,btr->bsht", q_lat[:, s0:s1], c) + torch.einsum("bshp,btp->bsht", q_r[:, s0:s1], k_r)
         return lg.float() * mla.scale
 
-    logits.n_heads = H
     return logits
 
 
@@ -103,11 +102,12 @@ def _student_kl(q, k, w, scale, p, allowed):
     return (p * (logp - logq)).sum()
 
 
-def indexer_kl(q, k, w, scale: float, teacher_logits, allowed_fn, topk: torch.Tensor | None):
-    """(Σ KL over valid rows, number of valid rows). topk [B,S,K] (-1 = none) restricts both sides to the selection."""
+def indexer_kl(q, k, w, scale: float, teacher_logits, allowed_fn, topk: torch.Tensor | None, n_heads: int):
+    """(Σ KL over valid rows, number of valid rows). teacher_logits(s0, s1) → [B,s,H,T] for H = n_heads;
+    allowed_fn(s0, s1) → visible keys [B or 1, s, T]; topk [B,S,K] (-1 = none) restricts both sides to the selection."""
     B, S, Hi, _ = q.shape
     T = k.shape[1]
-    H = getattr(teacher_logits, "n_heads", Hi)
+    H = n_heads
     chunk = max(1, SCORE_BUDGET // max(1, B * max(H, Hi) * T))
     total = q.new_zeros((), dtype=torch.float32)
     rows = torch.zeros((), dtype=torch.long, device=q.device)

@@ -280,7 +280,10 @@ def prepare_data(r: Recipe, out: str, n_mtp: int) -> tuple[D.PackedTokens, str]:
     files = r.data.files or D.builtin_corpus()
     source = {"files": files, "tokenizer": r.data.tokenizer, "vocab_size": r.data.vocab_size}
     stamp = prefix + ".source.json"
-    fresh = os.path.isfile(stamp) and json.load(open(stamp)) == source
+    fresh = False
+    if os.path.isfile(stamp):
+        with open(stamp) as f:
+            fresh = json.load(f) == source
     if not fresh:
         docs = D.read_documents(files)
         tok = D.load_tokenizer(tok_dir) if r.data.tokenizer else D.train_tokenizer(docs, r.data.vocab_size, tok_dir)
