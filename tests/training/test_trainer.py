@@ -150,3 +150,20 @@ def test_bf16_autocast_with_recompute_trains(tmp_path):
     recs = [t.train_step() for _ in range(3)]
     assert all(torch.isfinite(torch.tensor([x["loss"], x["kl"], x["grad_norm"]])).all() for x in recs)
     assert recs[-1]["ce"] < recs[0]["ce"]
+
+
+def test_two_stage_dsa_recipe_chain(tmp_path):
+    """Warm-up export → sparse stage from it (its tokenizer too): everything trains, KL on the selection only."""
+    corpus = write_corpus(tmp_path / "c.txt")
+    warm = str(tmp_path / "warm")
+    train(tiny_recipe([corpus], stage="dsa_warmup", max_steps=2), warm, progress=False)
+    r = tiny_recipe([corpus], stage="dsa_sparse", max_steps=1)
+    r.model.init_from = r.data.tokenizer = os.path.join(warm, "hf")
+    t = Trainer(r, str(tmp_path / "sparse"))
+    t.set_data(prepare_data(r, str(tmp_path / "sparse"), t.n_mtp)[0])
+    before = {k: v.clone() for k, v in t.model.state_dict().items()}
+    rec = t.train_step()
+    assert rec["kl"] > 0
+    changed = {k for k, v in t.model.state_dict().items() if not torch.equal(v, before[k])}
+    assert any(".indexer." in k for k in changed) and any("experts" in k for k in changed)
+    assert "model.embed_tokens.weight" in changed
