@@ -136,13 +136,17 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train from a TOML recipe (pretrain, SFT, LoRA, the two DSA stages)",
                        description="Run a training recipe (see recipes/). Writes DIR/metrics.jsonl (one JSON object "
                                    "per step), DIR/tensorboard, DIR/loss.png, DIR/checkpoints (atomic, last N kept) "
-                                   "and the final model as an HF checkpoint in DIR/hf (LoRA adapters in DIR/lora).")
+                                   "and the final model as an HF checkpoint in DIR/hf (LoRA adapters in DIR/lora). "
+                                   "train.stage picks what trains: pretrain / sft (all parameters, top-k attention), "
+                                   "dsa_warmup (dense attention, indexers only), dsa_sparse (top-k attention, all "
+                                   "parameters, KL on the selection), lora (adapters only).")
     t.add_argument("recipe", help="recipe TOML file")
-    t.add_argument("--out", help="output directory DIR (default out/RECIPE_NAME)")
-    t.add_argument("--max-steps", type=int, help="override train.max_steps (the schedule follows it)")
+    t.add_argument("--out", metavar="DIR", help="output directory DIR (default out/RECIPE_NAME)")
+    t.add_argument("--max-steps", type=int, metavar="N", help="override train.max_steps (the schedule follows it)")
     t.add_argument("--resume", action="store_true",
                    help="continue from the newest checkpoint in DIR; the losses equal an uninterrupted run's")
-    t.add_argument("--init-from", help="override model.init_from: start from this HF checkpoint directory")
+    t.add_argument("--init-from", metavar="CKPT",
+                   help="override model.init_from: start from this HF checkpoint directory")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
     return p

@@ -311,8 +311,9 @@ def train(r: Recipe, out: str, max_steps: int | None = None, resume: bool = Fals
         if s is None:
             raise FileNotFoundError(f"--resume: no checkpoint under {out}/checkpoints")
         trainer.load_state(s)
-    else:  # a fresh run: an earlier run's checkpoints in DIR would otherwise outrank the new ones
-        shutil.rmtree(os.path.join(out, "checkpoints"), ignore_errors=True)
+    else:  # a fresh run: an earlier run's checkpoints and curves in DIR would otherwise mix with the new ones
+        for old in ("checkpoints", "tensorboard"):
+            shutil.rmtree(os.path.join(out, old), ignore_errors=True)
     _truncate_metrics(metrics_path, trainer.step)
     tb = _tensorboard(os.path.join(out, "tensorboard"))
     from tqdm import tqdm
