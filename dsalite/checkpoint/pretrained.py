@@ -17,9 +17,9 @@ import types
 
 import torch
 
-from dsalite.checkpoint import hf
+from dsalite.checkpoint import hf, v4
 from dsalite.config import ModelConfig
-from dsalite.model import Transformer
+from dsalite.model import Transformer, build_model
 
 log = logging.getLogger("dsalite")
 
@@ -60,9 +60,12 @@ def from_pretrained(path: str, dtype: torch.dtype | None = torch.float32, device
     dtype=None keeps every tensor's stored dtype (used for byte-exact round trips); FP8 weights are then
     dequantised to float32.
     """
+    cfg = ModelConfig.from_hf(hf.read_config(path))
+    if cfg.model_type in v4.FAMILIES:
+        return v4.from_pretrained(path, cfg, dtype, device)
     cfg, reader, own = build_for_checkpoint(path)
     with torch.device("meta"):
-        model = Transformer(cfg, mtp_own_embeddings=own)
+        model = build_model(cfg, mtp_own_embeddings=own)
     expected = {}
     for name, t in model.state_dict().items():
         want = torch.float32 if name.endswith("e_score_correction_bias") and dtype is not None else dtype
@@ -77,6 +80,8 @@ def from_pretrained(path: str, dtype: torch.dtype | None = torch.float32, device
 def save_pretrained(model: Transformer, path: str, **kwargs) -> None:
     """Write HF layout (per-expert tensors, MTP as model.layers.{L+k}) atomically: temp dir, then rename."""
     sd = {k: v.detach() for k, v in model.state_dict().items()}
+    if model.cfg.model_type in v4.FAMILIES:  # layout="hf" (default) or "original" (DeepSeek's names)
+        return v4.save(path, model.cfg, sd, **kwargs)
     hf.save_state_dict(path, model.cfg, sd, **kwargs)
 
 

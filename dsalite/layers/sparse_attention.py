@@ -22,6 +22,7 @@ def sparse_attention(
     v: torch.Tensor | int,  # [B, T, Hk, Dv], or Dv: the values are the first Dv channels of k (MLA's latent)
     idx: torch.Tensor,  # [B, S, K] int, -1 = no key
     scale: float,
+    sinks: torch.Tensor | None = None,  # [H] per-head logit that joins every row's softmax denominator (V4)
 ) -> torch.Tensor:  # [B, S, H, Dv]
     B, S, H, _ = q.shape
     K = idx.shape[-1]
@@ -46,7 +47,12 @@ def sparse_attention(
         else:
             logits = torch.einsum("bshd,bskhd->bshk", q[:, sl], ks)
         logits = (logits * scale).masked_fill(~valid[:, :, None, :], float("-inf"))
+        if sinks is not None:
+            sink = sinks.to(logits.dtype)[None, None, :, None].expand(*logits.shape[:3], 1)
+            logits = torch.cat([logits, sink], dim=-1)
         p = torch.softmax(logits, dim=-1, dtype=torch.float32).nan_to_num_(0.0).to(q.dtype)
+        if sinks is not None:
+            p = p[..., :-1]
         if Hk == 1:
             out[:, sl] = torch.einsum("bshk,bskd->bshd", p, vs[:, :, :, 0])
         else:
