@@ -604,7 +604,9 @@ def _materialise(reader, plans, expected, scale_of, block) -> dict[str, torch.Te
         t = reader.get(dk)
         if dk in scale_of:
             try:
-                t = quant.dequantize(t, reader.get(scale_of[dk]), name=dk, block=block)
+                # weight_block_size is the FP8 block; FP4 experts keep their 1x32 groups
+                blk = block if t.dtype == _FP8 or (block and block[0] == 1) else None
+                t = quant.dequantize(t, reader.get(scale_of[dk]), name=dk, block=blk)
             except ValueError as e:
                 raise CheckpointError(f"{dk}: cannot dequantise ({e})") from None
         return t if t.dtype == target else t.to(target)

@@ -150,7 +150,7 @@ class RenamedReader:
     """A CheckpointReader seen through the V4 table: keys are dsalite names (`hf.py` conventions)."""
 
     def __init__(self, reader: "hf.CheckpointReader", layout: str, L: int):
-        self.reader, self.path, self.layout = reader, reader.path, layout
+        self.reader, self.path, self.layout, self.L = reader, reader.path, layout, L
         self.to_real: dict[str, str] = {}
         self.unknown: list[str] = []
         for k in reader.keys():
@@ -183,7 +183,11 @@ class RenamedReader:
 
     def real_names(self, text: str) -> str:
         """An error message with every dsalite disk-style name replaced by the name actually on disk."""
-        return re.sub(r"[\w.]+", lambda m: self.to_real.get(m.group(0), m.group(0)), text)
+        def real(m: re.Match) -> str:
+            tok = m.group(0)
+            return self.to_real.get(tok) or to_disk(tok, self.layout, self.L) or tok
+
+        return re.sub(r"[\w.]+", real, text)
 
 
 def mtp_state(reader: RenamedReader, L: int, n_mtp: int) -> str:
@@ -196,6 +200,13 @@ def load(reader: RenamedReader, cfg, expected: dict, dtype) -> dict[str, torch.T
     if reader.unknown:
         raise hf.CheckpointError(f"{reader.path}: {len(reader.unknown)} tensors are not DeepSeek-V4 names "
                                  f"({reader.layout} layout), e.g. {', '.join(reader.unknown[:5])}")
+    L = cfg.num_hidden_layers
+    for i, t in enumerate(cfg.mlp_types):
+        name = f"model.layers.{i}.mlp.gate.tid2eid"
+        if t == "hash" and name in expected and name not in reader:
+            raise hf.CheckpointError(
+                f"{reader.path}: {to_disk(name, reader.layout, L)}: missing; layer {i} is hash-routed "
+                f"(mlp_layer_types[{i}] = 'hash_moe') and cannot route without its token→expert table")
     try:
         return hf.load_state_dict(reader, cfg, expected, dtype=dtype)
     except hf.CheckpointError as e:
