@@ -33,6 +33,17 @@ PRESETS = {
         max_position_embeddings=4096, rms_norm_eps=1e-6, bos_token_id=0, eos_token_id=1,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
     ),
+    # A DeepSeek-V4-Flash-shaped toy: 2 sliding layers then CSA/HCA alternating, 3 hash-routed layers, 4 mHC
+    # streams, one MTP layer.
+    "deepseek-v4-tiny": dict(
+        model_type="deepseek_v4", vocab_size=512, hidden_size=128, moe_intermediate_size=64, num_hidden_layers=6,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=64, partial_rotary_factor=0.25, q_lora_rank=64,
+        o_groups=2, o_lora_rank=32, index_n_heads=8, index_head_dim=32, index_topk=8, n_routed_experts=8,
+        num_experts_per_tok=2, sliding_window=16, hc_mult=4, num_hash_layers=3, num_nextn_predict_layers=1,
+        compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 16},
+        layer_types=["sliding_attention"] * 2 + ["compressed_sparse_attention", "heavily_compressed_attention"] * 2,
+        max_position_embeddings=4096, bos_token_id=0, eos_token_id=1,
+    ),
 }
 
 
@@ -40,11 +51,11 @@ def cmd_create(args) -> int:
     import torch
 
     from dsalite.config import ModelConfig
-    from dsalite.model import Transformer
+    from dsalite.model import build_model
 
     cfg = ModelConfig.from_hf(PRESETS[args.preset])
     g = torch.Generator().manual_seed(args.seed)
-    model = Transformer(cfg)
+    model = build_model(cfg)
     model.init_weights(std=args.init_std, generator=g)
     with torch.no_grad():  # non-zero router bias so its selection-only role is visible in parity checks
         for name, b in model.named_buffers():
@@ -106,7 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     k = sub.add_parser("convert", help="dequantise an FP8 checkpoint to a plain bf16/fp32 HF checkpoint",
                        description="Read an HF checkpoint (FP8 block-scaled or not), dequantise every FP8 weight with "
-                                   "its block scales, and write a plain HF checkpoint (MTP kept).")
+                                   "its block scales, and write a plain HF checkpoint (MTP kept). DeepSeek-V4 "
+                                   "original-layout files (FP8 `X.scale`, FP4 experts with E8M0 scales per 32 "
+                                   "columns) keep their tensor names.")
     k.add_argument("src", help="input checkpoint directory")
     k.add_argument("dst", help="output directory (written to a temporary name, then renamed)")
     k.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="output dtype (default bf16)")

@@ -120,15 +120,16 @@ def _layer_types(d: dict, L, n_mtp: int, rates: dict) -> list[str]:
     if not isinstance(L, int) or L < 1:
         return []
     ratios = d.get("compress_ratios")
-    by_ratio = {0: SLIDING, rates.get(CSA): CSA, rates.get(HCA): HCA}
+    # HF maps 0/4/128 literally (whatever compress_rates says); the configured rates are accepted too
+    by_ratio = {0: SLIDING, 4: CSA, 128: HCA, rates.get(CSA): CSA, rates.get(HCA): HCA}
     from_ratios = None
     if ratios is not None:
         if not isinstance(ratios, list):
             raise _error(f"compress_ratios must be a list, got {type(ratios).__name__}")
         bad = [r for r in ratios if r not in by_ratio]
         if bad:
-            raise _error(f"compress_ratios entry {bad[0]!r} is not 0 (sliding), {rates.get(CSA)} (CSA) "
-                         f"or {rates.get(HCA)} (HCA)")
+            raise _error(f"compress_ratios entry {bad[0]!r} is not 0 (sliding), 4 or {rates.get(CSA)} (CSA), "
+                         f"or 128 or {rates.get(HCA)} (HCA)")
         from_ratios = [by_ratio[r] for r in ratios]
     types = d.get("layer_types")
     if types is not None:
@@ -181,7 +182,10 @@ def to_hf_v4(c) -> dict:
     original = "compress_ratios" in c.raw and "layer_types" not in c.raw
     if original:
         rate = {SLIDING: 0, **c.compress_rates}
-        d["compress_ratios"] = [rate[t] for t in c.layer_types]
+        kept = c.raw["compress_ratios"]
+        if _layer_types(c.raw, L, c.num_nextn_predict_layers, c.compress_rates) != c.layer_types:
+            kept = [rate[t] for t in c.layer_types]
+        d["compress_ratios"] = kept
     else:
         d["layer_types"] = list(c.layer_types[:L])
         d["compress_rates"] = dict(c.compress_rates)
