@@ -204,48 +204,46 @@ def test_convert_dequantises_original_fp8_fp4(tmp_path):
 # --------------------------------------------------------------------------- bad input
 
 
-def test_wrong_scale_grid_names_the_disk_tensor(tmp_path):
-    path, _ = quantised_original(tmp_path)
+def edited(path: str, edit) -> str:
+    """Rewrite a single-file checkpoint with edit(tensors) applied."""
     t = disk_tensors(path)
-    t["layers.0.attn.wq_a.scale"] = torch.zeros(2, 2, dtype=torch.uint8)
+    edit(t)
     save_file(t, os.path.join(path, "model.safetensors"))
+    return path
+
+
+def plain_original(tmp_path) -> str:
+    tiny_with_mtp().save_pretrained(str(tmp_path / "plain"), layout="original")
+    return str(tmp_path / "plain")
+
+
+def test_wrong_scale_grid_names_the_disk_tensor(tmp_path):
+    path = edited(quantised_original(tmp_path)[0],
+                  lambda t: t.update({"layers.0.attn.wq_a.scale": torch.zeros(2, 2, dtype=torch.uint8)}))
     with pytest.raises(CheckpointError, match=r"layers\.0\.attn\.wq_a\.scale: scale shape \[2, 2\]"):
         from_pretrained(path)
 
 
 def test_missing_tid2eid_is_named(tmp_path):
-    model = tiny_with_mtp()
-    model.save_pretrained(str(tmp_path / "c"), layout="original")
-    t = disk_tensors(str(tmp_path / "c"))
-    del t["layers.1.ffn.gate.tid2eid"]
-    save_file(t, str(tmp_path / "c" / "model.safetensors"))
+    path = edited(plain_original(tmp_path), lambda t: t.pop("layers.1.ffn.gate.tid2eid"))
     with pytest.raises(CheckpointError, match=r"layers\.1\.ffn\.gate\.tid2eid: missing; layer 1 is hash-routed"):
-        from_pretrained(str(tmp_path / "c"))
+        from_pretrained(path)
 
 
 def test_odd_packed_fp4_width_is_named(tmp_path):
-    path, _ = quantised_original(tmp_path)
-    t = disk_tensors(path)
     k = "layers.2.ffn.experts.1.w1.weight"
-    t[k] = t[k][:, :31].contiguous()
-    save_file(t, os.path.join(path, "model.safetensors"))
+    path = edited(quantised_original(tmp_path)[0], lambda t: t.update({k: t[k][:, :31].contiguous()}))
     with pytest.raises(CheckpointError, match=r"layers\.2\.ffn\.experts\.1\.w1\.(weight|scale)"):
         from_pretrained(path)
 
 
 def test_unknown_and_partial_mtp_tensors_are_named(tmp_path):
-    model = tiny_with_mtp()
-    model.save_pretrained(str(tmp_path / "d"), layout="original")
-    t = disk_tensors(str(tmp_path / "d"))
-    del t["mtp.0.h_proj.weight"]
-    t["layers.0.attn.mystery.weight"] = torch.zeros(2)
-    save_file(t, str(tmp_path / "d" / "model.safetensors"))
+    path = edited(plain_original(tmp_path), lambda t: t.update({"layers.0.attn.mystery.weight": torch.zeros(2)}))
     with pytest.raises(CheckpointError, match=r"layers\.0\.attn\.mystery\.weight"):
-        from_pretrained(str(tmp_path / "d"))
-    del t["layers.0.attn.mystery.weight"]
-    save_file(t, str(tmp_path / "d" / "model.safetensors"))
+        from_pretrained(path)
+    edited(path, lambda t: (t.pop("layers.0.attn.mystery.weight"), t.pop("mtp.0.h_proj.weight")))
     with pytest.raises(CheckpointError, match=r"mtp\.0\.h_proj\.weight: missing"):
-        from_pretrained(str(tmp_path / "d"))
+        from_pretrained(path)
 
 
 def test_bad_layout_name(tmp_path):
