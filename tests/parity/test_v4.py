@@ -66,3 +66,23 @@ def test_v4_original_layout_loads_in_both(tmp_path):
             "layers.3.ffn.experts.1.w3.weight"} <= keys
     assert not any(k.startswith("model.") for k in keys)
     check_report(compare(str(dst), batch=2, seed=2), model.cfg)
+
+
+def test_v4_left_padding_matches_transformers(tmp_path):
+    """attention_mask hides padded window keys (compressed entries pool over them, as in HF)."""
+    from dsalite.verify import load_hf
+
+    path = make_v4_checkpoint(tmp_path, "v4_all_types")
+    ours, theirs = from_pretrained(path), load_hf(path)
+    ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[0, :5] = 0
+    with torch.no_grad():
+        a, b = ours(ids, attention_mask=mask).logits, theirs(ids, attention_mask=mask).logits
+        plain = ours(ids).logits
+    assert (a - b)[mask.bool()].abs().max() <= 1e-4
+    assert not torch.allclose(a[0], plain[0], atol=1e-3), "the mask must change the padded row"
+    with pytest.raises(ValueError, match="segment_ids"):
+        ours(ids, segment_ids=torch.zeros(2, 40, dtype=torch.long))
+    with pytest.raises(ValueError, match="cache"):
+        ours(ids, cache=object())
