@@ -19,16 +19,23 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import BENCH_SMALL, dsalite_from_hf, hf_model, median_time, peak_rss_gb  # noqa: E402
+from common import BENCH_SMALL, BENCH_V4, dsalite_from_hf, hf_model, median_time, peak_rss_gb  # noqa: E402
+
+MODELS = {
+    "glm": (BENCH_SMALL, "bench-small GLM (D 256, 4 layers, 8 experts top-2, index_topk 256)"),
+    "v4": (BENCH_V4, "bench DeepSeek-V4 (D 256, sliding/CSA/HCA/CSA, window 128, CSA top-64 of S/4, HCA S/128, "
+                     "4 mHC streams)"),
+}
 
 
-def one(which: str, S: int, reps: int, threads: int) -> dict:
+def one(which: str, S: int, reps: int, threads: int, model: str = "glm") -> dict:
     torch.set_num_threads(threads)
-    hf = hf_model(BENCH_SMALL)
+    bench = MODELS[model][0]
+    hf = hf_model(bench)
     model = hf if which == "hf" else dsalite_from_hf(hf)
     if which != "hf":
         del hf
-    ids = torch.randint(0, BENCH_SMALL["vocab_size"], (1, S), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, bench["vocab_size"], (1, S), generator=torch.Generator().manual_seed(0))
     base = peak_rss_gb()
     with torch.no_grad():
         t = median_time(lambda: model(ids), reps, warmup=1)
@@ -40,19 +47,21 @@ def main() -> None:
     ap.add_argument("--seqs", default="512,2048,4096", help="comma-separated prompt lengths (default 512,2048,4096)")
     ap.add_argument("--reps", type=int, default=3, help="timed repetitions per point, median reported (default 3)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--model", choices=sorted(MODELS), default="glm",
+                    help="architecture: glm (GLM-5 DSA, default) or v4 (DeepSeek-V4)")
     ap.add_argument("--one", nargs=2, metavar=("WHICH", "S"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.one:
-        print(json.dumps(one(a.one[0], int(a.one[1]), a.reps, a.threads)))
+        print(json.dumps(one(a.one[0], int(a.one[1]), a.reps, a.threads, a.model)))
         return
-    print(f"prefill, bench-small GLM (D 256, 4 layers, 8 experts top-2, index_topk 256), fp32, batch 1, "
-          f"{a.threads} thread(s), median of {a.reps}")
+    print(f"prefill, {MODELS[a.model][1]}, fp32, batch 1, {a.threads} thread(s), median of {a.reps}")
     print(f"{'S':>6} {'HF ms':>10} {'dsalite ms':>11} {'speedup':>8} {'HF peak GB':>11} {'dsalite peak GB':>16}")
     for S in (int(s) for s in a.seqs.split(",")):
         r = {}
         for which in ("hf", "dsalite"):
             out = subprocess.run([sys.executable, __file__, "--one", which, str(S), "--reps", str(a.reps),
-                                  "--threads", str(a.threads)], capture_output=True, text=True, check=True)
+                                  "--threads", str(a.threads), "--model", a.model],
+                                 capture_output=True, text=True, check=True)
             r[which] = json.loads(out.stdout.strip().splitlines()[-1])
         h, d = r["hf"], r["dsalite"]
         print(f"{S:>6} {h['seconds'] * 1e3:>10.1f} {d['seconds'] * 1e3:>11.1f} {h['seconds'] / d['seconds']:>7.2f}x "
