@@ -70,6 +70,11 @@ MTP_EXTRA = [
     ("hc_head.hc_fn", "hc_head_fn"), ("hc_head.hc_base", "hc_head_base"), ("hc_head.hc_scale", "hc_head_scale"),
 ]
 
+# Kept in float32 whatever the load dtype, as HF's `_keep_in_fp32_modules_strict` for DeepseekV4 (matched against the
+# components of a tensor's name); the forward then mixes them with bf16 activations exactly as HF does.
+FP32_MODULES = frozenset({"attn_hc", "ffn_hc", "hc_head", "sinks", "position_bias", "e_score_correction_bias",
+                          "q_a_norm", "kv_norm", "input_layernorm", "post_attention_layernorm", "norm"})
+
 _ORIG_SCALE = ".scale"  # DeepSeek's suffix for the scale of `X.weight`: `X.scale`
 
 
@@ -249,7 +254,7 @@ def from_pretrained(path: str, cfg, dtype, device):
     for name, t in model.state_dict().items():
         if not t.dtype.is_floating_point:  # tid2eid: int64 in memory, int32 in DeepSeek's files
             want = reader.dtype(name) if dtype is None and name in reader else t.dtype
-        elif name.endswith("e_score_correction_bias") and dtype is not None:
+        elif dtype is not None and FP32_MODULES.intersection(name.split(".")):
             want = torch.float32
         else:
             want = dtype

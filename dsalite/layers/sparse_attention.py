@@ -48,8 +48,8 @@ def sparse_attention(
             logits = torch.einsum("bshd,bskhd->bshk", q[:, sl], ks)
         logits = (logits * scale).masked_fill(~valid[:, :, None, :], float("-inf"))
         if sinks is not None:
-            sink = sinks.to(logits.dtype)[None, None, :, None].expand(*logits.shape[:3], 1)
-            logits = torch.cat([logits, sink], dim=-1)
+            sink = sinks[None, None, :, None].expand(*logits.shape[:3], 1)
+            logits = torch.cat([logits, sink], dim=-1)  # promotes: fp32 sinks make fp32 logits, as in HF
         p = torch.softmax(logits, dim=-1, dtype=torch.float32).nan_to_num_(0.0).to(q.dtype)
         if sinks is not None:
             p = p[..., :-1]
