@@ -257,14 +257,7 @@ class ModelConfig:
             positive.append("intermediate_size")
         if "sparse" in self.mlp_types:
             positive.append("n_routed_experts")
-        for name in positive:
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
-        for name in ("n_shared_experts", "num_nextn_predict_layers"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 0:
-                raise ConfigError(f"{name} must be a non-negative integer, got {v!r}")
+        self.check_counts(positive)
         if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank <= 0):
             raise ConfigError(f"q_lora_rank must be a positive integer or null, got {self.q_lora_rank!r}")
         if self.q_lora_rank is None and self.model_type != "deepseek_v3":
@@ -317,6 +310,17 @@ class ModelConfig:
             raise ConfigError(f"rope_theta must be a positive number, got {self.rope.get('rope_theta')!r}")
         if rope_type == "yarn" and not (self.rope.get("factor") or self.rope.get("original_max_position_embeddings")):
             raise ConfigError("rope_parameters.factor is required for yarn rope")
+
+    def check_counts(self, positive: list[str]) -> None:
+        """Fields in `positive` must be integers >= 1; the shared-expert and MTP counts integers >= 0."""
+        for name in positive:
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+        for name in ("n_shared_experts", "num_nextn_predict_layers"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0:
+                raise ConfigError(f"{name} must be a non-negative integer, got {v!r}")
 
     # ----- presets used by tests, benches and the demo -----
     @classmethod

@@ -218,14 +218,7 @@ def validate_v4(c) -> None:
         "hc_mult", "hc_sinkhorn_iters", "sliding_window", "o_groups", "o_lora_rank", "index_topk", "index_n_heads",
         "index_head_dim",
     ]
-    for name in positive:
-        v = getattr(c, name)
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            raise _error(f"{name} must be a positive integer, got {v!r}")
-    for name in ("n_shared_experts", "num_nextn_predict_layers"):
-        v = getattr(c, name)
-        if not isinstance(v, int) or v < 0:
-            raise _error(f"{name} must be a non-negative integer, got {v!r}")
+    c.check_counts(positive)
     if c.qk_rope_head_dim % 2 or c.qk_rope_head_dim > min(c.head_dim, c.index_head_dim):
         raise _error(f"rope width {c.qk_rope_head_dim} (head_dim × partial_rotary_factor) must be even and fit "
                      f"head_dim={c.head_dim} and index_head_dim={c.index_head_dim}")
