@@ -7,7 +7,8 @@ key and value; rope on the trailing p dims (the `main` rope on sliding layers, `
 sees the Wn most recent tokens (itself included) plus compressed entries (HCA: every complete one; CSA: the indexer's
 top-k). The softmax has a per-head sink logit in its denominator; scale c^-0.5. Because V carried K's rope, the
 output's rope dims are rotated back (−sin at the query position), then the grouped low-rank output projection.
-Attention runs on gathered keys (`sparse_attention`): cost ∝ S·(Wn + k), never an S×S mask.
+Attention reads each query block's window in place and gathers only the picked entries (`window_attention`):
+cost ∝ S·(Wn + k), never an S×S mask.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from dsalite.layers.mask import Visibility
 from dsalite.layers.moe import MoE
 from dsalite.layers.norm import RMSNormF32, unweighted_rms_norm
 from dsalite.layers.rope import apply_rope_trailing
-from dsalite.layers.sparse_attention import sparse_attention
+from dsalite.layers.window_attention import window_attention
 
 
 @dataclass
@@ -50,12 +51,6 @@ class GroupedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [.., G, i] -> [.., G, r]
         w = self.weight.view(self.groups, -1, self.weight.shape[-1])  # [G, r, i]
         return torch.einsum("...gi,gri->...gr", x, w)
-
-
-def window_indices(S: int, window: int, device) -> torch.Tensor:
-    """[S, Wn] token indices s−Wn+1 .. s, −1 before the start."""
-    j = torch.arange(S, device=device)[:, None] - window + 1 + torch.arange(window, device=device)
-    return j.masked_fill(j < 0, -1)
 
 
 class V4Attention(nn.Module):
@@ -89,26 +84,22 @@ class V4Attention(nn.Module):
         q = unweighted_rms_norm(self.q_b_proj(q_resid).view(B, S, H, c), self.eps)  # q_b_norm
         q = apply_rope_trailing(q, cos_h, sin_h)  # [B, S, H, c]
         kv = apply_rope_trailing(self.kv_norm(self.kv_proj(x)), cos, sin)  # [B, S, c]
-        idx = self._window(B, S, inp.vis, x.device)  # [B, S, Wn]
-        if hasattr(self, "compressor"):
+        entries = picks = None
+        if hasattr(self, "compressor"):  # entries [B, E, c], picks [B, S, K] (−1 = none)
             entries, picks = self.compressor.entries(x, q_resid, cos, sin, inp.positions, inp.tables["compress"])
-            kv = torch.cat([kv, entries], dim=1)  # entries sit after the S tokens on the key axis
-            idx = torch.cat([idx, torch.where(picks >= 0, picks + S, picks)], dim=-1)
-        o = sparse_attention(q, kv[:, :, None], c, idx, c**-0.5, sinks=self.sinks)  # [B, S, H, c]
+        self._check(S, inp.vis)
+        o = window_attention(q, kv, self.window, c**-0.5, self.sinks, entries, picks, inp.vis.key_valid)
         o = apply_rope_trailing(o, cos_h, -sin_h)  # undo the values' rope
         o = self.o_a_proj(o.reshape(B, S, self.o_a_proj.groups, -1)).flatten(2)  # [B, S, G·r]
         return self.o_b_proj(o)
 
-    def _window(self, B: int, S: int, vis: Visibility, device) -> torch.Tensor:
+    @staticmethod
+    def _check(S: int, vis: Visibility) -> None:
+        """Padding (`key_valid`) hides window keys only, as in HF; caches and packed documents are refused."""
         if vis.offset or vis.num_keys != S:
             raise ValueError("deepseek_v4 attention runs without a KV cache (offset 0, keys = the given tokens)")
         if vis.segments is not None:
             raise ValueError("deepseek_v4 does not support segment_ids: compressed entries pool across documents")
-        idx = window_indices(S, self.window, device).expand(B, S, self.window)
-        if vis.key_valid is not None:  # padding: as in HF, only the window keys are masked
-            ok = vis.key_valid.gather(1, idx.clamp(min=0).reshape(B, -1)).view(B, S, -1)
-            idx = idx.masked_fill(~ok, -1)
-        return idx
 
 
 class HyperBlock(nn.Module):

@@ -13,7 +13,7 @@ from dsalite.layers.hyper import expand, sinkhorn
 from dsalite.layers.moe import MoE, swiglu
 from dsalite.layers.rope import apply_rope_trailing, cos_sin, inv_freq_and_scale
 from dsalite.layers.sparse_attention import sparse_attention
-from dsalite.layers.v4_block import window_indices
+from dsalite.layers.window_attention import window_attention
 
 g = torch.Generator().manual_seed(0)
 
@@ -74,9 +74,30 @@ def test_sink_attention_matches_a_dense_reference():
     assert torch.allclose(got, want, atol=1e-6)
 
 
-def test_window_indices_include_self():
-    w = window_indices(5, 3, None)
-    assert w[0].tolist() == [-1, -1, 0] and w[4].tolist() == [2, 3, 4]
+@pytest.mark.parametrize("pad", [False, True])
+def test_window_attention_matches_the_gathering_reference(pad):
+    """In-place window + gathered entries == sparse_attention over explicit (window ∪ picks) indices."""
+    B, S, H, c, Wn, E, K = 2, 300, 2, 8, 20, 12, 3  # 300 queries: three blocks, windows crossing block edges
+    q = torch.randn(B, S, H, c, generator=g)
+    kv = torch.randn(B, S, c, generator=g)
+    extra = torch.randn(B, E, c, generator=g)
+    picks = torch.rand(B, S, E, generator=g).argsort(-1)[..., :K]
+    picks[:, ::7, 1:] = -1
+    sinks = torch.randn(H, generator=g)
+    valid = torch.ones(B, S, dtype=torch.bool)
+    if pad:
+        valid[0, :30] = False
+    got = window_attention(q, kv, Wn, 0.2, sinks, extra, picks, valid if pad else None)
+    win = torch.arange(S)[:, None] - Wn + 1 + torch.arange(Wn)  # [S, Wn]: s−Wn+1 .. s
+    win = win.masked_fill(win < 0, -1).expand(B, S, Wn)
+    win = win.masked_fill(~valid.gather(1, win.clamp(min=0).reshape(B, -1)).view(B, S, Wn), -1)
+    idx = torch.cat([win, torch.where(picks >= 0, picks + S, picks)], -1)
+    want = sparse_attention(q, torch.cat([kv, extra], 1)[:, :, None], c, idx, 0.2, sinks=sinks)
+    assert torch.allclose(got, want, atol=1e-6)
+    own = torch.arange(S)[:, None] - torch.arange(Wn)  # window only, no padding
+    own = own.masked_fill(own < 0, -1).expand(B, S, Wn)
+    want = sparse_attention(q, kv[:, :, None], c, own, 0.2, sinks=sinks)
+    assert torch.allclose(window_attention(q, kv, Wn, 0.2, sinks), want, atol=1e-6)
 
 
 def test_compressor_windows_overlap_only_for_csa():
