@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -175,7 +176,7 @@ def test_fp8_fp4_original_layout_dequantises_bit_exact(tmp_path):
     L = model.cfg.num_hidden_layers
     for disk, want in ref.items():
         name = v4.from_disk(disk, "original", L).replace(f"model.layers.{L}.", "mtp.0.")
-        m = v4.re.match(r"^(.*\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$", name)
+        m = re.match(r"^(.*\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$", name)
         if m:
             fused = sd[f"{m.group(1)}.{'down_proj' if m.group(3) == 'down' else 'gate_up_proj'}"]
             e, inter = int(m.group(2)), model.cfg.moe_intermediate_size
