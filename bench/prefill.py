@@ -2,6 +2,7 @@
 
 Runs the bench-small GLM config of hf-reference §10 (index_topk 256, so DSA is active for S > 256) in fp32, batch 1,
 one thread (the stable setting on a shared 2-core machine), and prints medians and the ratio HF / dsalite.
+dsalite runs the engine's prefill (latent cache, chunks of --chunk tokens); HF one forward with logits_to_keep=1.
 Peak memory is measured as the growth of the process's peak RSS during each model's own runs, so each length runs
 in a fresh subprocess.
 
@@ -22,7 +23,16 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import BENCH_SMALL, dsalite_from_hf, hf_model, median_time, peak_rss_gb  # noqa: E402
 
 
-def one(which: str, S: int, reps: int, threads: int) -> dict:
+def prefill(model, ids, chunk: int):
+    from dsalite.inference.cache import LatentCache
+    from dsalite.inference.engine import Runner
+
+    S = ids.shape[1]
+    runner = Runner(model, LatentCache(model.cfg, 1, S), prefill_chunk=chunk)
+    return runner.feed(ids, torch.ones_like(ids, dtype=torch.bool), torch.arange(S)[None])
+
+
+def one(which: str, S: int, reps: int, threads: int, chunk: int) -> dict:
     torch.set_num_threads(threads)
     hf = hf_model(BENCH_SMALL)
     model = hf if which == "hf" else dsalite_from_hf(hf)
@@ -31,7 +41,10 @@ def one(which: str, S: int, reps: int, threads: int) -> dict:
     ids = torch.randint(0, BENCH_SMALL["vocab_size"], (1, S), generator=torch.Generator().manual_seed(0))
     base = peak_rss_gb()
     with torch.no_grad():
-        t = median_time(lambda: model(ids), reps, warmup=1)
+        if which == "hf":
+            t = median_time(lambda: model(ids, logits_to_keep=1), reps, warmup=1)
+        else:  # the engine's prefill: latent cache, chunks of `chunk` tokens
+            t = median_time(lambda: prefill(model, ids, chunk), reps, warmup=1)
     return {"which": which, "S": S, "seconds": t, "peak_gb": peak_rss_gb() - base}
 
 
@@ -40,10 +53,11 @@ def main() -> None:
     ap.add_argument("--seqs", default="512,2048,4096", help="comma-separated prompt lengths (default 512,2048,4096)")
     ap.add_argument("--reps", type=int, default=3, help="timed repetitions per point, median reported (default 3)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--chunk", type=int, default=2048, help="dsalite prefill chunk in tokens (default 2048)")
     ap.add_argument("--one", nargs=2, metavar=("WHICH", "S"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.one:
-        print(json.dumps(one(a.one[0], int(a.one[1]), a.reps, a.threads)))
+        print(json.dumps(one(a.one[0], int(a.one[1]), a.reps, a.threads, a.chunk)))
         return
     print(f"prefill, bench-small GLM (D 256, 4 layers, 8 experts top-2, index_topk 256), fp32, batch 1, "
           f"{a.threads} thread(s), median of {a.reps}")
@@ -52,7 +66,8 @@ def main() -> None:
         r = {}
         for which in ("hf", "dsalite"):
             out = subprocess.run([sys.executable, __file__, "--one", which, str(S), "--reps", str(a.reps),
-                                  "--threads", str(a.threads)], capture_output=True, text=True, check=True)
+                                  "--threads", str(a.threads), "--chunk", str(a.chunk)],
+                                 capture_output=True, text=True, check=True)
             r[which] = json.loads(out.stdout.strip().splitlines()[-1])
         h, d = r["hf"], r["dsalite"]
         print(f"{S:>6} {h['seconds'] * 1e3:>10.1f} {d['seconds'] * 1e3:>11.1f} {h['seconds'] / d['seconds']:>7.2f}x "

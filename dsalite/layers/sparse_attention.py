@@ -12,8 +12,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# Queries per chunk are chosen so one chunk's gathered keys stay near this many elements.
-GATHER_BUDGET = 1 << 24
+# Queries per chunk are chosen so one chunk's gathered keys stay near this many elements (4 MB in fp32: small
+# enough that the allocator reuses the memory instead of mapping fresh pages, which would cost more than the copy).
+GATHER_BUDGET = 1 << 20
 
 
 def sparse_attention(
@@ -33,12 +34,16 @@ def sparse_attention(
     k_rows, per_b = _row_table(k)
     row0 = (torch.arange(B, device=q.device) * per_b)[:, None, None]
     v_rows = None if isinstance(v, int) else _row_table(v)[0]
+    grad = torch.is_grad_enabled() and k_rows.requires_grad
+    # inference: one gather buffer reused by every chunk (fresh pages per chunk would cost more than the copy)
+    k_buf = None if grad else k_rows.new_empty(B * min(chunk, S) * K, k_rows.shape[1])
     for s0 in range(0, S, chunk):
         sl = slice(s0, min(S, s0 + chunk))
         ids = idx[:, sl].long()
         valid = ids >= 0
         rows = (ids.clamp(min=0) + row0).reshape(-1)  # index_select copies whole rows: far faster than fancy indexing
-        ks = k_rows.index_select(0, rows).view(B, -1, K, Hk, k.shape[-1])  # [B, s, K, Hk, D]
+        ks = k_rows.index_select(0, rows) if grad else torch.index_select(k_rows, 0, rows, out=k_buf[: rows.numel()])
+        ks = ks.view(B, -1, K, Hk, k.shape[-1])  # [B, s, K, Hk, D]
         vs = ks[..., :Dv] if v_rows is None else v_rows.index_select(0, rows).view(B, -1, K, Hk, Dv)
         if Hk == 1:
             logits = torch.einsum("bshd,bskd->bshk", q[:, sl], ks[:, :, :, 0])
