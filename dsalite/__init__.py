@@ -15,4 +15,11 @@ def from_pretrained(path, dtype=None, device="cpu"):
     return _load(path, dtype=torch.float32 if dtype is None else dtype, device=device)
 
 
-__all__ = ["ConfigError", "ModelConfig", "Output", "Transformer", "from_pretrained", "__version__"]
+def generate(model, input_ids, max_new_tokens=32, **kwargs):
+    """Input ids followed by new ids (see `dsalite.inference.engine.generate` for every option)."""
+    from dsalite.inference.engine import generate as _generate
+
+    return _generate(model, input_ids, max_new_tokens, **kwargs)
+
+
+__all__ = ["ConfigError", "ModelConfig", "Output", "Transformer", "from_pretrained", "generate", "__version__"]

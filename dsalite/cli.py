@@ -88,6 +88,12 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    from dsalite.inference import text
+
+    return text.run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dsalite",
@@ -125,6 +131,32 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="output dtype (default bf16)")
     k.add_argument("--max-shard-gb", type=float, default=5.0, help="largest shard in GiB (default 5)")
     k.set_defaults(func=cmd_convert)
+    gn = sub.add_parser("generate", help="generate text with the latent-cache engine (sparse decode, MTP speculation)",
+                        description="Generate from a checkpoint: chunked prefill, absorbed sparse decode, optional MTP "
+                                    "speculative decoding. The tokenizer is the checkpoint's tokenizer.json; its chat "
+                                    "template (tokenizer_config.json or chat_template.jinja) is applied when present. "
+                                    "A closing line on stderr reports prefill and decode tokens/s.")
+    gn.add_argument("path", help="checkpoint directory")
+    gn.add_argument("--prompt", help="prompt text")
+    gn.add_argument("--prompts-file", help="batch: one prompt per line (or .jsonl objects with a \"prompt\" field)")
+    gn.add_argument("--prompt-ids", help="comma-separated token ids instead of text (no tokenizer needed)")
+    gn.add_argument("--max-new-tokens", type=int, default=64, help="new tokens per prompt (default 64)")
+    gn.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default 0)")
+    gn.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1 = off)")
+    gn.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (default 0 = off)")
+    gn.add_argument("--seed", type=int, default=None, help="random seed for sampling (default: unseeded)")
+    gn.add_argument("--stop", action="append", help="stop string (repeatable); the output is cut before it")
+    gn.add_argument("--eos-id", type=int, action="append",
+                    help="end-of-sequence token id (repeatable; default: from the checkpoint's configs)")
+    gn.add_argument("--no-chat", action="store_true", help="do not apply the chat template even when one exists")
+    gn.add_argument("--speculative", choices=["none", "mtp"], default="none",
+                    help="mtp: draft with the MTP layer, verify in one forward (batch size 1; default none)")
+    gn.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="compute dtype (default fp32)")
+    gn.add_argument("--prefill-chunk", type=int, default=2048,
+                    help="prompt tokens per prefill forward; bounds peak memory (default 2048)")
+    gn.add_argument("--no-stream", action="store_true", help="print the text at the end instead of as it is made")
+    gn.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    gn.set_defaults(func=cmd_generate)
     return p
 
 

@@ -19,6 +19,9 @@ from torch import nn
 
 from dsalite.config import ModelConfig
 
+# At most this many (token, expert) pairs take the gathered-weights path instead of the sort-by-expert loop.
+SMALL_BATCH = 16
+
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float | None = None) -> torch.Tensor:
     """silu(gate)·up; with a limit (V4), gate is clamped from above and up to ±limit first (HF `_apply_gate`)."""
@@ -122,6 +125,8 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """x [N, D], ids/w [N, k] → [N, D]."""
         N, k = ids.shape
+        if N * k <= SMALL_BATCH:
+            return self._gathered(x, ids, w)
         flat = ids.reshape(-1)
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
@@ -139,6 +144,16 @@ class Experts(nn.Module):
         out = torch.empty_like(ys)
         out[order] = ys
         return out.view(N, k, -1).sum(1)
+
+    def _gathered(self, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Few tokens (decode): gather the chosen experts' weights and run two batched matmuls, no per-expert loop."""
+        N, k = ids.shape
+        flat = ids.reshape(-1)
+        xs = x.repeat_interleave(k, 0)[:, None]  # [N·k, 1, D]
+        gate, up = torch.bmm(xs, self.gate_up_proj[flat].transpose(1, 2)).chunk(2, dim=-1)
+        ys = torch.bmm(swiglu(gate, up, self.limit), self.down_proj[flat].transpose(1, 2))[:, 0]  # [N·k, D]
+        ys = ys * w.reshape(-1, 1).to(ys.dtype)
+        return ys.view(N, k, -1).sum(1)
 
 
 class MoE(nn.Module):

@@ -147,3 +147,26 @@ def test_hash_router_uses_the_table_and_needs_ids():
     with pytest.raises(ValueError, match="input_ids"):
         moe.gate(x)
     assert math.isclose(cfg.routed_scaling_factor, 1.5)
+
+
+@pytest.mark.parametrize("N", [2, 40])  # few tokens take the gathered-weights path, many the per-expert loop
+def test_experts_clamp_swiglu_on_every_path(N):
+    from dsalite.layers.moe import Experts
+
+    E, D, inter, k, lim = 4, 8, 6, 2, 1.0
+    ex = Experts(E, D, inter, limit=lim)
+    torch.nn.init.normal_(ex.gate_up_proj, std=3.0, generator=g)
+    torch.nn.init.normal_(ex.down_proj, generator=g)
+    x = torch.randn(N, D, generator=g)
+    ids = torch.rand(N, E, generator=g).argsort(-1)[:, :k]
+    w = torch.rand(N, k, generator=g)
+    want = torch.zeros(N, D)
+    for n in range(N):
+        for j in range(k):
+            e = ids[n, j]
+            gate, up = (ex.gate_up_proj[e] @ x[n]).chunk(2)
+            assert gate.max() > lim or up.abs().max() > lim  # the clamp matters
+            h = F.silu(gate.clamp(max=lim)) * up.clamp(-lim, lim)
+            want[n] += w[n, j] * (ex.down_proj[e] @ h)
+    with torch.no_grad():
+        assert torch.allclose(ex(x, ids, w), want, atol=1e-5)
