@@ -46,8 +46,9 @@ def window_attention(
             le = torch.einsum("bqhc,bqkc->bqhk", qb, ents) * scale
             parts.append(le.masked_fill(~(ids >= 0)[:, :, None], float("-inf")))
         parts.append(sinks[None, None, :, None].expand(B, s1 - s0, H, 1))
-        # fp32 sinks promote the logits to fp32 (HF's eager path concatenates the same way)
-        p = torch.softmax(torch.cat(parts, dim=-1), dim=-1, dtype=torch.float32).nan_to_num_(0.0).to(q.dtype)
+        # fp32 sinks promote the logits to fp32 (HF's eager path concatenates the same way); the sink keeps every
+        # row's denominator finite, so a query with no visible key gets zeros, not NaN
+        p = torch.softmax(torch.cat(parts, dim=-1), dim=-1, dtype=torch.float32).to(q.dtype)
         n = keys.shape[1]
         # value products accumulate in fp32 and round once, like HF's single matmul over all keys
         o = torch.einsum("bqhn,bnc->bqhc", p[..., :n].float(), keys.float())

@@ -170,3 +170,17 @@ def test_experts_clamp_swiglu_on_every_path(N):
             want[n] += w[n, j] * (ex.down_proj[e] @ h)
     with torch.no_grad():
         assert torch.allclose(ex(x, ids, w), want, atol=1e-5)
+
+
+def test_v4_backward_reaches_every_weight_but_the_indexer():
+    """LM + MTP losses train everything except CSA's indexer (discrete top-k; it needs its own KL loss, as in HF)."""
+    from dsalite.model import build_model
+
+    m = build_model(ModelConfig.tiny("deepseek_v4"))
+    m.init_weights(generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 128, (2, 40), generator=g)
+    out = m(ids, attention_mask=torch.ones(2, 40).index_fill_(1, torch.arange(3), 0))
+    loss = F.cross_entropy(out.logits[:, :-1].reshape(-1, 128), ids[:, 1:].reshape(-1))
+    (loss + m.mtp_forward(out.streams, ids)[0].logsumexp(-1).mean()).backward()
+    missing = {n for n, p in m.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()}
+    assert missing and all(".compressor.indexer." in n for n in missing), sorted(missing)
