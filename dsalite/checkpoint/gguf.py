@@ -78,17 +78,48 @@ def check_exportable(cfg: ModelConfig, dtype: str) -> None:
             f"q_lora_rank=null with num_hidden_layers={cfg.num_hidden_layers}: llama.cpp's deepseek2 loader only "
             "accepts a plain q_proj for the 26/27-layer 'lite' models"
         )
-    if cfg.rope.get("rope_type", "default") == "yarn":
+    if cfg.rope.get("rope_type", "default") == "yarn" and cfg.model_type in T.ARCH:
         from dsalite.layers.rope import inv_freq_and_scale
 
-        _, attention_factor = inv_freq_and_scale(cfg.rope, cfg.qk_rope_head_dim, cfg.max_position_embeddings)
-        if abs(attention_factor - 1.0) > 1e-6:
+        _, hf_rope = inv_freq_and_scale(cfg.rope, cfg.qk_rope_head_dim, cfg.max_position_embeddings)
+        hf_kq = math.sqrt(cfg.softmax_scale * math.sqrt(cfg.qk_head_dim))  # softmax scale = hf_kq² / sqrt(d)
+        ll_rope, ll_kq = llama_yarn_scales(T.ARCH[cfg.model_type], cfg.rope, cfg.max_position_embeddings)
+        if abs(ll_rope / hf_rope - 1) > 1e-6 or abs(ll_kq / hf_kq - 1) > 1e-6:
             problems.append(
-                f"yarn rope with attention factor {attention_factor:.6g} (mscale != mscale_all_dim): llama.cpp's "
-                "deepseek2 graph folds the attention factor into the softmax scale and cannot reproduce it"
+                f"yarn rope parameters {cfg.rope}: llama.cpp's {T.ARCH[cfg.model_type]} graph would scale the rope "
+                f"part by {ll_rope:.6g} (transformers: {hf_rope:.6g}) and the softmax by {ll_kq:.6g}² "
+                f"(transformers: {hf_kq:.6g}²): " + _YARN_LIMITS[T.ARCH[cfg.model_type]]
             )
     if problems:
         raise GGUFError("cannot export to GGUF:\n  " + "\n  ".join(problems))
+
+
+_YARN_LIMITS = {
+    "glm-dsa": "its glm-dsa loader ignores rope.scaling.yarn_log_multiplier",
+    "deepseek32": "it assumes mscale = 1",
+    "deepseek2": "it assumes mscale = mscale_all_dim",
+}
+
+
+def llama_yarn_scales(arch: str, rope: dict, max_pos: int) -> tuple[float, float]:
+    """(cos/sin multiplier, extra softmax multiplier m with scale m²/sqrt(d)) that llama.cpp derives from our keys.
+
+    Mirrors llama-context.cpp (yarn_attn_factor from yarn_log_multiplier, with mscale assumed 1, or equal to
+    mscale_all_dim for deepseek2) and the MLA graphs (kq_scale = (attn_factor · g(log_mul))² / sqrt(d)); glm-dsa's
+    loader does not read yarn_log_multiplier. g(s) = 1 + 0.1·s·ln(factor).
+    """
+    factor = rope.get("factor") or max_pos / rope["original_max_position_embeddings"]
+    g = lambda s: 1.0 if factor <= 1 else 0.1 * s * math.log(factor) + 1.0  # noqa: E731
+    msad = rope.get("mscale_all_dim")
+    log_mul = float(msad) if msad is not None and arch != "glm-dsa" else 0.0
+    if log_mul:
+        mscale = log_mul if arch == "deepseek2" and log_mul != 1.0 else 1.0
+        attn_factor = g(mscale) / g(log_mul)
+    else:
+        attn_factor = g(1.0)
+    attn_factor /= 1.0 + 0.1 * math.log(factor)  # cancelled again in the graph: attn_org below
+    attn_org = attn_factor * (1.0 + 0.1 * math.log(factor))
+    return attn_org, attn_org * g(log_mul)
 
 
 def _leading_dense(cfg: ModelConfig) -> int:
