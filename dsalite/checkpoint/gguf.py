@@ -555,11 +555,14 @@ def load(path: str, dtype: torch.dtype = torch.float32, device: str | torch.devi
     problems = [f"{n}: unexpected tensor (built from {path})" for n in parts if n not in expected]
     problems += [f"{n}: missing from {path}" for n in expected if n not in parts]
     sd = {}
-    H, n_nope = cfg.num_attention_heads, cfg.qk_nope_head_dim
     for name, want in expected.items():
         if name not in parts:
             continue
         p = parts[name]
+        split = next((g for s, g in T.SPLIT.items() if name.endswith(s)), None)
+        if split and None not in p and len(p) != 2:
+            problems.append(f"{name}: missing {' and '.join(g for j, g in enumerate(split) if j not in p)} in {path}")
+            continue
         if None in p:
             t = torch.from_numpy(p[None])
         elif name.endswith("kv_b_proj.weight"):  # k_b [H, r, n], v_b [H, v, r] -> [H*(n+v), r]
