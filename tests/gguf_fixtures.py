@@ -37,7 +37,7 @@ def make_tokenizer(path: str, vocab_size: int = VOCAB):
 
 def tiny_config(model_type: str, **overrides) -> ModelConfig:
     """The tiny test shape with an indexer head dim llama.cpp can run (64) and room for the tokenizer."""
-    d = dict(_TINY_BASE, model_type=model_type, vocab_size=VOCAB, index_head_dim=64)
+    d = dict(_TINY_BASE, model_type=model_type, vocab_size=VOCAB, index_head_dim=64, index_n_heads=16)
     if model_type == "deepseek_v32":
         d.update(n_group=2, topk_group=1)
     if model_type == "deepseek_v3":
