@@ -40,7 +40,7 @@ $(LLAMACPP_SRC)/.unpacked: | $(STAMP)
 	touch $@
 
 test: setup llamacpp
-	DSALITE_LLAMACPP_SRC=$(LLAMACPP_SRC)/vendor/llama.cpp $(PY) -m pytest -q
+	DSALITE_LLAMACPP_SRC=$(CURDIR)/$(LLAMACPP_SRC)/vendor/llama.cpp $(PY) -m pytest -q
 
 clean:
 	rm -rf .venv out .pytest_cache .cache
