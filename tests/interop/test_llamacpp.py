@@ -37,6 +37,7 @@ CASES = {
     "v32_groups": ("deepseek_v32", dict(DSA64, n_group=4, topk_group=2, num_experts_per_tok=3)),
     "v3": ("deepseek_v3", dict(n_group=2, topk_group=1)),
     "v3_yarn": ("deepseek_v3", dict(n_group=2, topk_group=1, rope_scaling=YARN, rope_theta=10000.0)),
+    "v32_yarn": ("deepseek_v32", dict(DSA64, rope_scaling=YARN, rope_theta=10000.0)),
 }
 GREEDY = 8
 TOL = 1e-3
