@@ -214,7 +214,7 @@ def tokenizer_metadata(tok_dir: str, cfg: ModelConfig, pre: str = "auto") -> lis
     """Byte-level BPE vocabulary, merges, token types, special ids and chat template from a `tokenizer.json` folder."""
     path = os.path.join(tok_dir, "tokenizer.json")
     if not os.path.isfile(path):
-        raise GGUFError(f"{path}: not found; llama.cpp needs the tokenizer (pass --tokenizer DIR holding tokenizer.json)")
+        raise GGUFError(f"{path}: not found; llama.cpp needs the tokenizer (--tokenizer DIR holding tokenizer.json)")
     tj = _read_json(path)
     model = tj.get("model") or {}
     if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
@@ -371,8 +371,9 @@ def export(
 
     tokenizer: a folder holding `tokenizer.json` (and optionally tokenizer_config.json / chat_template.jinja).
     general.name / size_label / license & co. come from the model card in `card_dir` (a checkpoint folder) as
-    llama.cpp's converter derives them, else from `name` (default: the file name). mtp=False leaves the MTP block out (what llama.cpp's `--no-mtp` does). The file is written to a temporary name
-    beside `out` and renamed into place when complete; on failure nothing is left behind.
+    llama.cpp's converter derives them, else from `name` (default: the file name). mtp=False leaves the MTP block
+    out (what llama.cpp's `--no-mtp` does). The file is written to a temporary name beside `out` and renamed into
+    place when complete; on failure nothing is left behind.
     """
     gguf = _gguf()
     cfg = model.cfg
@@ -381,7 +382,7 @@ def export(
     if os.path.isdir(out):
         raise GGUFError(f"{out}: is a directory; give the path of the .gguf file to write")
     if tokenizer is None:
-        raise GGUFError("tokenizer: a folder with tokenizer.json is required (llama.cpp cannot load a GGUF without one)")
+        raise GGUFError("tokenizer: a folder with tokenizer.json is required (llama.cpp cannot load a GGUF without)")
     kv = model_metadata(cfg, dtype, mtp)
     kv += tokenizer_metadata(tokenizer, cfg, pre)
     plan = tensor_plan(model, dtype, mtp)
@@ -434,7 +435,11 @@ def export(
 
 def export_checkpoint(path: str, out: str, dtype: str = "f32", *, tokenizer: str | None = None, pre: str = "auto",
                       mtp: bool = True) -> dict:
-    """Export an HF checkpoint directory (FP8 dequantised on the way); the tokenizer defaults to the checkpoint's."""
+    """Export an HF checkpoint directory (FP8 dequantised on the way); the tokenizer defaults to the checkpoint's.
+
+    The config is checked before any weight is read. The model is then held in memory in its stored dtype; tensors
+    are converted and written one at a time.
+    """
     from dsalite.checkpoint.pretrained import from_pretrained
 
     raw = hf.read_config(path)

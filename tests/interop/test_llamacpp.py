@@ -1,4 +1,4 @@
-"""Interop with the real engine: GGUFs dsalite exports, run by llama.cpp (llama-cpp-python 0.3.36, built from its sdist).
+"""Interop with the real engine: GGUFs dsalite exports, run by llama.cpp (llama-cpp-python 0.3.36 built from sdist).
 
 llama.cpp's logits on a prompt 3-4× longer than index_topk (so DSA selection drops keys) must match transformers'
 and dsalite's to 1e-3 in F32, and greedy continuations must be identical. The checkpoints are built and saved by
@@ -9,6 +9,7 @@ key and tensor by tensor with what llama.cpp's own converter writes for the same
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -112,7 +113,7 @@ def test_llamacpp_runs_gguf_with_mtp_block(tmp_path, mt):
     path = make_checkpoint(tmp_path / mt, mt)
     out = tmp_path / f"{mt}.gguf"
     G.export_checkpoint(path, out, "f32")
-    md, _ = {k: f.contents() for k, f in gguf.GGUFReader(str(out)).fields.items()}, None
+    md = {k: f.contents() for k, f in gguf.GGUFReader(str(out)).fields.items()}
     assert md[f"{G.T.ARCH[mt]}.nextn_predict_layers"] == 1
     ids = prompt_ids(path)
     theirs, cont = llama_logits_and_greedy(out, ids)
@@ -173,8 +174,6 @@ def _contents(path):
 def test_export_equals_llamacpp_converter(tmp_path, mt, dtype):
     path = make_checkpoint(tmp_path / mt, mt, **({"num_hidden_layers": 6, "index_topk_freq": 2,
                                                    "index_skip_topk_offset": 3} if mt == "glm_moe_dsa" else {}))
-    import json
-
     with open(os.path.join(path, "config.json")) as f:
         c = json.load(f)
     c["scoring_func"] = "sigmoid"  # as in the released configs; llama.cpp reads the gating function from it
