@@ -3,18 +3,22 @@ reference, metadata and tokenizer read back with the gguf package, bad input, at
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 gguf = pytest.importorskip("gguf")
 
 import dsalite  # noqa: E402
 from dsalite.checkpoint import gguf as G  # noqa: E402
+from dsalite.checkpoint import quant  # noqa: E402
 from dsalite.checkpoint.pretrained import from_pretrained  # noqa: E402
 from gguf_fixtures import SPECIAL, make_checkpoint, make_tokenizer  # noqa: E402
 
@@ -295,3 +299,27 @@ def test_cli_export_gguf(ckpts, tmp_path):
     r = subprocess.run([*cmd, ckpts["deepseek_v32"], str(tmp_path / "y.gguf"), "--tokenizer", str(tmp_path)],
                        capture_output=True, text=True, env=env)
     assert r.returncode == 2 and "tokenizer.json: not found" in r.stderr
+
+
+def test_fp8_checkpoint_exports_dequantised(ckpts, tmp_path):
+    """An FP8 block-scaled (E8M0) checkpoint goes through the bridge's dequantisation on the way to GGUF."""
+    src = ckpts["deepseek_v32"]
+    fp8 = tmp_path / "fp8"
+    shutil.copytree(src, fp8)
+    tensors = load_file(str(fp8 / "model.safetensors"))
+    n = 0
+    for k in list(tensors):
+        if k.endswith("_proj.weight") and tensors[k].dim() == 2 and "weights_proj" not in k:
+            tensors[k], tensors[k + "_scale_inv"] = quant.quantize_fp8_block(tensors[k], scale_fmt="ue8m0")
+            n += 1
+    assert n > 20
+    save_file(tensors, str(fp8 / "model.safetensors"))
+    cfg = json.loads((fp8 / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
+    (fp8 / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "fp8.gguf"
+    G.export_checkpoint(str(fp8), out, "f32")
+    want, got = from_pretrained(str(fp8)).state_dict(), G.load(str(out)).state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert not torch.equal(want["model.layers.0.self_attn.o_proj.weight"],
+                           from_pretrained(src).state_dict()["model.layers.0.self_attn.o_proj.weight"])
