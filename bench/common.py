@@ -19,21 +19,34 @@ BENCH_SMALL = dict(
 )
 
 
+# DeepSeek-V4 at the same scale: sliding / CSA (m 4, top-64 entries) / HCA (m' 128) layers, 4 mHC streams, fp32.
+BENCH_V4 = dict(
+    model_type="deepseek_v4", vocab_size=1000, hidden_size=256, moe_intermediate_size=128, num_hidden_layers=4,
+    num_attention_heads=4, num_key_value_heads=1, head_dim=128, partial_rotary_factor=0.25, q_lora_rank=128,
+    o_groups=2, o_lora_rank=64, n_routed_experts=8, num_experts_per_tok=2, index_topk=64, index_n_heads=4,
+    index_head_dim=32, sliding_window=128, hc_mult=4, num_hash_layers=1, num_nextn_predict_layers=0,
+    layer_types=["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention",
+                 "compressed_sparse_attention"], max_position_embeddings=16384, initializer_range=0.1,
+)
+
+
 def hf_model(cfg: dict):
     import transformers as tf
 
     kw = {k: v for k, v in cfg.items() if k != "model_type"}
+    Cfg, Model = {"glm_moe_dsa": (tf.GlmMoeDsaConfig, tf.GlmMoeDsaForCausalLM),
+                  "deepseek_v4": (tf.DeepseekV4Config, tf.DeepseekV4ForCausalLM)}[cfg["model_type"]]
     torch.manual_seed(0)
-    m = tf.GlmMoeDsaForCausalLM(tf.GlmMoeDsaConfig(**kw)).eval()
+    m = Model(Cfg(**kw)).eval()
     m.config._attn_implementation = "eager"
     return m
 
 
 def dsalite_from_hf(hf):
     from dsalite.config import ModelConfig
-    from dsalite.model import Transformer
+    from dsalite.model import build_model
 
-    m = Transformer(ModelConfig.from_hf(hf.config.to_dict())).eval()
+    m = build_model(ModelConfig.from_hf(hf.config.to_dict())).eval()
     m.load_state_dict(hf.state_dict(), strict=False)
     return m
 

@@ -2,6 +2,7 @@
 
 Runs the bench-small GLM config of hf-reference §10 (index_topk 256, so DSA is active for S > 256) in fp32, batch 1,
 one thread (the stable setting on a shared 2-core machine), and prints medians and the ratio HF / dsalite.
+dsalite runs the engine's prefill (latent cache, chunks of --chunk tokens); HF one forward with logits_to_keep=1.
 Peak memory is measured as the growth of the process's peak RSS during each model's own runs, so each length runs
 in a fresh subprocess.
 
@@ -19,19 +20,40 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import BENCH_SMALL, dsalite_from_hf, hf_model, median_time, peak_rss_gb  # noqa: E402
+from common import BENCH_SMALL, BENCH_V4, dsalite_from_hf, hf_model, median_time, peak_rss_gb  # noqa: E402
+
+MODELS = {
+    "glm": (BENCH_SMALL, "bench-small GLM (D 256, 4 layers, 8 experts top-2, index_topk 256)"),
+    "v4": (BENCH_V4, "bench DeepSeek-V4 (D 256, sliding/CSA/HCA/CSA, window 128, CSA top-64 of S/4, HCA S/128, "
+                     "4 mHC streams)"),
+}
 
 
-def one(which: str, S: int, reps: int, threads: int) -> dict:
+def prefill(model, ids, chunk: int):
+    from dsalite.inference.cache import LatentCache
+    from dsalite.inference.engine import Runner
+
+    S = ids.shape[1]
+    runner = Runner(model, LatentCache(model.cfg, 1, S), prefill_chunk=chunk)
+    return runner.feed(ids, torch.ones_like(ids, dtype=torch.bool), torch.arange(S)[None])
+
+
+def one(which: str, S: int, reps: int, threads: int, chunk: int, arch: str = "glm") -> dict:
     torch.set_num_threads(threads)
-    hf = hf_model(BENCH_SMALL)
+    bench = MODELS[arch][0]
+    hf = hf_model(bench)
     model = hf if which == "hf" else dsalite_from_hf(hf)
     if which != "hf":
         del hf
-    ids = torch.randint(0, BENCH_SMALL["vocab_size"], (1, S), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, bench["vocab_size"], (1, S), generator=torch.Generator().manual_seed(0))
     base = peak_rss_gb()
     with torch.no_grad():
-        t = median_time(lambda: model(ids), reps, warmup=1)
+        if which == "hf":
+            t = median_time(lambda: model(ids, logits_to_keep=1), reps, warmup=1)
+        elif model.cfg.hyper:  # DeepSeek-V4: one cache-free forward, hidden states only (HF: one logit row)
+            t = median_time(lambda: model(ids, compute_logits=False), reps, warmup=1)
+        else:  # the engine's prefill: latent cache, chunks of `chunk` tokens
+            t = median_time(lambda: prefill(model, ids, chunk), reps, warmup=1)
     return {"which": which, "S": S, "seconds": t, "peak_gb": peak_rss_gb() - base}
 
 
@@ -40,19 +62,23 @@ def main() -> None:
     ap.add_argument("--seqs", default="512,2048,4096", help="comma-separated prompt lengths (default 512,2048,4096)")
     ap.add_argument("--reps", type=int, default=3, help="timed repetitions per point, median reported (default 3)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--chunk", type=int, default=2048, help="dsalite prefill chunk in tokens (default 2048)")
+    ap.add_argument("--model", choices=sorted(MODELS), default="glm",
+                    help="architecture: glm (GLM-5 DSA through the engine's chunked prefill, default) or v4 "
+                         "(DeepSeek-V4, one full forward: V4 has no KV cache yet)")
     ap.add_argument("--one", nargs=2, metavar=("WHICH", "S"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.one:
-        print(json.dumps(one(a.one[0], int(a.one[1]), a.reps, a.threads)))
+        print(json.dumps(one(a.one[0], int(a.one[1]), a.reps, a.threads, a.chunk, a.model)))
         return
-    print(f"prefill, bench-small GLM (D 256, 4 layers, 8 experts top-2, index_topk 256), fp32, batch 1, "
-          f"{a.threads} thread(s), median of {a.reps}")
+    print(f"prefill, {MODELS[a.model][1]}, fp32, batch 1, {a.threads} thread(s), median of {a.reps}")
     print(f"{'S':>6} {'HF ms':>10} {'dsalite ms':>11} {'speedup':>8} {'HF peak GB':>11} {'dsalite peak GB':>16}")
     for S in (int(s) for s in a.seqs.split(",")):
         r = {}
         for which in ("hf", "dsalite"):
             out = subprocess.run([sys.executable, __file__, "--one", which, str(S), "--reps", str(a.reps),
-                                  "--threads", str(a.threads)], capture_output=True, text=True, check=True)
+                                  "--threads", str(a.threads), "--chunk", str(a.chunk), "--model", a.model],
+                                 capture_output=True, text=True, check=True)
             r[which] = json.loads(out.stdout.strip().splitlines()[-1])
         h, d = r["hf"], r["dsalite"]
         print(f"{S:>6} {h['seconds'] * 1e3:>10.1f} {d['seconds'] * 1e3:>11.1f} {h['seconds'] / d['seconds']:>7.2f}x "

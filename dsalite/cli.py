@@ -34,6 +34,17 @@ PRESETS = {
         max_position_embeddings=4096, rms_norm_eps=1e-6, bos_token_id=0, eos_token_id=1,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
     ),
+    # A DeepSeek-V4-Flash-shaped toy: 2 sliding layers then CSA/HCA alternating, 3 hash-routed layers, 4 mHC
+    # streams, one MTP layer.
+    "deepseek-v4-tiny": dict(
+        model_type="deepseek_v4", vocab_size=512, hidden_size=128, moe_intermediate_size=64, num_hidden_layers=6,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=64, partial_rotary_factor=0.25, q_lora_rank=64,
+        o_groups=2, o_lora_rank=32, index_n_heads=8, index_head_dim=32, index_topk=8, n_routed_experts=8,
+        num_experts_per_tok=2, sliding_window=16, hc_mult=4, num_hash_layers=3, num_nextn_predict_layers=1,
+        compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 16},
+        layer_types=["sliding_attention"] * 2 + ["compressed_sparse_attention", "heavily_compressed_attention"] * 2,
+        max_position_embeddings=4096, bos_token_id=0, eos_token_id=1,
+    ),
 }
 
 
@@ -41,11 +52,11 @@ def cmd_create(args) -> int:
     import torch
 
     from dsalite.config import ModelConfig
-    from dsalite.model import Transformer
+    from dsalite.model import build_model
 
     cfg = ModelConfig.from_hf(PRESETS[args.preset])
     g = torch.Generator().manual_seed(args.seed)
-    model = Transformer(cfg)
+    model = build_model(cfg)
     model.init_weights(std=args.init_std, generator=g)
     with torch.no_grad():  # non-zero router bias so its selection-only role is visible in parity checks
         for name, b in model.named_buffers():
@@ -97,6 +108,22 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    from dsalite.inference import text
+
+    return text.run(args)
+
+
+def cmd_export_gguf(args) -> int:
+    from dsalite.checkpoint.gguf import export_checkpoint
+
+    info = export_checkpoint(args.src, args.out, args.dtype, tokenizer=args.tokenizer, pre=args.tokenizer_pre,
+                             mtp=not args.no_mtp)
+    types = ", ".join(f"{n} {t}" for t, n in sorted(info["types"].items()))
+    print(f"wrote {args.out} ({info['tensors']} tensors: {types}; {info['bytes'] / 2**20:.1f} MiB)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dsalite",
@@ -126,7 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     k = sub.add_parser("convert", help="dequantise an FP8 checkpoint to a plain bf16/fp32 HF checkpoint",
                        description="Read an HF checkpoint (FP8 block-scaled or not), dequantise every FP8 weight with "
-                                   "its block scales, and write a plain HF checkpoint (MTP kept).")
+                                   "its block scales, and write a plain HF checkpoint (MTP kept). DeepSeek-V4 "
+                                   "original-layout files (FP8 `X.scale`, FP4 experts with E8M0 scales per 32 "
+                                   "columns) keep their tensor names.")
     k.add_argument("src", help="input checkpoint directory")
     k.add_argument("dst", help="output directory (written to a temporary name, then renamed)")
     k.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="output dtype (default bf16)")
@@ -149,6 +178,52 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override model.init_from: start from this HF checkpoint directory")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
+
+    gn = sub.add_parser("generate", help="generate text with the latent-cache engine (sparse decode, MTP speculation)",
+                        description="Generate from a checkpoint: chunked prefill, absorbed sparse decode, optional MTP "
+                                    "speculative decoding. The tokenizer is the checkpoint's tokenizer.json; its chat "
+                                    "template (tokenizer_config.json or chat_template.jinja) is applied when present. "
+                                    "A closing line on stderr reports prefill and decode tokens/s.")
+    gn.add_argument("path", help="checkpoint directory")
+    gn.add_argument("--prompt", help="prompt text")
+    gn.add_argument("--prompts-file", help="batch: one prompt per line (or .jsonl objects with a \"prompt\" field)")
+    gn.add_argument("--prompt-ids", help="comma-separated token ids instead of text (no tokenizer needed)")
+    gn.add_argument("--max-new-tokens", type=int, default=64, help="new tokens per prompt (default 64)")
+    gn.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default 0)")
+    gn.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1 = off)")
+    gn.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (default 0 = off)")
+    gn.add_argument("--seed", type=int, default=None, help="random seed for sampling (default: unseeded)")
+    gn.add_argument("--stop", action="append", help="stop string (repeatable); the output is cut before it")
+    gn.add_argument("--eos-id", type=int, action="append",
+                    help="end-of-sequence token id (repeatable; default: from the checkpoint's configs)")
+    gn.add_argument("--no-chat", action="store_true", help="do not apply the chat template even when one exists")
+    gn.add_argument("--speculative", choices=["none", "mtp"], default="none",
+                    help="mtp: draft with the MTP layer, verify in one forward (batch size 1; default none)")
+    gn.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="compute dtype (default fp32)")
+    gn.add_argument("--prefill-chunk", type=int, default=2048,
+                    help="prompt tokens per prefill forward; bounds peak memory (default 2048)")
+    gn.add_argument("--no-stream", action="store_true", help="print the text at the end instead of as it is made")
+    gn.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    gn.set_defaults(func=cmd_generate)
+
+
+    g = sub.add_parser("export-gguf", help="write a GGUF file that llama.cpp runs (MTP included)",
+                       description="Export an HF checkpoint (GLM-5.x -> glm-dsa, DeepSeek-V3.2 -> deepseek32, "
+                                   "DeepSeek-V3 -> deepseek2) to one GGUF file with the metadata keys, tensor names "
+                                   "and tokenizer llama.cpp's converter writes, keeping the MTP block. FP8 weights are "
+                                   "dequantised first. Needs the `gguf` extra.")
+    g.add_argument("src", help="input HF checkpoint directory")
+    g.add_argument("out", help="output .gguf file (written to a temporary name, then renamed)")
+    g.add_argument("--dtype", choices=["f32", "f16", "bf16", "q8_0"], default="f32",
+                   help="type of the weight matrices (default f32); norms, biases, the router and the indexer head "
+                        "weights stay f32, and q8_0 falls back to f16 for rows that are not a multiple of 32")
+    g.add_argument("--tokenizer", default=None,
+                   help="folder with tokenizer.json (+ tokenizer_config.json, chat_template.jinja); default: SRC")
+    g.add_argument("--tokenizer-pre", default="auto",
+                   help="llama.cpp pre-tokenizer name (tokenizer.ggml.pre); 'auto' (default) picks 'gpt-2' for a "
+                        "plain ByteLevel pre-tokenizer and the family's released one otherwise (glm4, deepseek-v3)")
+    g.add_argument("--no-mtp", action="store_true", help="leave the MTP (NextN) block out")
+    g.set_defaults(func=cmd_export_gguf)
     return p
 
 

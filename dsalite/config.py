@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 from dsalite.indexshare import indexer_schedule
 
-FAMILIES = ("glm_moe_dsa", "deepseek_v32", "deepseek_v3")
-PLANNED_FAMILIES = ("deepseek_v4",)
+FAMILIES = ("glm_moe_dsa", "deepseek_v32", "deepseek_v3", "deepseek_v4")
+PLANNED_FAMILIES: tuple[str, ...] = ()
 
 
 class ConfigError(ValueError):
@@ -60,6 +60,19 @@ class ModelConfig:
     indexer_rope_interleave: bool = True  # GLM: interleaved; DeepSeek-V3.2: half-split
     indexer_types: list[str] = field(default_factory=list)  # "full" | "shared", trunk + MTP layers
     num_nextn_predict_layers: int = 0
+    # DeepSeek-V4 (see config_v4.py); inert defaults for the MLA families.
+    layer_types: list[str] = field(default_factory=list)  # per trunk + MTP layer: sliding / CSA / HCA attention
+    head_dim: int = 0  # V4's single shared K=V head width
+    compress_rates: dict = field(default_factory=dict)  # layer type -> tokens per compressed entry
+    compress_rope: dict = field(default_factory=dict)  # rope of CSA/HCA layers; `rope` is the sliding layers' one
+    hc_mult: int = 0  # mHC residual streams; 0 = plain residual
+    hc_sinkhorn_iters: int = 20
+    hc_eps: float = 1e-6
+    swiglu_limit: float | None = None  # clamp of the SwiGLU gate/up pre-activations
+    sliding_window: int = 0
+    o_groups: int = 0
+    o_lora_rank: int = 0
+    scoring_func: str = "sigmoid"
     pad_token_id: int | None = None
     bos_token_id: int | list[int] | None = None
     eos_token_id: int | list[int] | None = None
@@ -72,7 +85,17 @@ class ModelConfig:
 
     @property
     def has_indexer(self) -> bool:
-        return self.model_type != "deepseek_v3"
+        """The MLA-family DSA indexer (V4's CSA indexer lives in its compressor instead)."""
+        return self.model_type not in ("deepseek_v3", "deepseek_v4")
+
+    @property
+    def hyper(self) -> bool:
+        """Residual carried as hc_mult mHC streams instead of one hidden state."""
+        return self.hc_mult > 0
+
+    def layer_attention_type(self, i: int) -> str | None:
+        """V4: 'sliding_attention' | 'compressed_sparse_attention' | 'heavily_compressed_attention'; else None."""
+        return self.layer_types[i] if self.layer_types else None
 
     @property
     def num_layers_total(self) -> int:
@@ -103,6 +126,10 @@ class ModelConfig:
     def from_hf(cls, d: dict) -> "ModelConfig":
         d = copy.deepcopy(d)
         mt = d.get("model_type")
+        if mt == "deepseek_v4":
+            from dsalite.config_v4 import from_hf_v4
+
+            return from_hf_v4(cls, d)
         if mt in PLANNED_FAMILIES:
             raise ConfigError(f"model_type={mt!r} is not supported yet (supported: {', '.join(FAMILIES)})")
         if mt not in FAMILIES:
@@ -162,6 +189,10 @@ class ModelConfig:
 
     def to_hf(self) -> dict:
         """The HF config dict: `raw` with every field dsalite owns written back in the family's spelling."""
+        if self.model_type == "deepseek_v4":
+            from dsalite.config_v4 import to_hf_v4
+
+            return to_hf_v4(self)
         d = copy.deepcopy(self.raw)
         d.update(
             model_type=self.model_type, vocab_size=self.vocab_size, hidden_size=self.hidden_size,
@@ -213,6 +244,10 @@ class ModelConfig:
 
     # ----- checks -----
     def validate(self) -> None:
+        if self.model_type == "deepseek_v4":
+            from dsalite.config_v4 import validate_v4
+
+            return validate_v4(self)
         positive = [
             "vocab_size", "hidden_size", "moe_intermediate_size", "num_hidden_layers", "num_attention_heads",
             "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "num_experts_per_tok",
@@ -222,14 +257,7 @@ class ModelConfig:
             positive.append("intermediate_size")
         if "sparse" in self.mlp_types:
             positive.append("n_routed_experts")
-        for name in positive:
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
-        for name in ("n_shared_experts", "num_nextn_predict_layers"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 0:
-                raise ConfigError(f"{name} must be a non-negative integer, got {v!r}")
+        self.check_counts(positive)
         if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank <= 0):
             raise ConfigError(f"q_lora_rank must be a positive integer or null, got {self.q_lora_rank!r}")
         if self.q_lora_rank is None and self.model_type != "deepseek_v3":
@@ -283,6 +311,17 @@ class ModelConfig:
         if rope_type == "yarn" and not (self.rope.get("factor") or self.rope.get("original_max_position_embeddings")):
             raise ConfigError("rope_parameters.factor is required for yarn rope")
 
+    def check_counts(self, positive: list[str]) -> None:
+        """Fields in `positive` must be integers >= 1; the shared-expert and MTP counts integers >= 0."""
+        for name in positive:
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+        for name in ("n_shared_experts", "num_nextn_predict_layers"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0:
+                raise ConfigError(f"{name} must be a non-negative integer, got {v!r}")
+
     # ----- presets used by tests, benches and the demo -----
     @classmethod
     def tiny(cls, model_type: str = "glm_moe_dsa", **overrides) -> "ModelConfig":
@@ -293,6 +332,10 @@ class ModelConfig:
         if model_type == "deepseek_v3":
             for k in ("index_topk", "index_n_heads", "index_head_dim", "mlp_layer_types"):
                 d.pop(k)
+        if model_type == "deepseek_v4":
+            from dsalite.config_v4 import TINY_V4
+
+            d = dict(TINY_V4)
         d.update(overrides)
         return cls.from_hf(d)
 

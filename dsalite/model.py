@@ -168,3 +168,12 @@ class Transformer(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def build_model(cfg: ModelConfig, mtp_own_embeddings: bool = True) -> Transformer:
+    """The model class the config calls for: mHC streams (`cfg.hyper`, DeepSeek-V4) or a plain residual."""
+    if cfg.hyper:
+        from dsalite.model_v4 import HyperTransformer
+
+        return HyperTransformer(cfg, mtp_own_embeddings)
+    return Transformer(cfg, mtp_own_embeddings)

@@ -72,7 +72,13 @@ def load_hf(path: str, dtype=torch.float32, experts_impl: str = "grouped_mm"):
 
 
 def default_seq_len(cfg) -> int:
-    """Long enough that every full layer's selection drops keys: about 3× index_topk, at least 32."""
+    """Long enough that every full layer's selection drops keys: about 3× index_topk, at least 32.
+    DeepSeek-V4: beyond the sliding window, two HCA entries, and ~3× index_topk CSA entries."""
+    if cfg.hyper:
+        from dsalite.config_v4 import CSA, HCA
+
+        return max(64, 2 * cfg.sliding_window + 1, 2 * cfg.compress_rates[HCA] + 1,
+                   (3 * cfg.index_topk + 1) * cfg.compress_rates[CSA])
     return max(32, 3 * cfg.index_topk) if cfg.has_indexer else 64
 
 
@@ -93,7 +99,8 @@ def compare(path: str, seq_len: int | None = None, batch: int = 2, seed: int = 0
     hf_topk: dict[int, torch.Tensor] = {}
     hooks = []
     for i, layer in enumerate(theirs.model.layers):
-        idx = getattr(layer.self_attn, "indexer", None)
+        idx = getattr(layer.self_attn, "indexer", None) or getattr(getattr(layer.self_attn, "compressor", None),
+                                                                   "indexer", None)  # V4: CSA layers
         if idx is not None:
             hooks.append(idx.register_forward_hook(lambda m, a, out, i=i: hf_topk.__setitem__(i, out)))
     try:
@@ -113,13 +120,21 @@ def compare(path: str, seq_len: int | None = None, batch: int = 2, seed: int = 0
     ours_h[-1] = out.last_hidden
     for i in range(n):
         r = LayerReport(i, (ours_h[i] - ref.hidden_states[i + 1]).abs().max().item(), _indexer_label(cfg, i))
-        if i in hf_topk:
+        if i in hf_topk and cfg.hyper:
+            from dsalite.verify_v4 import fill_csa_topk
+
+            r.indexer = "csa"
+            fill_csa_topk(r, ours, i, hf_topk[i], out.hidden_states[i])
+        elif i in hf_topk:
             _fill_topk(r, ours, i, out.topk[i], hf_topk[i], out.hidden_states[i], seq_len)
         rep.layers.append(r)
     return rep
 
 
 def _indexer_label(cfg, i: int) -> str:
+    if cfg.hyper:
+        return {"compressed_sparse_attention": "csa", "heavily_compressed_attention": "hca"}.get(
+            cfg.layer_types[i], "window")
     if not cfg.has_indexer:
         return "-"
     if cfg.indexer_types[i] == "full":

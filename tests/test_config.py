@@ -77,7 +77,6 @@ def test_unknown_keys_survive_round_trip():
     (dict(hidden_size=-4), "hidden_size"),
     (dict(num_attention_heads=0), "num_attention_heads"),
     (dict(model_type="llama"), "model_type"),
-    (dict(model_type="deepseek_v4"), "model_type"),
     (dict(index_topk=0), "index_topk"),
     (dict(index_topk_pattern="FSF"), "index_topk_pattern"),
     (dict(index_topk_pattern="SFFF"), "index_topk_pattern"),

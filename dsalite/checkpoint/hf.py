@@ -457,7 +457,7 @@ def load_state_dict(
     cast to `dtype`; with dtype=None every tensor keeps its stored dtype (FP8/FP4 weights dequantise to float32).
     Every problem (missing, unexpected, shape, dtype, expert index, FP8 scale pairing) goes into one CheckpointError.
     """
-    reader = path_or_reader if isinstance(path_or_reader, CheckpointReader) else CheckpointReader(path_or_reader)
+    reader = path_or_reader if hasattr(path_or_reader, "get") else CheckpointReader(path_or_reader)
     optional = set(optional)
     block = _block_size(cfg)
     keys = set(reader.keys())
@@ -511,7 +511,7 @@ def load_state_dict(
             if want_float and not dt.is_floating_point:
                 problems.append(f"{dk}: wrong dtype {dt}, expected a float tensor" + label)
                 ok = False
-            elif not want_float and dt != want_dtype:
+            elif not want_float and dt != want_dtype and (dt.is_floating_point or dt == torch.bool):
                 problems.append(f"{dk}: wrong dtype {dt}, expected {want_dtype}" + label)
                 ok = False
         if want_shape is not None and tuple(logical) != tuple(want_shape):
@@ -604,7 +604,9 @@ def _materialise(reader, plans, expected, scale_of, block) -> dict[str, torch.Te
         t = reader.get(dk)
         if dk in scale_of:
             try:
-                t = quant.dequantize(t, reader.get(scale_of[dk]), name=dk, block=block)
+                # weight_block_size is the FP8 block; FP4 experts keep their 1x32 groups
+                blk = block if t.dtype == _FP8 or (block and block[0] == 1) else None
+                t = quant.dequantize(t, reader.get(scale_of[dk]), name=dk, block=blk)
             except ValueError as e:
                 raise CheckpointError(f"{dk}: cannot dequantise ({e})") from None
         return t if t.dtype == target else t.to(target)
@@ -708,8 +710,11 @@ def save_state_dict(
     *,
     max_shard_bytes: int = 5 * 2**30,
     extra_files: Mapping[str, bytes] | None = None,
+    rename: Callable[[str], str] | None = None,
 ) -> None:
     """Write an HF-layout checkpoint (per-expert tensors, MTP at model.layers.{L+k}) atomically.
+
+    `rename` maps each of those disk names to another layout's (a family's name table, e.g. checkpoint/v4.py).
 
     Everything goes to a sibling `path.tmp-<random>` first and is renamed into place only when complete; an existing
     `path` is swapped out, then deleted. On any failure the temp dir is removed and `path` is as it was.
@@ -727,6 +732,8 @@ def save_state_dict(
         if bad or not isinstance(data, (bytes, bytearray)):
             raise CheckpointError(f"extra_files[{fname!r}]: must be a relative path inside the checkpoint, with bytes")
     plan = _disk_plan(state_dict, cfg)
+    if rename is not None:
+        plan = [(rename(dk), fn, nb) for dk, fn, nb in plan]
     config_text = json.dumps(_hf_config(cfg, state_dict), indent=2)
 
     shards, names = plan_shards(plan, lambda item: item[2], max_shard_bytes)

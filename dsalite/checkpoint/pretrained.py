@@ -17,9 +17,9 @@ import types
 
 import torch
 
-from dsalite.checkpoint import hf
+from dsalite.checkpoint import hf, v4
 from dsalite.config import ModelConfig
-from dsalite.model import Transformer
+from dsalite.model import Transformer, build_model
 
 log = logging.getLogger("dsalite")
 
@@ -60,9 +60,12 @@ def from_pretrained(path: str, dtype: torch.dtype | None = torch.float32, device
     dtype=None keeps every tensor's stored dtype (used for byte-exact round trips); FP8 weights are then
     dequantised to float32.
     """
+    cfg = ModelConfig.from_hf(hf.read_config(path))
+    if cfg.model_type in v4.FAMILIES:
+        return v4.from_pretrained(path, cfg, dtype, device)
     cfg, reader, own = build_for_checkpoint(path)
     with torch.device("meta"):
-        model = Transformer(cfg, mtp_own_embeddings=own)
+        model = build_model(cfg, mtp_own_embeddings=own)
     expected = {}
     for name, t in model.state_dict().items():
         want = torch.float32 if name.endswith("e_score_correction_bias") and dtype is not None else dtype
@@ -77,6 +80,8 @@ def from_pretrained(path: str, dtype: torch.dtype | None = torch.float32, device
 def save_pretrained(model: Transformer, path: str, **kwargs) -> None:
     """Write HF layout (per-expert tensors, MTP as model.layers.{L+k}) atomically: temp dir, then rename."""
     sd = {k: v.detach() for k, v in model.state_dict().items()}
+    if model.cfg.model_type in v4.FAMILIES:  # layout="hf" (default) or "original" (DeepSeek's names)
+        return v4.save(path, model.cfg, sd, **kwargs)
     hf.save_state_dict(path, model.cfg, sd, **kwargs)
 
 
@@ -103,15 +108,15 @@ def _convert_plan(reader: "hf.CheckpointReader", block: tuple[int, int], dtype: 
     problems: list[str] = []
     scale_of: dict[str, str] = {}
     for s in keys:
-        if s.endswith(hf.SCALE_SUFFIX):
-            w = s[: -len(hf.SCALE_SUFFIX)]
+        w = _weight_of_scale(s)
+        if w is not None:
             if w in present:
                 scale_of[w] = s
             else:
                 problems.append(f"{s}: scale without its weight {w}")
     plan = []
     for name in keys:
-        if name.endswith(hf.SCALE_SUFFIX):
+        if _weight_of_scale(name) is not None:
             continue
         dt, shape = reader.dtype(name), tuple(reader.shape(name))
         scale = scale_of.get(name)
@@ -140,11 +145,24 @@ def _convert_plan(reader: "hf.CheckpointReader", block: tuple[int, int], dtype: 
             out, logical = dt, shape  # integer / bool tensors are copied unchanged
         else:
             # the router's selection bias stays float32, as HF and dsalite load it
-            out, logical = (torch.float32 if name.endswith("e_score_correction_bias") else dtype), shape
+            out, logical = (torch.float32 if name.endswith(_FP32_NAMES) else dtype), shape
         plan.append((name, scale, out, math.prod(logical) * out.itemsize))
     if problems:
         raise hf.CheckpointError(f"{reader.path}: cannot convert:\n" + "\n".join(problems))
     return plan
+
+
+# Router selection biases stay float32 (HF `_keep_in_fp32_modules_strict`); `ffn.gate.bias` is V4's original name.
+_FP32_NAMES = ("e_score_correction_bias", ".ffn.gate.bias")
+
+
+def _weight_of_scale(name: str) -> str | None:
+    """`X.weight` for a block-scale tensor: HF's `X.weight_scale_inv` or DeepSeek-V4's original `X.scale`."""
+    if name.endswith(hf.SCALE_SUFFIX):
+        return name[: -len(hf.SCALE_SUFFIX)]
+    if name.endswith(".scale"):
+        return name[: -len(".scale")] + ".weight"
+    return None
 
 
 def _convert_config(raw: dict, dtype: torch.dtype) -> dict:

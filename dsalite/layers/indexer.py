@@ -15,7 +15,7 @@ from torch import nn
 from dsalite.layers.rope import apply_rope
 
 # Queries per chunk are chosen so one chunk's [B, s, Hi, T] score block stays near this many fp32 elements.
-SCORE_BUDGET = 1 << 24
+SCORE_BUDGET = 1 << 21
 
 
 class Indexer(nn.Module):

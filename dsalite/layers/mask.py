@@ -18,6 +18,9 @@ class Visibility:
     key_valid: torch.Tensor | None = None  # [B, T] bool, False = padding
     segments: torch.Tensor | None = None  # [B, T] int, keys of another document are invisible
 
+    def __post_init__(self):
+        self._blocks: dict[tuple[int, int], torch.Tensor] = {}  # small blocks, shared by every layer of one forward
+
     @property
     def plain_causal(self) -> bool:
         """True when SDPA's is_causal expresses the mask exactly."""
@@ -25,6 +28,13 @@ class Visibility:
 
     def block(self, s0: int, s1: int) -> torch.Tensor:
         """[B or 1, s1-s0, T] bool, True = visible."""
+        if (s1 - s0) * self.num_keys > 1 << 20:  # large blocks are rebuilt: keeping them would hold S×T at once
+            return self._make(s0, s1)
+        if (s0, s1) not in self._blocks:
+            self._blocks[(s0, s1)] = self._make(s0, s1)
+        return self._blocks[(s0, s1)]
+
+    def _make(self, s0: int, s1: int) -> torch.Tensor:
         dev = self.key_valid.device if self.key_valid is not None else (
             self.segments.device if self.segments is not None else None)
         qi = torch.arange(self.offset + s0, self.offset + s1, device=dev)

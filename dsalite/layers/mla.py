@@ -1,9 +1,10 @@
 """Multi-head latent attention (DeepSeek-V2/V3 MLA) with the DSA indexer hook.
 
 Legend: B batch, S new tokens, T keys, H heads, n = qk_nope_head_dim, p = qk_rope_head_dim, v = v_head_dim,
-r = kv_lora_rank. Per token the cache-worthy state is the latent c [r] (after kv_a_layernorm) and the roped key k_r [p].
-This is the expanded form (keys/values re-expanded through kv_b_proj), used for training and prefill; the absorbed
-decode form belongs to the inference engine. Rope is on the trailing p dims (interleaved pairs, HF output layout).
+r = kv_lora_rank. Per token the cache-worthy state is the latent [c | k_r] (r + p numbers): c after kv_a_layernorm,
+k_r the roped shared key. Two equivalent forms: expanded (keys/values re-expanded through kv_b_proj; many queries, e.g.
+training and long prefill chunks) and absorbed (kv_b_proj folded into the query and the output, attention runs as MQA
+over the latents; sparse selections and decode). Rope is on the trailing p dims (interleaved pairs, HF output layout).
 """
 
 from __future__ import annotations
@@ -65,48 +66,54 @@ class MLA(nn.Module):
             q = self.q_b_proj(q_resid)
         q = q.view(B, S, H, n + p)
         c, k_r = self.kv_a_proj_with_mqa(x).split([self.rank, p], dim=-1)
-        c = self.kv_a_layernorm(c)  # [B, S, r]
         q_r = apply_rope(q[..., n:], cos[:, :, None], sin[:, :, None], self.rope_interleaved)
-        k_r = apply_rope(k_r, cos, sin, self.rope_interleaved)  # [B, S, p]
+        latent = torch.cat([self.kv_a_layernorm(c), apply_rope(k_r, cos, sin, self.rope_interleaved)], -1)  # [B,S,r+p]
         if cache is not None:
-            c, k_r = cache.update_latent(self.layer_idx, c, k_r)  # [B, T, r], [B, T, p]
-        T = c.shape[1]
+            latent = cache.update_latent(self.layer_idx, latent)  # [B, T, r+p]
+        T = latent.shape[1]
 
         topk, proj = self._select(x, q_resid, cos, sin, vis, topk_in, cache, T, dsa)
 
         if topk is None:
-            o = self._attend_dense(q[..., :n], q_r, c, k_r, vis)
+            o = self._attend_dense(q[..., :n], q_r, latent, vis)
         else:
-            o = self._attend_sparse(q[..., :n], q_r, c, k_r, topk)
+            o = self._attend_sparse(q[..., :n], q_r, latent, topk)
         if proj is not None:
-            dsa.add(self, proj, q[..., :n], q_r, c, k_r, vis, topk)
+            dsa.add(self, proj, q[..., :n], q_r, latent, vis, topk)
         return self.o_proj(o.reshape(B, S, H * self.v_dim)), topk
 
-    def _expand(self, c, k_r):
+    def _expand(self, latent):
         """Per-head keys [B,T,H,n+p] and values [B,T,H,v] from the latents, through kv_b_proj."""
-        B, T, _ = c.shape
-        H, n = self.n_heads, self.nope
-        kv = self.kv_b_proj(c).view(B, T, H, n + self.v_dim)
-        return torch.cat([kv[..., :n], k_r[:, :, None].expand(B, T, H, self.rope)], dim=-1), kv[..., n:]
+        B, T, _ = latent.shape
+        H, n, r = self.n_heads, self.nope, self.rank
+        kv = self.kv_b_proj(latent[..., :r]).view(B, T, H, n + self.v_dim)
+        return torch.cat([kv[..., :n], latent[:, :, None, r:].expand(B, T, H, self.rope)], dim=-1), kv[..., n:]
 
-    def _attend_dense(self, q_nope, q_r, c, k_r, vis):
-        """Every visible key: expand the latents through kv_b_proj once and let SDPA do the rest."""
-        k, v = self._expand(c, k_r)
-        q = torch.cat([q_nope, q_r], dim=-1)
-        return dense_attention(q, k, v, None if vis.plain_causal else vis.full(), self.scale)
+    def _attend_dense(self, q_nope, q_r, latent, vis):
+        """Every visible key. Few queries over many keys (decode): the absorbed form, so the T cached latents are
+        never re-expanded; otherwise expand the latents through kv_b_proj once and let SDPA do the rest."""
+        S = q_nope.shape[1]
+        H, n, r, v = self.n_heads, self.nope, self.rank, self.v_dim
+        mask = None if vis.plain_causal else vis.full()
+        if S * (2 * r - n - v) < r * (n + v):  # absorbed costs S·T·H·(2r+p), expanded T·r·H·(n+v) + S·T·H·(n+p+v)
+            w = self.kv_b_proj.weight.view(H, n + v, r)
+            q = torch.cat([torch.einsum("bshn,hnr->bshr", q_nope, w[:, :n]), q_r], dim=-1)  # [B, S, H, r+p]
+            o_lat = dense_attention(q, latent[:, :, None], latent[:, :, None, :r], mask, self.scale)  # [B, S, H, r]
+            return torch.einsum("bshr,hvr->bshv", o_lat, w[:, n:])
+        k, vv = self._expand(latent)
+        return dense_attention(torch.cat([q_nope, q_r], dim=-1), k, vv, mask, self.scale)
 
-    def _attend_sparse(self, q_nope, q_r, c, k_r, topk):
+    def _attend_sparse(self, q_nope, q_r, latent, topk):
         """Selected keys only, in the absorbed (MQA) form: kv_b_proj's key half is folded into the query and its
         value half applied after the weighted sum, so only the [r+p] latents of the K chosen tokens are gathered
         (one copy for all heads) instead of K expanded keys per head."""
         if torch.is_grad_enabled():  # training: expanded keys, masked GEMMs (cheaper per query-key; sparse_train.py)
-            k, v = self._expand(c, k_r)
+            k, v = self._expand(latent)
             return masked_attention(torch.cat([q_nope, q_r], dim=-1), k, v, topk, self.scale)
         H, n, r = self.n_heads, self.nope, self.rank
         w = self.kv_b_proj.weight.view(H, n + self.v_dim, r)
         q_lat = torch.einsum("bshn,hnr->bshr", q_nope, w[:, :n])
-        latent = torch.cat([c, k_r], dim=-1)[:, :, None]  # [B, T, 1, r+p]
-        o_lat = sparse_attention(torch.cat([q_lat, q_r], dim=-1), latent, r, topk, self.scale)  # [B, S, H, r]
+        o_lat = sparse_attention(torch.cat([q_lat, q_r], dim=-1), latent[:, :, None], r, topk, self.scale)  # [B,S,H,r]
         return torch.einsum("bshr,hvr->bshv", o_lat, w[:, n:])
 
     def _select(self, x, q_resid, cos, sin, vis, topk_in, cache, T, dsa=None):

@@ -4,6 +4,8 @@ Legend: N tokens, D hidden, E routed experts, I expert width, k experts per toke
 Router (HF `DeepseekV3TopkRouter`, noaux_tc): fp32 logits, s = sigmoid; the correction bias only steers selection;
 groups scored by the sum of their top-2 biased scores, the best `topk_group` groups kept; weights are the unbiased s
 of the chosen experts, normalised (+1e-20) and times routed_scaling_factor.
+DeepSeek-V4 variants (same experts, different routers): `SqrtSoftplusRouter` and `HashRouter`, and SwiGLU clamped at
+`swiglu_limit` in routed and shared experts.
 Experts hold fused weights gate_up [E, 2I, D] (gate rows first) and down [E, D, I]; tokens are sorted by expert and
 each expert runs one matmul over its tokens; the routing weight multiplies after `down` and the k outputs of a token
 are summed last, in the order HF's grouped_mm backend uses.
@@ -17,18 +19,29 @@ from torch import nn
 
 from dsalite.config import ModelConfig
 
+# At most this many (token, expert) pairs take the gathered-weights path instead of the sort-by-expert loop.
+SMALL_BATCH = 16
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float | None = None) -> torch.Tensor:
+    """silu(gate)·up; with a limit (V4), gate is clamped from above and up to ±limit first (HF `_apply_gate`)."""
+    if limit is not None:
+        gate, up = gate.clamp(max=limit), up.clamp(min=-limit, max=limit)
+    return F.silu(gate) * up
+
 
 class MLP(nn.Module):
     """SwiGLU feed-forward (dense layers and the shared expert)."""
 
-    def __init__(self, dim: int, inter: int):
+    def __init__(self, dim: int, inter: int, limit: float | None = None):
         super().__init__()
         self.gate_proj = nn.Linear(dim, inter, bias=False)
         self.up_proj = nn.Linear(dim, inter, bias=False)
         self.down_proj = nn.Linear(inter, dim, bias=False)
+        self.limit = limit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), self.limit))
 
 
 class Router(nn.Module):
@@ -39,7 +52,7 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, input_ids=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, D] → (weights [N, k] fp32, expert ids [N, k], scores [N, E] fp32)."""
         s = F.linear(x.float(), self.weight.float()).sigmoid()
         biased = s + self.e_score_correction_bias
@@ -57,15 +70,63 @@ class Router(nn.Module):
         return w * self.scaling, ids, s
 
 
+class SqrtSoftplusRouter(nn.Module):
+    """DeepSeek-V4 router (HF `DeepseekV4TopKRouter`): s = sqrt(softplus(x·Wᵀ)), no groups; the bias steers selection.
+
+    Two choices copied from HF on purpose: the logits stay in the model dtype (the V3 router upcasts to fp32), and the
+    weights are always normalised (HF ignores `norm_topk_prob` here).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.top_k, self.scaling = cfg.num_experts_per_tok, cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        return F.softplus(F.linear(x, self.weight)).sqrt()  # [N, E], model dtype
+
+    def forward(self, x: torch.Tensor, input_ids=None):
+        s = self.scores(x)
+        ids = (s + self.e_score_correction_bias).topk(self.top_k, dim=-1, sorted=False).indices
+        return _normalised(s, ids, self.scaling), ids, s
+
+
+class HashRouter(SqrtSoftplusRouter):
+    """Same as SqrtSoftplusRouter except the experts come from a fixed token-id table: ids = tid2eid[input_ids]
+    (HF `DeepseekV4HashRouter`, the first `num_hash_layers` layers). No selection bias."""
+
+    def __init__(self, cfg: ModelConfig):
+        nn.Module.__init__(self)
+        self.top_k, self.scaling = cfg.num_experts_per_tok, cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        self.register_buffer("tid2eid", torch.zeros(cfg.vocab_size, cfg.num_experts_per_tok, dtype=torch.long))
+
+    def forward(self, x: torch.Tensor, input_ids=None):
+        if input_ids is None:
+            raise ValueError("hash-routed MoE layer needs input_ids (tid2eid[input_ids] picks the experts)")
+        s = self.scores(x)
+        ids = self.tid2eid[input_ids.reshape(-1)].long()  # [N, k]
+        return _normalised(s, ids, self.scaling), ids, s
+
+
+def _normalised(s: torch.Tensor, ids: torch.Tensor, scaling: float) -> torch.Tensor:
+    w = s.gather(1, ids)
+    return w / (w.sum(-1, keepdim=True) + 1e-20) * scaling
+
+
 class Experts(nn.Module):
-    def __init__(self, n_experts: int, dim: int, inter: int):
+    def __init__(self, n_experts: int, dim: int, inter: int, limit: float | None = None):
         super().__init__()
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * inter, dim))
         self.down_proj = nn.Parameter(torch.empty(n_experts, dim, inter))
+        self.limit = limit
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """x [N, D], ids/w [N, k] → [N, D]."""
         N, k = ids.shape
+        if N * k <= SMALL_BATCH:
+            return self._gathered(x, ids, w)
         flat = ids.reshape(-1)
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
@@ -80,26 +141,38 @@ class Experts(nn.Module):
                 continue
             seg = slice(start, start + cnt)
             gate, up = F.linear(xs[seg], gate_up[e]).chunk(2, dim=-1)
-            ys[seg] = F.linear(F.silu(gate) * up, down[e])
+            ys[seg] = F.linear(swiglu(gate, up, self.limit), down[e])
             start += cnt
         ys = ys * w.reshape(-1)[order, None].to(ys.dtype)
         out = torch.empty_like(ys)
         out[order] = ys
         return out.view(N, k, -1).sum(1)
 
+    def _gathered(self, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Few tokens (decode): gather the chosen experts' weights and run two batched matmuls, no per-expert loop."""
+        N, k = ids.shape
+        flat = ids.reshape(-1)
+        xs = x.repeat_interleave(k, 0)[:, None]  # [N·k, 1, D]
+        gate, up = torch.bmm(xs, self.gate_up_proj[flat].transpose(1, 2)).chunk(2, dim=-1)
+        ys = torch.bmm(swiglu(gate, up, self.limit), self.down_proj[flat].transpose(1, 2))[:, 0]  # [N·k, D]
+        ys = ys * w.reshape(-1, 1).to(ys.dtype)
+        return ys.view(N, k, -1).sum(1)
+
 
 class MoE(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, router: str = "sigmoid"):
+        """router: 'sigmoid' (V3 family), 'sqrtsoftplus' or 'hash' (V4)."""
         super().__init__()
-        self.gate = Router(cfg)
-        self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.gate = {"sigmoid": Router, "sqrtsoftplus": SqrtSoftplusRouter, "hash": HashRouter}[router](cfg)
+        limit = cfg.swiglu_limit
+        self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, limit)
         if cfg.n_shared_experts:
-            self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+            self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, limit)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        w, ids, _ = self.gate(flat)
+        w, ids, _ = self.gate(flat, input_ids)
         y = self.experts(flat, ids, w).view(shape)
         if hasattr(self, "shared_experts"):
             y = y + self.shared_experts(x)

@@ -66,3 +66,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
         half = x.shape[-1] // 2
         x1, x2 = x[..., :half], x[..., half:]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def apply_rope_trailing(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """DeepSeek-V4 rope: interleaved pairs on the *trailing* p = 2·cos.shape[-1] dims, output kept interleaved, math
+    in fp32 (HF `deepseek_v4.apply_rotary_pos_emb`). x [..., D]; cos/sin [..., p/2] broadcast against x's leading dims.
+    The inverse rotation (V4 undoes the values' rope on the attention output) is this with -sin."""
+    p = 2 * cos.shape[-1]
+    r = x[..., -p:].float()
+    x1, x2 = r[..., 0::2], r[..., 1::2]
+    rot = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
+    return torch.cat([x[..., :-p], rot.to(x.dtype)], dim=-1)

@@ -12,8 +12,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# Queries per chunk are chosen so one chunk's gathered keys stay near this many elements.
-GATHER_BUDGET = 1 << 24
+# Queries per chunk are chosen so one chunk's gathered keys stay near this many elements (4 MB in fp32: small
+# enough that the allocator reuses the memory instead of mapping fresh pages, which would cost more than the copy).
+GATHER_BUDGET = 1 << 20
 
 
 def sparse_attention(
@@ -22,6 +23,7 @@ def sparse_attention(
     v: torch.Tensor | int,  # [B, T, Hk, Dv], or Dv: the values are the first Dv channels of k (MLA's latent)
     idx: torch.Tensor,  # [B, S, K] int, -1 = no key
     scale: float,
+    sinks: torch.Tensor | None = None,  # [H] per-head logit that joins every row's softmax denominator (V4)
 ) -> torch.Tensor:  # [B, S, H, Dv]
     B, S, H, _ = q.shape
     K = idx.shape[-1]
@@ -30,23 +32,31 @@ def sparse_attention(
     out = q.new_empty(B, S, H, Dv)
     per_query = K * Hk * (k.shape[-1] + (0 if isinstance(v, int) else Dv))
     chunk = max(1, GATHER_BUDGET // max(1, B * per_query))
-    T = k.shape[1]
-    row0 = (torch.arange(B, device=q.device) * T)[:, None, None]
-    k_rows = k.reshape(B * T, Hk * k.shape[-1])
-    v_rows = None if isinstance(v, int) else v.reshape(B * T, Hk * Dv)
+    k_rows, per_b = _row_table(k)
+    row0 = (torch.arange(B, device=q.device) * per_b)[:, None, None]
+    v_rows = None if isinstance(v, int) else _row_table(v)[0]
+    grad = torch.is_grad_enabled() and k_rows.requires_grad
+    # inference: one gather buffer reused by every chunk (fresh pages per chunk would cost more than the copy)
+    k_buf = None if grad else k_rows.new_empty(B * min(chunk, S) * K, k_rows.shape[1])
     for s0 in range(0, S, chunk):
         sl = slice(s0, min(S, s0 + chunk))
         ids = idx[:, sl].long()
         valid = ids >= 0
         rows = (ids.clamp(min=0) + row0).reshape(-1)  # index_select copies whole rows: far faster than fancy indexing
-        ks = k_rows.index_select(0, rows).view(B, -1, K, Hk, k.shape[-1])  # [B, s, K, Hk, D]
+        ks = k_rows.index_select(0, rows) if grad else torch.index_select(k_rows, 0, rows, out=k_buf[: rows.numel()])
+        ks = ks.view(B, -1, K, Hk, k.shape[-1])  # [B, s, K, Hk, D]
         vs = ks[..., :Dv] if v_rows is None else v_rows.index_select(0, rows).view(B, -1, K, Hk, Dv)
         if Hk == 1:
             logits = torch.einsum("bshd,bskd->bshk", q[:, sl], ks[:, :, :, 0])
         else:
             logits = torch.einsum("bshd,bskhd->bshk", q[:, sl], ks)
         logits = (logits * scale).masked_fill(~valid[:, :, None, :], float("-inf"))
+        if sinks is not None:
+            sink = sinks[None, None, :, None].expand(*logits.shape[:3], 1)
+            logits = torch.cat([logits, sink], dim=-1)  # promotes: fp32 sinks make fp32 logits, as in HF
         p = torch.softmax(logits, dim=-1, dtype=torch.float32).nan_to_num(0.0).to(q.dtype)  # out of place: autograd
+        if sinks is not None:
+            p = p[..., :-1]
         if Hk == 1:
             out[:, sl] = torch.einsum("bshk,bskd->bshd", p, vs[:, :, :, 0])
         else:
@@ -54,18 +64,30 @@ def sparse_attention(
     return out
 
 
+def _row_table(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """x [B, T, Hk, D] as a 2-D table of token rows and the row distance between sequences. A view into a larger
+    buffer (the cache's first T of N slots) is used in place, so a decode step never copies the cache."""
+    B, T, Hk, D = x.shape
+    w = Hk * D
+    if x.stride(3) == 1 and x.stride(2) == D and x.stride(1) == w and x.stride(0) % w == 0:
+        per_b = x.stride(0) // w if B > 1 else T
+        return x.as_strided(((B - 1) * per_b + T, w), (w, 1)), per_b
+    return x.reshape(B * T, w), T
+
+
 def dense_attention(
     q: torch.Tensor,  # [B, S, H, D]
-    k: torch.Tensor,  # [B, T, H, D]
-    v: torch.Tensor,  # [B, T, H, Dv]
+    k: torch.Tensor,  # [B, T, H or 1, D]
+    v: torch.Tensor,  # [B, T, H or 1, Dv]
     mask: torch.Tensor | None,  # [B, S, T] bool, True = may attend; None = plain causal with S == T
     scale: float,
 ) -> torch.Tensor:  # [B, S, H, Dv]
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    gqa = k.shape[2] != q.shape[2]  # one shared KV head (absorbed MLA) serving every query head
     if mask is None:
-        o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale)
+        o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=gqa)
     else:
-        o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask[:, None], scale=scale)
+        o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask[:, None], scale=scale, enable_gqa=gqa)
         # a query with no visible key (padding) gets NaN from SDPA; it contributes nothing.
         o = o.nan_to_num(0.0)  # out of place: SDPA saves its output for backward
     return o.transpose(1, 2)

@@ -54,9 +54,11 @@ class DSATraining:
     sparse_target: bool = True
     terms: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # layer -> (kl sum, rows)
 
-    def add(self, mla, proj, q_nope, q_r, c, k_r, vis, topk) -> None:
-        """Called by every full-indexer MLA layer; a recomputed layer (activation checkpointing) overwrites its entry."""
+    def add(self, mla, proj, q_nope, q_r, latent, vis, topk) -> None:
+        """Called by every full-indexer MLA layer with its latents [B,T,r+p]; a recomputed layer (activation
+        checkpointing) overwrites its entry."""
         q, k, w = proj
+        c, k_r = latent[..., :mla.rank], latent[..., mla.rank:]
         sel = None if (self.dense_attention or not self.sparse_target) else topk
         self.terms[mla.layer_idx] = indexer_kl(
             q, k, w, mla.indexer.head_dim**-0.5, _teacher_fn(mla, q_nope, q_r, c, k_r), vis.block, sel, mla.n_heads)

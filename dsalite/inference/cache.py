@@ -1,0 +1,79 @@
+"""Latent KV cache: per layer the MLA latent (r + p numbers per token) and, on full DSA layers, the indexer keys.
+
+Legend: B sequences, N capacity in tokens, r kv_lora_rank, p qk_rope_head_dim, Di index_head_dim.
+Storage is preallocated for B sequences of up to N tokens; sequences of different lengths are left-padded and
+`key_valid` marks the real tokens, so every sequence appends at the same index and a decode step is one batched call.
+Shared IndexShare layers store no indexer keys (they reuse a full layer's selection). `crop` rewinds after rejected
+speculative drafts: the storage past `seq_len` is simply overwritten later.
+The model only calls `update_latent`, `update_index_keys`, `seq_len` and `advance`; it never sees the storage.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dsalite.config import ModelConfig
+
+
+class LatentCache:
+    def __init__(self, cfg: ModelConfig, batch: int, capacity: int, layers: list[int] | None = None,
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+        self.cfg, self.batch, self.capacity = cfg, batch, capacity
+        layers = list(range(cfg.num_hidden_layers)) if layers is None else layers
+        r, p = cfg.kv_lora_rank, cfg.qk_rope_head_dim
+        self.latent = {i: torch.zeros(batch, capacity, r + p, dtype=dtype, device=device) for i in layers}
+        self.index_keys = {
+            i: torch.zeros(batch, capacity, cfg.index_head_dim, dtype=dtype, device=device)
+            for i in layers if cfg.has_indexer and cfg.indexer_types[i] == "full"
+        }
+        self.key_valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
+        self.positions = torch.zeros(batch, capacity, dtype=torch.long, device=device)
+        self.seq_len = 0
+
+    # ----- what the model calls -----
+    def update_latent(self, layer: int, latent: torch.Tensor) -> torch.Tensor:
+        """Store the new tokens' latents [B, S, r+p]; return a view of all T tokens' [B, T, r+p] (no copy)."""
+        S = latent.shape[1]
+        self._check(layer, S)
+        buf = self.latent[layer]
+        buf[:, self.seq_len : self.seq_len + S] = latent
+        return buf[:, : self.seq_len + S]
+
+    def update_index_keys(self, layer: int, k: torch.Tensor) -> torch.Tensor:
+        buf = self.index_keys[layer]
+        S = k.shape[1]
+        buf[:, self.seq_len : self.seq_len + S] = k
+        return buf[:, : self.seq_len + S]
+
+    def advance(self, n: int) -> None:
+        self.seq_len += n
+
+    # ----- what the engine calls -----
+    def append_tokens(self, mask: torch.Tensor, positions: torch.Tensor) -> None:
+        """Record validity [B, S] and positions [B, S] of the tokens about to be written at seq_len."""
+        S = mask.shape[1]
+        self._check(None, S)
+        self.key_valid[:, self.seq_len : self.seq_len + S] = mask.bool()
+        self.positions[:, self.seq_len : self.seq_len + S] = positions
+
+    def crop(self, n: int) -> None:
+        if not 0 <= n <= self.seq_len:
+            raise ValueError(f"crop({n}) outside the cached length {self.seq_len}")
+        self.key_valid[:, n : self.seq_len] = False
+        self.seq_len = n
+
+    def valid(self, extra: int = 0) -> torch.Tensor:
+        """[B, seq_len + extra] key validity including tokens recorded but not yet advanced."""
+        return self.key_valid[:, : self.seq_len + extra]
+
+    def bytes_per_token(self) -> int:
+        """Cache bytes one token costs across all layers (latents everywhere, indexer keys on full layers)."""
+        n = sum(t.shape[-1] * t.element_size() for t in self.latent.values())
+        return n + sum(t.shape[-1] * t.element_size() for t in self.index_keys.values())
+
+    def _check(self, layer, S: int) -> None:
+        if self.seq_len + S > self.capacity:
+            raise ValueError(
+                f"cache capacity {self.capacity} tokens exceeded: {self.seq_len} cached + {S} new"
+                + (f" (layer {layer})" if layer is not None else "")
+            )

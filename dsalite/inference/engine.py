@@ -1,0 +1,170 @@
+"""Generation: chunked prefill into a latent cache, then batched decode steps, with optional MTP speculation.
+
+Layers (nano-vllm style, kept small): `Batch` is the sequence state (ids, finished flags, positions), `Runner`
+turns tokens into logits through the model and the cache (the only code that touches tensors of the model),
+`step()` is one decode iteration, and `generate()` loops it. Sequences of different lengths are left-padded;
+padding never becomes a key. Prefill runs in chunks so peak memory stays bounded for long prompts.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from dsalite.inference.cache import LatentCache
+from dsalite.inference.sampling import SamplingParams, probs, sample
+
+
+@dataclass
+class Stats:
+    prefill_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_tokens: int = 0
+    decode_s: float = 0.0
+    drafted: int = 0
+    accepted: int = 0
+    cache_bytes_per_token: int = 0
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    def summary(self) -> str:
+        pf = self.prefill_tokens / self.prefill_s if self.prefill_s else 0.0
+        dc = self.decode_tokens / self.decode_s if self.decode_s else 0.0
+        s = (f"prefill {self.prefill_tokens} tokens in {self.prefill_s:.2f}s ({pf:.1f} tok/s), "
+             f"decode {self.decode_tokens} tokens in {self.decode_s:.2f}s ({dc:.1f} tok/s), "
+             f"cache {self.cache_bytes_per_token} B/token")
+        if self.drafted:
+            s += f", MTP acceptance {self.acceptance * 100:.1f}% ({self.accepted}/{self.drafted})"
+        return s
+
+
+class Runner:
+    """Model + cache: prefill in chunks, decode one token (or a few) per sequence."""
+
+    def __init__(self, model, cache: LatentCache, prefill_chunk: int = 2048):
+        self.model, self.cache, self.chunk = model, cache, prefill_chunk
+
+    @torch.no_grad()
+    def feed(self, ids: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor, all_logits: bool = False):
+        """Append ids [B, S] to the cache (in chunks); return (logits [B, S or 1, V], last_hidden [B, S, D])."""
+        logits, hidden = [], []
+        for s0 in range(0, ids.shape[1], self.chunk):
+            sl = slice(s0, s0 + self.chunk)
+            self.cache.append_tokens(valid[:, sl], positions[:, sl])
+            n = ids[:, sl].shape[1]
+            plain = bool(valid.all()) and self.cache.seq_len == 0
+            out = self.model(ids[:, sl], position_ids=positions[:, sl], cache=self.cache,
+                             attention_mask=None if plain else self.cache.valid(n), compute_logits=False)
+            h = out.last_hidden
+            hidden.append(h)
+            logits.append(self.model.head(h if all_logits else h[:, -1:]))
+        return torch.cat(logits, 1) if all_logits else logits[-1], torch.cat(hidden, 1)
+
+
+@dataclass
+class Batch:
+    """Per-sequence state: tokens so far, next position, finished flags."""
+    ids: list[list[int]]
+    next_pos: torch.Tensor  # [B]
+    finished: torch.Tensor  # [B] bool
+    new: list[list[int]] = field(default_factory=list)
+
+
+def _left_pad(input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
+    valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    if attention_mask is not None and (valid[:, 1:].int() < valid[:, :-1].int()).any():
+        raise ValueError("attention_mask must be left-padded (zeros before the tokens of each row)")
+    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+    return valid, positions
+
+
+def _eos_set(eos_token_id) -> set[int]:
+    if eos_token_id is None:
+        return set()
+    return {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
+
+
+@torch.no_grad()
+def generate(
+    model,
+    input_ids: torch.Tensor,  # [B, S], left-padded when the prompts differ in length
+    max_new_tokens: int = 32,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_token_id: int | list[int] | None = None,
+    attention_mask: torch.Tensor | None = None,  # [B, S] 1 = token, 0 = left padding
+    seed: int | None = None,
+    speculative: str | None = None,  # None | "mtp"
+    prefill_chunk: int = 2048,
+    on_token: Callable[[int, int], None] | None = None,  # called (sequence, token) as tokens are produced
+    should_stop: Callable[[int, list[int]], bool] | None = None,  # (sequence, new ids) → stop that sequence
+    stats: Stats | None = None,
+) -> torch.Tensor:
+    """Input ids followed by up to max_new_tokens new ids per row (rows that stop early are padded with their
+    last id), like HF `generate`. Greedy when temperature == 0."""
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be [batch, length >= 1], got shape {tuple(input_ids.shape)}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    V = model.cfg.vocab_size
+    if int(input_ids.max()) >= V or int(input_ids.min()) < 0:
+        raise ValueError(f"input_ids hold token ids outside the vocabulary [0, {V})")
+    params = SamplingParams(temperature, top_k, top_p)
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    stats = stats if stats is not None else Stats()
+    if speculative not in (None, "mtp"):
+        raise ValueError(f"speculative must be None or 'mtp', got {speculative!r}")
+    if speculative == "mtp":
+        from dsalite.inference.speculative import mtp_generate
+
+        return mtp_generate(model, input_ids, max_new_tokens, params, _eos_set(eos_token_id), attention_mask,
+                            gen, prefill_chunk, on_token, should_stop, stats)
+
+    B, S = input_ids.shape
+    valid, positions = _left_pad(input_ids, attention_mask)
+    cache = LatentCache(model.cfg, B, S + max_new_tokens, dtype=next(model.parameters()).dtype)
+    stats.cache_bytes_per_token = cache.bytes_per_token()
+    runner = Runner(model, cache, prefill_chunk)
+    eos = _eos_set(eos_token_id)
+
+    t0 = time.perf_counter()
+    logits, _ = runner.feed(input_ids, valid, positions)
+    stats.prefill_tokens += int(valid.sum())
+    stats.prefill_s += time.perf_counter() - t0
+
+    batch = Batch([[] for _ in range(B)], positions[:, -1] + 1, torch.zeros(B, dtype=torch.bool))
+    out = input_ids.clone()
+    t0 = time.perf_counter()
+    for step in range(max_new_tokens):
+        tok = sample(logits[:, -1], params, gen)  # [B]
+        tok = torch.where(batch.finished, out[:, -1], tok)
+        for b in range(B):
+            if batch.finished[b]:
+                continue
+            t = int(tok[b])
+            batch.ids[b].append(t)
+            stats.decode_tokens += 1
+            if on_token:
+                on_token(b, t)
+            if t in eos or (should_stop is not None and should_stop(b, batch.ids[b])):
+                batch.finished[b] = True
+        out = torch.cat([out, tok[:, None]], 1)
+        if bool(batch.finished.all()) or step == max_new_tokens - 1:
+            break
+        logits, _ = runner.feed(tok[:, None], torch.ones(B, 1, dtype=torch.bool), batch.next_pos[:, None])
+        batch.next_pos += 1
+    stats.decode_s += time.perf_counter() - t0
+    return out
+
+
+def draft_probs_and_token(logits: torch.Tensor, params: SamplingParams, gen):
+    """Distribution and sample of one position's logits [1, V] (shared by drafting and verification)."""
+    q = probs(logits, params)
+    t = q.argmax(-1) if params.greedy else torch.multinomial(q, 1, generator=gen).squeeze(-1)
+    return q, t

@@ -1,0 +1,123 @@
+"""DeepSeek-V4 KV compressors: HCA (one entry per m' tokens), CSA (overlapping windows) and CSA's own indexer.
+
+Legend: B batch, S tokens, D hidden, c entry width (head_dim, or index_head_dim for the indexer), m tokens per entry,
+W = S // m complete windows (an incomplete tail makes no entry), p rope width, Hi/Di indexer heads/width.
+Entry w pools its window with a per-channel softmax over the slots of gate + position_bias (fp32 softmax), then
+kv_norm, then rope on the trailing p dims at position w·m (HF `DeepseekV4{HCA,CSA}Compressor`).
+CSA projects 2c channels, two series: Ca = [:c], Cb = [c:]; entry w pools window w−1's Ca and window w's Cb over 2m
+slots (stride m); window 0 has no predecessor, its Ca slots get gate −inf (weight 0).
+Query at position t may see entry w iff w < (t+1) // m — the entry's last token is at or before t.
+Stateless (no cache): every call compresses the complete windows of the tokens it is given, from position 0.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dsalite.layers.indexer import topk_indices
+from dsalite.layers.norm import RMSNormF32
+from dsalite.layers.rope import apply_rope_trailing, cos_sin
+
+
+class Compressor(nn.Module):
+    def __init__(self, dim: int, width: int, ratio: int, overlap: bool, eps: float):
+        super().__init__()
+        self.width, self.ratio, self.overlap = width, ratio, overlap
+        series = 2 if overlap else 1
+        self.kv_proj = nn.Linear(dim, series * width, bias=False)
+        self.gate_proj = nn.Linear(dim, series * width, bias=False)
+        self.position_bias = nn.Parameter(torch.empty(ratio, series * width))
+        self.kv_norm = RMSNormF32(width, eps)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, float]) -> torch.Tensor:
+        """x [B,S,D] → entries [B,W,c]; rope = (inv_freq, scale) of the compress rope."""
+        B, S, _ = x.shape
+        m, c = self.ratio, self.width
+        W = S // m
+        if W == 0:
+            return x.new_zeros(B, 0, c)
+        xs = x[:, : W * m]
+        kv = self.kv_proj(xs).view(B, W, m, -1)
+        gate = self.gate_proj(xs).view(B, W, m, -1) + self.position_bias
+        if self.overlap:
+            prev_kv = kv.new_zeros(B, W, m, c)
+            prev_gate = gate.new_full((B, W, m, c), float("-inf"))
+            prev_kv[:, 1:] = kv[:, :-1, :, :c]
+            prev_gate[:, 1:] = gate[:, :-1, :, :c]
+            kv = torch.cat([prev_kv, kv[..., c:]], dim=2)  # [B, W, 2m, c]
+            gate = torch.cat([prev_gate, gate[..., c:]], dim=2)
+        pooled = (kv * gate.softmax(dim=2, dtype=torch.float32).to(kv.dtype)).sum(dim=2)  # [B, W, c]
+        entries = self.kv_norm(pooled)
+        cos, sin = cos_sin(rope[0], torch.arange(W, device=x.device) * m, rope[1], entries.dtype)  # [W, p/2]
+        return apply_rope_trailing(entries, cos, sin)
+
+
+def entry_visible(positions: torch.Tensor, n_entries: int, ratio: int) -> torch.Tensor:
+    """[B,S] positions → [B,S,W] bool: entry w is complete by the query's position."""
+    w = torch.arange(n_entries, device=positions.device)
+    return w < ((positions + 1) // ratio)[..., None]
+
+
+class Scorer(nn.Module):
+    """Holds the indexer's head weights w = weights_proj(x) (HF keeps them under `indexer.scorer`)."""
+
+    def __init__(self, dim: int, n_heads: int):
+        super().__init__()
+        self.weights_proj = nn.Linear(dim, n_heads, bias=False)
+
+
+class CSAIndexer(Compressor):
+    """Same as the CSA compressor at width Di, plus queries from the attention's q residual and head weights:
+    score[t,w] = Σ_h w_h·ReLU(q_h·k_w)·Di^-0.5, w_h = weights_proj(x)_h·Hi^-0.5 (fp32); future entries masked;
+    top `index_topk` entries, −1 where fewer are visible (HF `DeepseekV4Indexer`). Same math as the MLA-family
+    indexer's scoring, so it reuses `topk_indices`."""
+
+    def __init__(self, dim: int, q_lora_rank: int, n_heads: int, head_dim: int, ratio: int, topk: int, eps: float):
+        super().__init__(dim, head_dim, ratio, overlap=True, eps=eps)
+        self.n_heads, self.topk = n_heads, topk
+        self.q_b_proj = nn.Linear(q_lora_rank, n_heads * head_dim, bias=False)
+        self.scorer = Scorer(dim, n_heads)
+
+    def queries(self, x, q_resid, cos, sin):
+        """q [B,S,Hi,Di] roped at the query positions, w [B,S,Hi] fp32 with Hi^-0.5."""
+        B, S, _ = x.shape
+        q = self.q_b_proj(q_resid).view(B, S, self.n_heads, self.width)
+        q = apply_rope_trailing(q, cos[:, :, None], sin[:, :, None])
+        w = self.scorer.weights_proj(x).float() * self.n_heads**-0.5
+        return q, w
+
+    @torch.no_grad()
+    def select(self, x, q_resid, cos, sin, positions, rope) -> torch.Tensor:
+        """Entry indices [B,S,K] (int64, −1 = none), K = min(index_topk, W)."""
+        k = self(x, rope)  # [B, W, Di]
+        q, w = self.queries(x, q_resid, cos, sin)
+        W = k.shape[1]
+        allowed = lambda s0, s1: entry_visible(positions[:, s0:s1], W, self.ratio)  # noqa: E731
+        return topk_indices(q, k, w, allowed, self.topk, self.width**-0.5)
+
+
+class CSACompressor(Compressor):
+    """Overlapping-window compressor with its indexer: each query sees only the entries the indexer picks."""
+
+    def __init__(self, dim: int, head_dim: int, ratio: int, eps: float, q_lora_rank: int, index_n_heads: int,
+                 index_head_dim: int, index_topk: int):
+        super().__init__(dim, head_dim, ratio, overlap=True, eps=eps)
+        self.indexer = CSAIndexer(dim, q_lora_rank, index_n_heads, index_head_dim, ratio, index_topk, eps)
+
+    def entries(self, x, q_resid, cos, sin, positions, rope) -> tuple[torch.Tensor, torch.Tensor]:
+        """(entries [B,W,c], per-query entry indices [B,S,K] with −1 = none)."""
+        return self(x, rope), self.indexer.select(x, q_resid, cos, sin, positions, rope)
+
+
+class HCACompressor(Compressor):
+    """Non-overlapping compressor; each query sees every complete entry (dense over S/m')."""
+
+    def __init__(self, dim: int, head_dim: int, ratio: int, eps: float):
+        super().__init__(dim, head_dim, ratio, overlap=False, eps=eps)
+
+    def entries(self, x, q_resid, cos, sin, positions, rope) -> tuple[torch.Tensor, torch.Tensor]:
+        e = self(x, rope)
+        W = e.shape[1]
+        idx = torch.arange(W, device=x.device).expand(*positions.shape, W)
+        return e, idx.masked_fill(~entry_visible(positions, W, self.ratio), -1)

@@ -1,0 +1,145 @@
+"""DeepSeek-V4 attention and decoder block (HF `DeepseekV4Attention` / `DeepseekV4DecoderLayer`), and its MTP layer.
+
+Legend: B batch, S tokens, D hidden, H heads, c = head_dim (one K=V head shared by all heads), p rope width,
+Wn sliding window, E compressed entries, G = o_groups, r = o_lora_rank, N = hc_mult streams.
+Attention: q = q_b_norm(q_b_proj(q_a_norm(q_a_proj(x)))) per head (unweighted RMS); kv = kv_norm(kv_proj(x)) is both
+key and value; rope on the trailing p dims (the `main` rope on sliding layers, `compress` on CSA/HCA layers). A query
+sees the Wn most recent tokens (itself included) plus compressed entries (HCA: every complete one; CSA: the indexer's
+top-k). The softmax has a per-head sink logit in its denominator; scale c^-0.5. Because V carried K's rope, the
+output's rope dims are rotated back (−sin at the query position), then the grouped low-rank output projection.
+Attention reads each query block's window in place and gathers only the picked entries (`window_attention`):
+cost ∝ S·(Wn + k), never an S×S mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dsalite.config import ModelConfig
+from dsalite.config_v4 import CSA, HCA
+from dsalite.layers.compressor import CSACompressor, HCACompressor
+from dsalite.layers.hyper import HyperConnection, HyperHead, expand
+from dsalite.layers.mask import Visibility
+from dsalite.layers.moe import MoE
+from dsalite.layers.norm import RMSNormF32, unweighted_rms_norm
+from dsalite.layers.rope import apply_rope_trailing
+from dsalite.layers.window_attention import window_attention
+
+
+@dataclass
+class V4Inputs:
+    """What every V4 block needs besides the streams, computed once per forward."""
+
+    input_ids: torch.Tensor  # [B, S] (hash routing)
+    positions: torch.Tensor  # [B, S]
+    rope: dict  # "main" / "compress" -> (cos, sin) [B, S, p/2] at the positions
+    tables: dict  # "main" / "compress" -> (inv_freq [p/2], scale), for compressed entries' positions
+    vis: Visibility
+
+
+class GroupedLinear(nn.Module):
+    """Block-diagonal projection: group g of the input [.., G, in/G] meets rows g·r..(g+1)·r of weight [G·r, in/G]."""
+
+    def __init__(self, in_per_group: int, out: int, groups: int):
+        super().__init__()
+        self.groups = groups
+        self.weight = nn.Parameter(torch.empty(out, in_per_group))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [.., G, i] -> [.., G, r]
+        w = self.weight.view(self.groups, -1, self.weight.shape[-1])  # [G, r, i]
+        return torch.einsum("...gi,gri->...gr", x, w)
+
+
+class V4Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        D, H, c, eps = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim, cfg.rms_norm_eps
+        self.n_heads, self.head_dim, self.window, self.eps = H, c, cfg.sliding_window, eps
+        self.kind = cfg.layer_attention_type(layer_idx)
+        self.rope_label = "main" if self.kind not in (CSA, HCA) else "compress"
+        self.q_a_proj = nn.Linear(D, cfg.q_lora_rank, bias=False)
+        self.q_a_norm = RMSNormF32(cfg.q_lora_rank, eps)
+        self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * c, bias=False)
+        self.kv_proj = nn.Linear(D, c, bias=False)
+        self.kv_norm = RMSNormF32(c, eps)
+        G = cfg.o_groups
+        self.o_a_proj = GroupedLinear(H * c // G, G * cfg.o_lora_rank, G)
+        self.o_b_proj = nn.Linear(G * cfg.o_lora_rank, D, bias=False)
+        self.sinks = nn.Parameter(torch.empty(H))
+        if self.kind == CSA:
+            self.compressor = CSACompressor(D, c, cfg.compress_rates[CSA], eps, cfg.q_lora_rank, cfg.index_n_heads,
+                                            cfg.index_head_dim, cfg.index_topk)
+        elif self.kind == HCA:
+            self.compressor = HCACompressor(D, c, cfg.compress_rates[HCA], eps)
+
+    def forward(self, x: torch.Tensor, inp: V4Inputs) -> torch.Tensor:
+        B, S, _ = x.shape
+        H, c = self.n_heads, self.head_dim
+        cos, sin = inp.rope[self.rope_label]
+        cos_h, sin_h = cos[:, :, None], sin[:, :, None]
+        q_resid = self.q_a_norm(self.q_a_proj(x))  # [B, S, q_lora]
+        q = unweighted_rms_norm(self.q_b_proj(q_resid).view(B, S, H, c), self.eps)  # q_b_norm
+        q = apply_rope_trailing(q, cos_h, sin_h)  # [B, S, H, c]
+        kv = apply_rope_trailing(self.kv_norm(self.kv_proj(x)), cos, sin)  # [B, S, c]
+        entries = picks = None
+        if hasattr(self, "compressor"):  # entries [B, E, c], picks [B, S, K] (−1 = none)
+            entries, picks = self.compressor.entries(x, q_resid, cos, sin, inp.positions, inp.tables["compress"])
+        self._check(S, inp.vis)
+        o = window_attention(q, kv, self.window, c**-0.5, self.sinks, entries, picks, inp.vis.key_valid)
+        o = apply_rope_trailing(o, cos_h, -sin_h)  # undo the values' rope
+        o = self.o_a_proj(o.reshape(B, S, self.o_a_proj.groups, -1)).flatten(2)  # [B, S, G·r]
+        return self.o_b_proj(o)
+
+    @staticmethod
+    def _check(S: int, vis: Visibility) -> None:
+        """Padding (`key_valid`) hides window keys only, as in HF; caches and packed documents are refused."""
+        if vis.offset or vis.num_keys != S:
+            raise ValueError("deepseek_v4 attention runs without a KV cache (offset 0, keys = the given tokens)")
+        if vis.segments is not None:
+            raise ValueError("deepseek_v4 does not support segment_ids: compressed entries pool across documents")
+
+
+class HyperBlock(nn.Module):
+    """V4 decoder block on N streams: attention and MoE each wrapped by a hyper-connection (attn_hc / ffn_hc)."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        D, eps = cfg.hidden_size, cfg.rms_norm_eps
+        self.layer_idx = layer_idx
+        self.attn_hc = HyperConnection(cfg.hc_mult, D, cfg.hc_sinkhorn_iters, cfg.hc_eps, eps)
+        self.ffn_hc = HyperConnection(cfg.hc_mult, D, cfg.hc_sinkhorn_iters, cfg.hc_eps, eps)
+        self.input_layernorm = RMSNormF32(D, eps)
+        self.self_attn = V4Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNormF32(D, eps)
+        self.mlp = MoE(cfg, router="hash" if cfg.layer_mlp_type(layer_idx) == "hash" else cfg.scoring_func)
+
+    def forward(self, x: torch.Tensor, inp: V4Inputs) -> torch.Tensor:  # [B, S, N, D] -> same
+        post, comb, h = self.attn_hc(x)
+        x = expand(x, post, comb, self.self_attn(self.input_layernorm(h), inp))
+        post, comb, h = self.ffn_hc(x)
+        return expand(x, post, comb, self.mlp(self.post_attention_layernorm(h), inp.input_ids))
+
+
+class HyperMTPLayer(HyperBlock):
+    """V4 multi-token prediction (DeepSeek's `MTPBlock`): x = e_proj(enorm(embed(x_{t+1}))) + h_proj(hnorm(streams_t))
+    on every stream, one V4 block, then its own hc_head and norm before the shared head. h is the main model's last
+    streams before its hc_head. HF transformers does not build it."""
+
+    def __init__(self, cfg: ModelConfig, depth: int):
+        super().__init__(cfg, cfg.num_hidden_layers + depth)
+        D, eps = cfg.hidden_size, cfg.rms_norm_eps
+        self.e_proj = nn.Linear(D, D, bias=False)
+        self.h_proj = nn.Linear(D, D, bias=False)
+        self.enorm = RMSNormF32(D, eps)
+        self.hnorm = RMSNormF32(D, eps)
+        self.norm = RMSNormF32(D, eps)
+        self.hc_head = HyperHead(cfg.hc_mult, D, cfg.hc_eps, eps)
+
+    def step(self, streams, next_ids, inp: V4Inputs, embed, head):
+        """streams [B,S,N,D], next_ids [B,S] → (new streams, logits [B,S,V])."""
+        x = self.e_proj(self.enorm(embed(next_ids))).unsqueeze(2) + self.h_proj(self.hnorm(streams))
+        x = super().forward(x, V4Inputs(next_ids, inp.positions, inp.rope, inp.tables, inp.vis))
+        return x, head(self.norm(self.hc_head(x)))
