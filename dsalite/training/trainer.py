@@ -409,16 +409,3 @@ def plot_metrics(jsonl: str, png: str) -> None:
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
-
-
-@torch.no_grad()
-def greedy_sample(model: Transformer, tok, prompt: str, new_tokens: int) -> str:
-    """Greedy continuation by repeated full forwards (no cache: a demo, not an inference engine)."""
-    model.eval()
-    ids = [tok.token_to_id(D.SPECIALS[0])] + tok.encode(prompt).ids
-    for _ in range(new_tokens):
-        nxt = int(model(torch.tensor([ids])).logits[0, -1].argmax())
-        ids.append(nxt)
-        if nxt == tok.token_to_id(D.SPECIALS[1]):
-            break
-    return tok.decode(ids[1:])
