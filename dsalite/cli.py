@@ -57,11 +57,7 @@ def cmd_create(args) -> int:
     cfg = ModelConfig.from_hf(PRESETS[args.preset])
     g = torch.Generator().manual_seed(args.seed)
     model = build_model(cfg)
-    model.init_weights(std=args.init_std, generator=g)
-    with torch.no_grad():  # non-zero router bias so its selection-only role is visible in parity checks
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.copy_(torch.randn(b.shape, generator=g) * 0.05)
+    model.init_weights(std=args.init_std, generator=g, router_bias_std=0.05)
     model.save_pretrained(args.out)
     n = model.num_params()
     print(f"wrote {args.preset} ({cfg.model_type}, {n / 1e6:.2f}M parameters, "

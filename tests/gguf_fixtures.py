@@ -53,11 +53,7 @@ def make_checkpoint(path, model_type: str, seed: int = 0, **overrides) -> str:
     cfg = tiny_config(model_type, **overrides)
     g = torch.Generator().manual_seed(seed)
     model = Transformer(cfg)
-    model.init_weights(std=0.1, generator=g)
-    with torch.no_grad():
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.copy_(torch.randn(b.shape, generator=g) * 0.05)
+    model.init_weights(std=0.1, generator=g, router_bias_std=0.05)
     path = str(path)
     model.save_pretrained(path)
     make_tokenizer(path, cfg.vocab_size)
