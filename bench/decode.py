@@ -1,9 +1,10 @@
-"""Decode step latency vs context length: dsalite's latent-cache engine vs HF transformers' DynamicCache, same weights.
+"""Decode step latency vs context length: dsalite's engine vs HF transformers' DynamicCache, same weights.
 
-Bench-small GLM config (hf-reference §10), fp32, batch 1, one thread. For each context T both models first prefill
+Bench-small GLM config (hf-reference §10, latent cache) or, with --model v4, the bench DeepSeek-V4 config (window +
+compressor cache), fp32, batch 1, one thread. For each context T both models first prefill
 T tokens (not timed), then run `--steps` single-token decode steps; the median step time is reported.
 
-    .venv/bin/python bench/decode.py [--contexts 512,2048,4096,8192] [--steps 16]
+    .venv/bin/python bench/decode.py [--model glm|v4] [--contexts 512,2048,4096,8192] [--steps 16]
 """
 
 from __future__ import annotations
@@ -17,17 +18,15 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import BENCH_SMALL, dsalite_from_hf, hf_model  # noqa: E402
+from common import MODELS, dsalite_from_hf, hf_model  # noqa: E402
 
-from dsalite.inference.cache import LatentCache  # noqa: E402
-from dsalite.inference.engine import Runner  # noqa: E402
+from dsalite.inference.engine import Runner, new_cache  # noqa: E402
 
 
 @torch.no_grad()
 def dsalite_steps(model, ids, steps: int) -> list[float]:
     T = ids.shape[1]
-    cache = LatentCache(model.cfg, 1, T + steps + 1)
-    runner = Runner(model, cache, prefill_chunk=2048)
+    runner = Runner(model, new_cache(model, 1, T + steps + 1), prefill_chunk=2048)
     runner.feed(ids, torch.ones_like(ids, dtype=torch.bool), torch.arange(T)[None])
     tok, ts = ids[:, -1:], []
     for i in range(steps):
@@ -55,19 +54,25 @@ def hf_steps(model, ids, steps: int) -> list[float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=sorted(MODELS), default="glm",
+                    help="architecture: glm (GLM-5 DSA, latent cache, default) or v4 (DeepSeek-V4, window + "
+                         "compressor cache)")
     ap.add_argument("--contexts", default="512,2048,4096,8192", help="context lengths (default 512,2048,4096,8192)")
     ap.add_argument("--steps", type=int, default=16, help="decode steps per context, median reported (default 16)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--skip-hf-above", type=int, default=8192, help="skip HF for longer contexts (default 8192)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    hf = hf_model(BENCH_SMALL)
+    bench, title = MODELS[a.model]
+    hf = hf_model(bench)
     ours = dsalite_from_hf(hf)
-    print(f"decode, bench-small GLM (index_topk 256), fp32, batch 1, {a.threads} thread(s), median of {a.steps} steps")
+    print(f"decode, {title}, fp32, batch 1, {a.threads} thread(s), median of {a.steps} steps")
     print(f"{'context':>8} {'HF ms/token':>12} {'dsalite ms/token':>17} {'speedup':>8}")
+    warm = torch.randint(0, bench["vocab_size"], (1, 64), generator=torch.Generator().manual_seed(0))
+    dsalite_steps(ours, warm, 2), hf_steps(hf, warm, 2)  # the first forwards are slow (lazy init), untimed
     base = None
     for T in (int(x) for x in a.contexts.split(",")):
-        ids = torch.randint(0, BENCH_SMALL["vocab_size"], (1, T), generator=torch.Generator().manual_seed(T))
+        ids = torch.randint(0, bench["vocab_size"], (1, T), generator=torch.Generator().manual_seed(T))
         d = statistics.median(dsalite_steps(ours, ids, a.steps)) * 1e3
         base = base or d
         if T <= a.skip_hf_above:
