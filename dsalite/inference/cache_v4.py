@@ -67,6 +67,7 @@ class CompressorState:
 
 class V4Cache:
     pads, rewinds = False, False  # see the file header
+
     def __init__(self, cfg: ModelConfig, batch: int, capacity: int, layers: list[int] | None = None,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
         self.cfg, self.batch, self.capacity = cfg, batch, capacity

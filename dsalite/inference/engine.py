@@ -1,4 +1,4 @@
-"""Generation: chunked prefill into a latent cache, then batched decode steps, with optional MTP speculation.
+"""Generation: chunked prefill into the model's cache (`cache_class`), then batched decode steps, MTP speculation.
 
 Layers (nano-vllm style, kept small): `Batch` is the sequence state (ids, finished flags, positions), `Runner`
 turns tokens into logits through the model and the cache (the only code that touches tensors of the model),

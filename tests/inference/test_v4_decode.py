@@ -1,4 +1,4 @@
-"""DeepSeek-V4 decoding with `V4Cache`: chunked prefill + 1-token decode against full forwards and transformers' generate.
+"""DeepSeek-V4 decoding with `V4Cache`: chunked prefill + 1-token decode vs full forwards and transformers' generate.
 
 Sequences are longer than the sliding window and span several CSA and HCA entries; the full forward's CSA selection
 excludes entries and is tie-free, so prefill/decode must reproduce it exactly.
