@@ -144,3 +144,35 @@ def test_cli_generate_v4(ckpts, capsys):
                      "6", "--eos-id", "999"]) == 0
     want = dsalite.generate(model, torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12, 13]]), max_new_tokens=6)[0, 9:]
     assert capsys.readouterr().out.strip() == " ".join(map(str, want.tolist()))
+
+
+def test_cache_holds_what_transformers_caches(ckpts):
+    """After a chunked prefill, each layer's window, entries, pending tail and overlap equal HF's DeepseekV4*Cache."""
+    from transformers import DynamicCache
+
+    from dsalite.verify import load_hf
+
+    model, hf = from_pretrained(ckpts["v4_all_types"]), load_hf(ckpts["v4_all_types"])
+    ids = ids_for(model, 2, 39, 9)  # 39 = 4·9 + 3 = 8·4 + 7: tails pending in both compressors
+    ref = DynamicCache(config=hf.config)
+    ours = V4Cache(model.cfg, 2, 39)
+    with torch.no_grad():
+        hf(ids, past_key_values=ref, use_cache=True)
+        for s0 in range(0, 39, 5):
+            model(ids[:, s0 : s0 + 5], cache=ours)
+    for i, layer in enumerate(ref.layers):
+        torch.testing.assert_close(ours.window[i], layer.keys[:, 0], rtol=0, atol=1e-5)
+        names = ours.compressors.get(i, {})
+        assert set(names) == set(getattr(layer, "compressed_kv", {}))
+        attn = model.model.layers[str(i)].self_attn
+        for name, st in names.items():
+            comp = attn.compressor if name == "compressor" else attn.compressor.indexer
+            assert st.count == layer.entry_count[name] == 39 // st.ratio
+            torch.testing.assert_close(st.entries[:, : st.count], layer.compressed_kv[name], rtol=0, atol=1e-5)
+            torch.testing.assert_close(st.pending_kv[:, : st.n_pending], layer.buffer_kv[name], rtol=0, atol=1e-5)
+            torch.testing.assert_close(st.pending_gate[:, : st.n_pending], layer.buffer_gate[name], rtol=0, atol=1e-5)
+            if st.overlap:
+                c = st.width
+                torch.testing.assert_close(st.prev[0], layer.overlap_kv[name], rtol=0, atol=1e-5)
+                torch.testing.assert_close(st.prev[1] + comp.position_bias[:, :c], layer.overlap_gate[name],
+                                           rtol=0, atol=1e-5)
