@@ -7,8 +7,13 @@ __version__ = "0.1.0"
 
 
 def from_pretrained(path, dtype=None, device="cpu"):
-    """Load an HF checkpoint directory into a dsalite `Transformer` (see `dsalite.checkpoint.pretrained`)."""
+    """Load an HF checkpoint directory, or a `.gguf` file, into a dsalite `Transformer` (see `dsalite.checkpoint`)."""
     import torch
+
+    if str(path).endswith(".gguf"):
+        from dsalite.checkpoint.gguf import load
+
+        return load(path, dtype=torch.float32 if dtype is None else dtype, device=device)
 
     from dsalite.checkpoint.pretrained import from_pretrained as _load
 

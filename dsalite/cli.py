@@ -56,11 +56,7 @@ def cmd_create(args) -> int:
     cfg = ModelConfig.from_hf(PRESETS[args.preset])
     g = torch.Generator().manual_seed(args.seed)
     model = build_model(cfg)
-    model.init_weights(std=args.init_std, generator=g)
-    with torch.no_grad():  # non-zero router bias so its selection-only role is visible in parity checks
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.copy_(torch.randn(b.shape, generator=g) * 0.05)
+    model.init_weights(std=args.init_std, generator=g, router_bias_std=0.05)
     model.save_pretrained(args.out)
     n = model.num_params()
     print(f"wrote {args.preset} ({cfg.model_type}, {n / 1e6:.2f}M parameters, "
@@ -92,6 +88,15 @@ def cmd_generate(args) -> int:
     from dsalite.inference import text
 
     return text.run(args)
+
+def cmd_export_gguf(args) -> int:
+    from dsalite.checkpoint.gguf import export_checkpoint
+
+    info = export_checkpoint(args.src, args.out, args.dtype, tokenizer=args.tokenizer, pre=args.tokenizer_pre,
+                             mtp=not args.no_mtp)
+    types = ", ".join(f"{n} {t}" for t, n in sorted(info["types"].items()))
+    print(f"wrote {args.out} ({info['tensors']} tensors: {types}; {info['bytes'] / 2**20:.1f} MiB)")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,6 +165,25 @@ def build_parser() -> argparse.ArgumentParser:
     gn.add_argument("--no-stream", action="store_true", help="print the text at the end instead of as it is made")
     gn.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     gn.set_defaults(func=cmd_generate)
+
+
+    g = sub.add_parser("export-gguf", help="write a GGUF file that llama.cpp runs (MTP included)",
+                       description="Export an HF checkpoint (GLM-5.x -> glm-dsa, DeepSeek-V3.2 -> deepseek32, "
+                                   "DeepSeek-V3 -> deepseek2) to one GGUF file with the metadata keys, tensor names "
+                                   "and tokenizer llama.cpp's converter writes, keeping the MTP block. FP8 weights are "
+                                   "dequantised first. Needs the `gguf` extra.")
+    g.add_argument("src", help="input HF checkpoint directory")
+    g.add_argument("out", help="output .gguf file (written to a temporary name, then renamed)")
+    g.add_argument("--dtype", choices=["f32", "f16", "bf16", "q8_0"], default="f32",
+                   help="type of the weight matrices (default f32); norms, biases, the router and the indexer head "
+                        "weights stay f32, and q8_0 falls back to f16 for rows that are not a multiple of 32")
+    g.add_argument("--tokenizer", default=None,
+                   help="folder with tokenizer.json (+ tokenizer_config.json, chat_template.jinja); default: SRC")
+    g.add_argument("--tokenizer-pre", default="auto",
+                   help="llama.cpp pre-tokenizer name (tokenizer.ggml.pre); 'auto' (default) picks 'gpt-2' for a "
+                        "plain ByteLevel pre-tokenizer and the family's released one otherwise (glm4, deepseek-v3)")
+    g.add_argument("--no-mtp", action="store_true", help="leave the MTP (NextN) block out")
+    g.set_defaults(func=cmd_export_gguf)
     return p
 
 

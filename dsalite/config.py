@@ -331,7 +331,7 @@ class ModelConfig:
             d.update(n_group=2, topk_group=1)
         if model_type == "deepseek_v3":
             for k in ("index_topk", "index_n_heads", "index_head_dim", "mlp_layer_types"):
-                d.pop(k)
+                d.pop(k, None)
         if model_type == "deepseek_v4":
             from dsalite.config_v4 import TINY_V4
 

@@ -115,8 +115,10 @@ class Transformer(nn.Module):
 
     # ----- init / io -----
     @torch.no_grad()
-    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
-        """Random init (normal(0, std) weights, unit norms, zero biases) for models trained from scratch."""
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None,
+                     router_bias_std: float = 0.0) -> None:
+        """Random init (normal(0, std) weights, unit norms, zero biases) for models trained from scratch.
+        router_bias_std > 0 draws the router's selection bias too (test models, so its selection-only role shows)."""
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 m.weight.normal_(0.0, std, generator=generator)
@@ -132,6 +134,13 @@ class Transformer(nn.Module):
         for name, b in self.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 b.zero_()
+        self._draw_router_bias(router_bias_std, generator)
+
+    @torch.no_grad()
+    def _draw_router_bias(self, std: float, generator) -> None:
+        for name, b in self.named_buffers():
+            if std and name.endswith("e_score_correction_bias"):
+                b.copy_(torch.randn(b.shape, generator=generator) * std)
 
     def save_pretrained(self, path: str, **kwargs) -> None:
         from dsalite.checkpoint.pretrained import save_pretrained

@@ -106,7 +106,8 @@ class HyperTransformer(Transformer):
         return out
 
     @torch.no_grad()
-    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None,
+                     router_bias_std: float = 0.0) -> None:
         """Transformer's init, plus mHC (fn normal, base 0, scale 1), zero sinks and position biases (HF
         `_init_weights`), and a random tid2eid: k distinct experts per token (HF leaves zeros for the checkpoint)."""
         super().init_weights(std, generator)
@@ -125,3 +126,4 @@ class HyperTransformer(Transformer):
                 V, k = b.shape
                 r = torch.rand(V, self.cfg.n_routed_experts, generator=generator)
                 b.copy_(r.argsort(dim=-1)[:, :k])
+        self._draw_router_bias(router_bias_std, generator)

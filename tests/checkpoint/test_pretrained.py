@@ -166,11 +166,7 @@ def export(tmp_path_factory):
     cfg = ModelConfig.from_hf(cli.PRESETS["glm-5.2-tiny"])
     g = torch.Generator().manual_seed(0)
     model = Transformer(cfg)
-    model.init_weights(std=0.1, generator=g)
-    with torch.no_grad():
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.copy_(torch.randn(b.shape, generator=g) * 0.05)
+    model.init_weights(std=0.1, generator=g, router_bias_std=0.05)
     path = str(tmp_path_factory.mktemp("export") / "glm52-tiny")
     model.save_pretrained(path)
     return model, path

@@ -1,0 +1,144 @@
+"""GGUF names for the DSA family: architecture ids, tensor names and metadata keys as llama.cpp's converter writes them.
+
+One declarative table, read by `checkpoint/gguf.py` in both directions. Tensor names are dsalite names with `{i}` for
+the global layer index; MTP layer k is GGUF block L+k (L = num_hidden_layers), its block tensors named like a trunk
+block's plus the `nextn.*` extras (llama.cpp `conversion/glm.py`, `conversion/deepseek.py`, `gguf-py/constants.py`).
+Two dsalite tensors split into two GGUF tensors each: `kv_b_proj` → `attn_k_b` (per head, transposed) + `attn_v_b`
+(absorbed MLA), and the fused expert `gate_up_proj` → `ffn_gate_exps` + `ffn_up_exps`.
+"""
+
+from __future__ import annotations
+
+# HF model_type -> llama.cpp architecture name
+ARCH = {"glm_moe_dsa": "glm-dsa", "deepseek_v32": "deepseek32", "deepseek_v3": "deepseek2"}
+MODEL_TYPE = {v: k for k, v in ARCH.items()}
+PLANNED = {"deepseek_v4": "deepseek4"}
+
+GLOBAL = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+
+# Block tensors (prefix `model.layers.{i}.` or `mtp.{k}.` in dsalite, `blk.{i}.` in GGUF).
+BLOCK = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.q_a_proj.weight": "attn_q_a.weight",
+    "self_attn.q_a_layernorm.weight": "attn_q_a_norm.weight",
+    "self_attn.q_b_proj.weight": "attn_q_b.weight",
+    "self_attn.kv_a_proj_with_mqa.weight": "attn_kv_a_mqa.weight",
+    "self_attn.kv_a_layernorm.weight": "attn_kv_a_norm.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.indexer.wq_b.weight": "indexer.attn_q_b.weight",
+    "self_attn.indexer.wk.weight": "indexer.attn_k.weight",
+    "self_attn.indexer.k_norm.weight": "indexer.k_norm.weight",
+    "self_attn.indexer.k_norm.bias": "indexer.k_norm.bias",
+    "self_attn.indexer.weights_proj.weight": "indexer.proj.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+    "mlp.gate.weight": "ffn_gate_inp.weight",
+    "mlp.gate.e_score_correction_bias": "exp_probs_b.bias",
+    "mlp.experts.down_proj": "ffn_down_exps.weight",
+    "mlp.shared_experts.gate_proj.weight": "ffn_gate_shexp.weight",
+    "mlp.shared_experts.up_proj.weight": "ffn_up_shexp.weight",
+    "mlp.shared_experts.down_proj.weight": "ffn_down_shexp.weight",
+    # MTP (NextN) extras
+    "enorm.weight": "nextn.enorm.weight",
+    "hnorm.weight": "nextn.hnorm.weight",
+    "eh_proj.weight": "nextn.eh_proj.weight",
+    "embed_tokens.weight": "nextn.embed_tokens.weight",
+    "shared_head.norm.weight": "nextn.shared_head_norm.weight",
+    "shared_head.head.weight": "nextn.shared_head_head.weight",
+}
+
+# dsalite tensor -> the two GGUF tensors it is split into
+SPLIT = {
+    "self_attn.kv_b_proj.weight": ("attn_k_b.weight", "attn_v_b.weight"),
+    "mlp.experts.gate_up_proj": ("ffn_gate_exps.weight", "ffn_up_exps.weight"),
+}
+
+# Tensors llama.cpp's converter keeps in F32 whatever the file type (besides 1-D tensors, `*_norm.weight` and every
+# name not ending in `.weight`): the router and the indexer's head weights.
+KEEP_F32 = ("ffn_gate_inp.weight", "indexer.proj.weight")
+
+# general.file_type (llama.cpp LlamaFileType) and the GGML tensor type of quantisable tensors, per --dtype
+FILE_TYPE = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}
+GGML_TYPE = {"f32": "F32", "f16": "F16", "q8_0": "Q8_0", "bf16": "BF16"}
+
+GATING_SIGMOID = 2  # llama.cpp LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID
+QUANTIZATION_VERSION = 2  # GGML_QNT_VERSION
+
+# Metadata keys (`{a}` = architecture). Tokenizer keys are global.
+K = dict(
+    vocab_size="{a}.vocab_size",
+    context_length="{a}.context_length",
+    embedding_length="{a}.embedding_length",
+    block_count="{a}.block_count",
+    leading_dense_block_count="{a}.leading_dense_block_count",
+    feed_forward_length="{a}.feed_forward_length",
+    expert_feed_forward_length="{a}.expert_feed_forward_length",
+    expert_count="{a}.expert_count",
+    expert_used_count="{a}.expert_used_count",
+    expert_shared_count="{a}.expert_shared_count",
+    expert_group_count="{a}.expert_group_count",
+    expert_group_used_count="{a}.expert_group_used_count",
+    expert_weights_scale="{a}.expert_weights_scale",
+    expert_weights_norm="{a}.expert_weights_norm",
+    expert_gating_func="{a}.expert_gating_func",
+    nextn_predict_layers="{a}.nextn_predict_layers",
+    head_count="{a}.attention.head_count",
+    head_count_kv="{a}.attention.head_count_kv",
+    key_length="{a}.attention.key_length",
+    value_length="{a}.attention.value_length",
+    key_length_mla="{a}.attention.key_length_mla",
+    value_length_mla="{a}.attention.value_length_mla",
+    layer_norm_rms_epsilon="{a}.attention.layer_norm_rms_epsilon",
+    q_lora_rank="{a}.attention.q_lora_rank",
+    kv_lora_rank="{a}.attention.kv_lora_rank",
+    indexer_head_count="{a}.attention.indexer.head_count",
+    indexer_key_length="{a}.attention.indexer.key_length",
+    indexer_top_k="{a}.attention.indexer.top_k",
+    indexer_types="{a}.attention.indexer.types",
+    rope_dimension_count="{a}.rope.dimension_count",
+    rope_freq_base="{a}.rope.freq_base",
+    rope_scaling_type="{a}.rope.scaling.type",
+    rope_scaling_factor="{a}.rope.scaling.factor",
+    rope_scaling_orig_ctx="{a}.rope.scaling.original_context_length",
+    rope_yarn_beta_fast="{a}.rope.scaling.yarn_beta_fast",
+    rope_yarn_beta_slow="{a}.rope.scaling.yarn_beta_slow",
+    rope_yarn_log_mul="{a}.rope.scaling.yarn_log_multiplier",
+    architecture="general.architecture",
+    type="general.type",
+    name="general.name",
+    file_type="general.file_type",
+    quantization_version="general.quantization_version",
+    tok_model="tokenizer.ggml.model",
+    tok_pre="tokenizer.ggml.pre",
+    tok_tokens="tokenizer.ggml.tokens",
+    tok_types="tokenizer.ggml.token_type",
+    tok_merges="tokenizer.ggml.merges",
+    add_bos="tokenizer.ggml.add_bos_token",
+    add_eos="tokenizer.ggml.add_eos_token",
+    chat_template="tokenizer.chat_template",
+)
+# special token role -> key (llama.cpp spells "seperator")
+SPECIAL_KEYS = {
+    "bos": "tokenizer.ggml.bos_token_id", "eos": "tokenizer.ggml.eos_token_id",
+    "unk": "tokenizer.ggml.unknown_token_id", "sep": "tokenizer.ggml.seperator_token_id",
+    "pad": "tokenizer.ggml.padding_token_id", "cls": "tokenizer.ggml.cls_token_id",
+    "mask": "tokenizer.ggml.mask_token_id", "eot": "tokenizer.ggml.eot_token_id",
+    "eom": "tokenizer.ggml.eom_token_id",
+}
+# GLM's converter (`_set_vocab_glm`) pins these roles to named added tokens when the tokenizer has them.
+GLM_SPECIAL = {"bos": "[gMASK]", "eot": "<|user|>", "unk": "<|endoftext|>", "eom": "<|observation|>"}
+# llama.cpp token types
+NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
+# tokenizer.ggml.pre that llama.cpp's converter assigns to each family's released tokenizer
+FAMILY_PRE = {"glm_moe_dsa": "glm4", "deepseek_v32": "deepseek-v3", "deepseek_v3": "deepseek-v3"}
+
+
+def block_name(dsalite_suffix: str, i: int) -> str:
+    return f"blk.{i}.{BLOCK[dsalite_suffix]}"
