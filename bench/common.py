@@ -30,6 +30,14 @@ BENCH_V4 = dict(
 )
 
 
+# --model choices of the benches: config and the one-line description their tables print
+MODELS = {
+    "glm": (BENCH_SMALL, "bench-small GLM (D 256, 4 layers, 8 experts top-2, index_topk 256)"),
+    "v4": (BENCH_V4, "bench DeepSeek-V4 (D 256, sliding/CSA/HCA/CSA, window 128, CSA top-64 of S/4, HCA S/128, "
+                     "4 mHC streams)"),
+}
+
+
 def hf_model(cfg: dict):
     import transformers as tf
 

@@ -2,7 +2,7 @@
 
 Runs the bench-small GLM config of hf-reference §10 (index_topk 256, so DSA is active for S > 256) in fp32, batch 1,
 one thread (the stable setting on a shared 2-core machine), and prints medians and the ratio HF / dsalite.
-dsalite runs the engine's prefill (latent cache, chunks of --chunk tokens); HF one forward with logits_to_keep=1.
+dsalite runs the engine's prefill (its cache, chunks of --chunk tokens); HF one forward with logits_to_keep=1.
 Peak memory is measured as the growth of the process's peak RSS during each model's own runs, so each length runs
 in a fresh subprocess.
 
@@ -20,21 +20,14 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import BENCH_SMALL, BENCH_V4, dsalite_from_hf, hf_model, median_time, peak_rss_gb  # noqa: E402
-
-MODELS = {
-    "glm": (BENCH_SMALL, "bench-small GLM (D 256, 4 layers, 8 experts top-2, index_topk 256)"),
-    "v4": (BENCH_V4, "bench DeepSeek-V4 (D 256, sliding/CSA/HCA/CSA, window 128, CSA top-64 of S/4, HCA S/128, "
-                     "4 mHC streams)"),
-}
+from common import MODELS, dsalite_from_hf, hf_model, median_time, peak_rss_gb  # noqa: E402
 
 
 def prefill(model, ids, chunk: int):
-    from dsalite.inference.cache import LatentCache
-    from dsalite.inference.engine import Runner
+    from dsalite.inference.engine import Runner, new_cache
 
     S = ids.shape[1]
-    runner = Runner(model, LatentCache(model.cfg, 1, S), prefill_chunk=chunk)
+    runner = Runner(model, new_cache(model, 1, S), prefill_chunk=chunk)
     return runner.feed(ids, torch.ones_like(ids, dtype=torch.bool), torch.arange(S)[None])
 
 
@@ -50,9 +43,7 @@ def one(which: str, S: int, reps: int, threads: int, chunk: int, arch: str = "gl
     with torch.no_grad():
         if which == "hf":
             t = median_time(lambda: model(ids, logits_to_keep=1), reps, warmup=1)
-        elif model.cfg.hyper:  # DeepSeek-V4: one cache-free forward, hidden states only (HF: one logit row)
-            t = median_time(lambda: model(ids, compute_logits=False), reps, warmup=1)
-        else:  # the engine's prefill: latent cache, chunks of `chunk` tokens
+        else:  # the engine's prefill: latent (V4: window + compressor) cache, chunks of `chunk` tokens
             t = median_time(lambda: prefill(model, ids, chunk), reps, warmup=1)
     return {"which": which, "S": S, "seconds": t, "peak_gb": peak_rss_gb() - base}
 
@@ -64,8 +55,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--chunk", type=int, default=2048, help="dsalite prefill chunk in tokens (default 2048)")
     ap.add_argument("--model", choices=sorted(MODELS), default="glm",
-                    help="architecture: glm (GLM-5 DSA through the engine's chunked prefill, default) or v4 "
-                         "(DeepSeek-V4, one full forward: V4 has no KV cache yet)")
+                    help="architecture: glm (GLM-5 DSA, default) or v4 (DeepSeek-V4); both through the engine's "
+                         "chunked prefill")
     ap.add_argument("--one", nargs=2, metavar=("WHICH", "S"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.one:

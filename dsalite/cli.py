@@ -179,7 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Generate from a checkpoint: chunked prefill, absorbed sparse decode, optional MTP "
                                     "speculative decoding. The tokenizer is the checkpoint's tokenizer.json; its chat "
                                     "template (tokenizer_config.json or chat_template.jinja) is applied when present. "
-                                    "A closing line on stderr reports prefill and decode tokens/s.")
+                                    "A closing line on stderr reports prefill and decode tokens/s. DeepSeek-V4 "
+                                    "decodes with its window + compressor cache (no MTP speculation; prompts of "
+                                    "different lengths run one at a time).")
     gn.add_argument("path", help="checkpoint directory")
     gn.add_argument("--prompt", help="prompt text")
     gn.add_argument("--prompts-file", help="batch: one prompt per line (or .jsonl objects with a \"prompt\" field)")
@@ -194,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="end-of-sequence token id (repeatable; default: from the checkpoint's configs)")
     gn.add_argument("--no-chat", action="store_true", help="do not apply the chat template even when one exists")
     gn.add_argument("--speculative", choices=["none", "mtp"], default="none",
-                    help="mtp: draft with the MTP layer, verify in one forward (batch size 1; default none)")
+                    help="mtp: draft with the MTP layer, verify in one forward (batch size 1, not DeepSeek-V4; "
+                         "default none)")
     gn.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="compute dtype (default fp32)")
     gn.add_argument("--prefill-chunk", type=int, default=2048,
                     help="prompt tokens per prefill forward; bounds peak memory (default 2048)")

@@ -3,7 +3,7 @@
 Same as `model.Transformer` except: embeddings are copied to N streams, blocks are `HyperBlock`s (sliding / CSA /
 HCA attention per `cfg.layer_types`, hash or sqrtsoftplus MoE), the streams are collapsed by `hc_head` before the
 final norm, and two rope tables exist (`main` for sliding layers, `compress` for CSA/HCA layers and their entries).
-`model.build_model` picks this class when `cfg.hyper`. Runs without a KV cache (training / prefill / scoring).
+`model.build_model` picks this class when `cfg.hyper`. Decoding passes an `inference.cache_v4.V4Cache` as `cache`.
 """
 
 from __future__ import annotations
@@ -50,34 +50,41 @@ class HyperTransformer(Transformer):
             self.tables = {"main": inv_freq_and_scale(cfg.rope, p, n),
                            "compress": inv_freq_and_scale(cfg.compress_rope, p, n)}
 
-    def inputs(self, input_ids, position_ids, vis, dtype) -> V4Inputs:
+    def inputs(self, input_ids, position_ids, vis, dtype, cache=None) -> V4Inputs:
         rope = {k: cos_sin(f, position_ids, s, dtype) for k, (f, s) in self.tables.items()}
-        return V4Inputs(input_ids, position_ids, rope, self.tables, vis)
+        return V4Inputs(input_ids, position_ids, rope, self.tables, vis, cache)
 
     def forward(
         self,
         input_ids: torch.Tensor,  # [B, S]
         position_ids: torch.Tensor | None = None,  # [B, S]; default arange(S)
-        attention_mask: torch.Tensor | None = None,  # [B, S] 1 = real token (masks window keys only, as HF)
+        attention_mask: torch.Tensor | None = None,  # [B, T] 1 = real token (masks window keys only, as HF)
         segment_ids: torch.Tensor | None = None,
-        cache=None,
+        cache=None,  # V4Cache holding T − S earlier tokens (no padding); advanced by S
         output_hidden_states: bool = False,
         compute_logits: bool = True,
     ) -> HyperOutput:
-        if cache is not None:
-            raise ValueError("deepseek_v4: KV caching is not implemented; call without cache")
         B, S = input_ids.shape
+        T0 = 0
+        if cache is not None:
+            if not hasattr(cache, "update_window"):
+                raise ValueError(f"deepseek_v4 needs a V4Cache as cache, got {type(cache).__name__}")
+            if attention_mask is not None and not bool(attention_mask.bool().all()):
+                raise ValueError("deepseek_v4 with a cache: attention_mask must be all ones (no padding)")
+            T0, attention_mask = cache.seq_len, None
         if position_ids is None:
-            position_ids = torch.arange(S, device=input_ids.device).expand(B, S)
-        vis = Visibility(S, S, 0, None if attention_mask is None else attention_mask.bool(), segment_ids)
+            position_ids = torch.arange(T0, T0 + S, device=input_ids.device).expand(B, S)
+        vis = Visibility(S, T0 + S, T0, None if attention_mask is None else attention_mask.bool(), segment_ids)
         x = self.model.embed_tokens(input_ids)
-        inp = self.inputs(input_ids, position_ids, vis, x.dtype)
+        inp = self.inputs(input_ids, position_ids, vis, x.dtype, cache)
         x = x.unsqueeze(2).expand(B, S, self.cfg.hc_mult, x.shape[-1]).contiguous()  # [B, S, N, D]
         hidden = [x] if output_hidden_states else []
         for block in self.model.layers.values():
             x = block(x, inp)
             if output_hidden_states:
                 hidden.append(x)
+        if cache is not None:
+            cache.advance(S)
         h = self.model.norm(self.model.hc_head(x))
         return HyperOutput(self.head(h) if compute_logits else None, h, hidden, [], streams=x)
 

@@ -16,6 +16,8 @@ from dsalite.config import ModelConfig
 
 
 class LatentCache:
+    pads, rewinds = True, True  # left-padded rows of different lengths; `crop` after rejected drafts
+
     def __init__(self, cfg: ModelConfig, batch: int, capacity: int, layers: list[int] | None = None,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
         self.cfg, self.batch, self.capacity = cfg, batch, capacity

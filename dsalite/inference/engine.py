@@ -1,4 +1,4 @@
-"""Generation: chunked prefill into a latent cache, then batched decode steps, with optional MTP speculation.
+"""Generation: chunked prefill into the model's cache (`cache_class`), then batched decode steps, MTP speculation.
 
 Layers (nano-vllm style, kept small): `Batch` is the sequence state (ids, finished flags, positions), `Runner`
 turns tokens into logits through the model and the cache (the only code that touches tensors of the model),
@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 from dsalite.inference.cache import LatentCache
+from dsalite.inference.cache_v4 import V4Cache
 from dsalite.inference.sampling import SamplingParams, probs, sample
 
 
@@ -41,6 +42,15 @@ class Stats:
         if self.drafted:
             s += f", MTP acceptance {self.acceptance * 100:.1f}% ({self.accepted}/{self.drafted})"
         return s
+
+
+def cache_class(cfg):
+    """The cache a model's decode needs: V4's sliding window + compressor state for mHC models, else latents."""
+    return V4Cache if cfg.hyper else LatentCache
+
+
+def new_cache(model, batch: int, capacity: int):
+    return cache_class(model.cfg)(model.cfg, batch, capacity, dtype=next(model.parameters()).dtype)
 
 
 class Runner:
@@ -120,6 +130,13 @@ def generate(
     stats = stats if stats is not None else Stats()
     if speculative not in (None, "mtp"):
         raise ValueError(f"speculative must be None or 'mtp', got {speculative!r}")
+    kind = cache_class(model.cfg)
+    if speculative == "mtp" and not kind.rewinds:
+        raise ValueError(f"speculative='mtp' needs a cache that rewinds rejected drafts; {kind.__name__} cannot "
+                         f"({model.cfg.model_type}); use speculative=None")
+    if not kind.pads and attention_mask is not None and not bool(attention_mask.bool().all()):
+        return _row_by_row(model, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p,
+                           eos_token_id, seed, prefill_chunk, on_token, should_stop, stats)
     if speculative == "mtp":
         from dsalite.inference.speculative import mtp_generate
 
@@ -128,7 +145,7 @@ def generate(
 
     B, S = input_ids.shape
     valid, positions = _left_pad(input_ids, attention_mask)
-    cache = LatentCache(model.cfg, B, S + max_new_tokens, dtype=next(model.parameters()).dtype)
+    cache = new_cache(model, B, S + max_new_tokens)
     stats.cache_bytes_per_token = cache.bytes_per_token()
     runner = Runner(model, cache, prefill_chunk)
     eos = _eos_set(eos_token_id)
@@ -161,6 +178,24 @@ def generate(
         batch.next_pos += 1
     stats.decode_s += time.perf_counter() - t0
     return out
+
+
+def _row_by_row(model, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p, eos_token_id, seed,
+                prefill_chunk, on_token, should_stop, stats) -> torch.Tensor:
+    """A left-padded batch for a cache that cannot hold padding: each row alone (exact, not batched), then laid out
+    as the batched result (input ids, new ids, rows that stopped early padded with their last id)."""
+    _left_pad(input_ids, attention_mask)
+    rows = []
+    for b in range(input_ids.shape[0]):
+        ids = input_ids[b : b + 1, attention_mask[b].bool()]
+        cb = None if on_token is None else (lambda _, t, b=b: on_token(b, t))
+        sb = None if should_stop is None else (lambda _, new, b=b: should_stop(b, new))
+        out = generate(model, ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, seed=seed,
+                       prefill_chunk=prefill_chunk, on_token=cb, should_stop=sb, stats=stats)
+        rows.append(out[0, ids.shape[1] :])
+    n = max(len(r) for r in rows)
+    new = torch.stack([torch.cat([r, r[-1:].expand(n - len(r))]) for r in rows])  # [B, n]
+    return torch.cat([input_ids, new], 1)
 
 
 def draft_probs_and_token(logits: torch.Tensor, params: SamplingParams, gen):

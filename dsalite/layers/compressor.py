@@ -7,7 +7,10 @@ kv_norm, then rope on the trailing p dims at position w·m (HF `DeepseekV4{HCA,C
 CSA projects 2c channels, two series: Ca = [:c], Cb = [c:]; entry w pools window w−1's Ca and window w's Cb over 2m
 slots (stride m); window 0 has no predecessor, its Ca slots get gate −inf (weight 0).
 Query at position t may see entry w iff w < (t+1) // m — the entry's last token is at or before t.
-Stateless (no cache): every call compresses the complete windows of the tokens it is given, from position 0.
+Without a cache every call compresses the complete windows of the tokens it is given, from position 0 (the
+incomplete tail is dropped). With one (`state`, a `cache_v4.CompressorState`), the pending tokens of earlier calls
+are completed first, window 0 of this call pools the previous call's last window's Ca, entries are roped at their
+absolute positions and appended: chunked calls give the entries of one call over all the tokens.
 """
 
 from __future__ import annotations
@@ -30,27 +33,40 @@ class Compressor(nn.Module):
         self.position_bias = nn.Parameter(torch.empty(ratio, series * width))
         self.kv_norm = RMSNormF32(width, eps)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, float]) -> torch.Tensor:
-        """x [B,S,D] → entries [B,W,c]; rope = (inv_freq, scale) of the compress rope."""
-        B, S, _ = x.shape
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, float], state=None) -> torch.Tensor:
+        """x [B,S,D] → entries [B,W,c] (with a state: every entry so far); rope = (inv_freq, scale) of the
+        compress rope."""
+        kv, gate = self.kv_proj(x), self.gate_proj(x)  # [B, S, series·c]
+        if state is None:
+            n = kv.shape[1] // self.ratio * self.ratio
+            return self.pool(kv[:, :n], gate[:, :n], 0, None, rope)
+        kv, gate, first, prev = state.windows(kv, gate)
+        return state.append(self.pool(kv, gate, first, prev, rope))
+
+    def pool(self, kv, gate, first: int, prev, rope) -> torch.Tensor:
+        """Whole windows kv, gate [B, W·m, series·c] (gate without bias) → entries [B, W, c] for entries first..;
+        prev = (kv, gate) [B, m, c] of the Ca half of the window before them (CSA), or None."""
+        B = kv.shape[0]
         m, c = self.ratio, self.width
-        W = S // m
+        W = kv.shape[1] // m
         if W == 0:
-            return x.new_zeros(B, 0, c)
-        xs = x[:, : W * m]
-        kv = self.kv_proj(xs).view(B, W, m, -1)
-        gate = self.gate_proj(xs).view(B, W, m, -1) + self.position_bias
+            return kv.new_zeros(B, 0, c)
+        kv = kv.view(B, W, m, -1)
+        gate = gate.view(B, W, m, -1) + self.position_bias
         if self.overlap:
             prev_kv = kv.new_zeros(B, W, m, c)
             prev_gate = gate.new_full((B, W, m, c), float("-inf"))
             prev_kv[:, 1:] = kv[:, :-1, :, :c]
             prev_gate[:, 1:] = gate[:, :-1, :, :c]
+            if prev is not None:
+                prev_kv[:, 0] = prev[0]
+                prev_gate[:, 0] = prev[1] + self.position_bias[:, :c]
             kv = torch.cat([prev_kv, kv[..., c:]], dim=2)  # [B, W, 2m, c]
             gate = torch.cat([prev_gate, gate[..., c:]], dim=2)
         pooled = (kv * gate.softmax(dim=2, dtype=torch.float32).to(kv.dtype)).sum(dim=2)  # [B, W, c]
         entries = self.kv_norm(pooled)
-        cos, sin = cos_sin(rope[0], torch.arange(W, device=x.device) * m, rope[1], entries.dtype)  # [W, p/2]
-        return apply_rope_trailing(entries, cos, sin)
+        cos, sin = cos_sin(rope[0], (first + torch.arange(W, device=kv.device)) * m, rope[1], entries.dtype)
+        return apply_rope_trailing(entries, cos, sin)  # cos, sin [W, p/2]
 
 
 def entry_visible(positions: torch.Tensor, n_entries: int, ratio: int) -> torch.Tensor:
@@ -88,9 +104,9 @@ class CSAIndexer(Compressor):
         return q, w
 
     @torch.no_grad()
-    def select(self, x, q_resid, cos, sin, positions, rope) -> torch.Tensor:
+    def select(self, x, q_resid, cos, sin, positions, rope, state=None) -> torch.Tensor:
         """Entry indices [B,S,K] (int64, −1 = none), K = min(index_topk, W)."""
-        k = self(x, rope)  # [B, W, Di]
+        k = self(x, rope, state)  # [B, W, Di]
         q, w = self.queries(x, q_resid, cos, sin)
         W = k.shape[1]
         allowed = lambda s0, s1: entry_visible(positions[:, s0:s1], W, self.ratio)  # noqa: E731
@@ -105,9 +121,11 @@ class CSACompressor(Compressor):
         super().__init__(dim, head_dim, ratio, overlap=True, eps=eps)
         self.indexer = CSAIndexer(dim, q_lora_rank, index_n_heads, index_head_dim, ratio, index_topk, eps)
 
-    def entries(self, x, q_resid, cos, sin, positions, rope) -> tuple[torch.Tensor, torch.Tensor]:
-        """(entries [B,W,c], per-query entry indices [B,S,K] with −1 = none)."""
-        return self(x, rope), self.indexer.select(x, q_resid, cos, sin, positions, rope)
+    def entries(self, x, q_resid, cos, sin, positions, rope, states=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(entries [B,W,c], per-query entry indices [B,S,K] with −1 = none); states: the layer's
+        {"compressor", "indexer"} cache states or None."""
+        own, idx = (None, None) if states is None else (states["compressor"], states["indexer"])
+        return self(x, rope, own), self.indexer.select(x, q_resid, cos, sin, positions, rope, idx)
 
 
 class HCACompressor(Compressor):
@@ -116,8 +134,8 @@ class HCACompressor(Compressor):
     def __init__(self, dim: int, head_dim: int, ratio: int, eps: float):
         super().__init__(dim, head_dim, ratio, overlap=False, eps=eps)
 
-    def entries(self, x, q_resid, cos, sin, positions, rope) -> tuple[torch.Tensor, torch.Tensor]:
-        e = self(x, rope)
+    def entries(self, x, q_resid, cos, sin, positions, rope, states=None) -> tuple[torch.Tensor, torch.Tensor]:
+        e = self(x, rope, None if states is None else states["compressor"])
         W = e.shape[1]
         idx = torch.arange(W, device=x.device).expand(*positions.shape, W)
         return e, idx.masked_fill(~entry_visible(positions, W, self.ratio), -1)

@@ -38,6 +38,7 @@ class V4Inputs:
     rope: dict  # "main" / "compress" -> (cos, sin) [B, S, p/2] at the positions
     tables: dict  # "main" / "compress" -> (inv_freq [p/2], scale), for compressed entries' positions
     vis: Visibility
+    cache: object | None = None  # `inference.cache_v4.V4Cache`: the window and compressor state of earlier tokens
 
 
 class GroupedLinear(nn.Module):
@@ -58,6 +59,7 @@ class V4Attention(nn.Module):
         super().__init__()
         D, H, c, eps = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim, cfg.rms_norm_eps
         self.n_heads, self.head_dim, self.window, self.eps = H, c, cfg.sliding_window, eps
+        self.layer_idx = layer_idx
         self.kind = cfg.layer_attention_type(layer_idx)
         self.rope_label = "main" if self.kind not in (CSA, HCA) else "compress"
         self.q_a_proj = nn.Linear(D, cfg.q_lora_rank, bias=False)
@@ -84,20 +86,24 @@ class V4Attention(nn.Module):
         q = unweighted_rms_norm(self.q_b_proj(q_resid).view(B, S, H, c), self.eps)  # q_b_norm
         q = apply_rope_trailing(q, cos_h, sin_h)  # [B, S, H, c]
         kv = apply_rope_trailing(self.kv_norm(self.kv_proj(x)), cos, sin)  # [B, S, c]
+        cache = inp.cache
+        self._check(S, inp.vis, cache)
+        keys = kv if cache is None else cache.update_window(self.layer_idx, kv)  # [B, T, c], T ≥ S
         entries = picks = None
         if hasattr(self, "compressor"):  # entries [B, E, c], picks [B, S, K] (−1 = none)
-            entries, picks = self.compressor.entries(x, q_resid, cos, sin, inp.positions, inp.tables["compress"])
-        self._check(S, inp.vis)
-        o = window_attention(q, kv, self.window, c**-0.5, self.sinks, entries, picks, inp.vis.key_valid)
+            states = None if cache is None else cache.compressor_states(self.layer_idx)
+            entries, picks = self.compressor.entries(x, q_resid, cos, sin, inp.positions, inp.tables["compress"],
+                                                     states)
+        o = window_attention(q, keys, self.window, c**-0.5, self.sinks, entries, picks, inp.vis.key_valid)
         o = apply_rope_trailing(o, cos_h, -sin_h)  # undo the values' rope
         o = self.o_a_proj(o.reshape(B, S, self.o_a_proj.groups, -1)).flatten(2)  # [B, S, G·r]
         return self.o_b_proj(o)
 
     @staticmethod
-    def _check(S: int, vis: Visibility) -> None:
-        """Padding (`key_valid`) hides window keys only, as in HF; caches and packed documents are refused."""
-        if vis.offset or vis.num_keys != S:
-            raise ValueError("deepseek_v4 attention runs without a KV cache (offset 0, keys = the given tokens)")
+    def _check(S: int, vis: Visibility, cache) -> None:
+        """Padding (`key_valid`) hides window keys only, as in HF; packed documents are refused."""
+        if cache is None and (vis.offset or vis.num_keys != S):
+            raise ValueError("deepseek_v4 attention without a cache sees exactly the given tokens (offset 0)")
         if vis.segments is not None:
             raise ValueError("deepseek_v4 does not support segment_ids: compressed entries pool across documents")
 

@@ -16,29 +16,30 @@ BLOCK = 128  # queries per block
 
 def window_attention(
     q: torch.Tensor,  # [B, S, H, c]
-    kv: torch.Tensor,  # [B, S, c] keys = values
+    kv: torch.Tensor,  # [B, T, c] keys = values; the queries are the last S of them (T − S cached before)
     window: int,  # a query sees itself and the window − 1 tokens before it
     scale: float,
     sinks: torch.Tensor,  # [H] logit in every row's softmax denominator
     extra: torch.Tensor | None = None,  # [B, E, c] more keys = values
     picks: torch.Tensor | None = None,  # [B, S, K] indices into extra, −1 = none
-    key_valid: torch.Tensor | None = None,  # [B, S] bool, False = padding (hidden as a window key)
+    key_valid: torch.Tensor | None = None,  # [B, T] bool, False = padding (hidden as a window key)
 ) -> torch.Tensor:  # [B, S, H, c]
     B, S, H, c = q.shape
+    off = kv.shape[1] - S
     out = q.new_empty(B, S, H, c)
-    pos = torch.arange(S, device=q.device)
+    pos = torch.arange(kv.shape[1], device=q.device)
     if picks is not None:
         E = extra.shape[1]
         rows = extra.reshape(B * E, c)
         row0 = (torch.arange(B, device=q.device) * E)[:, None, None]
     for s0 in range(0, S, BLOCK):
         s1 = min(S, s0 + BLOCK)
-        k0 = max(0, s0 - window + 1)
-        qb, keys = q[:, s0:s1], kv[:, k0:s1]  # [B, Q, H, c], [B, n, c]
-        qi, ki = pos[s0:s1, None], pos[None, k0:s1]
+        k0 = max(0, off + s0 - window + 1)
+        qb, keys = q[:, s0:s1], kv[:, k0 : off + s1]  # [B, Q, H, c], [B, n, c]
+        qi, ki = pos[off + s0 : off + s1, None], pos[None, k0 : off + s1]
         vis = ((ki <= qi) & (ki > qi - window))[None]  # [1, Q, n]
         if key_valid is not None:
-            vis = vis & key_valid[:, None, k0:s1]
+            vis = vis & key_valid[:, None, k0 : off + s1]
         parts = [(torch.einsum("bqhc,bnc->bqhn", qb, keys) * scale).masked_fill(~vis[:, :, None], float("-inf"))]
         if picks is not None:
             ids = picks[:, s0:s1]
