@@ -19,7 +19,7 @@ from torch import nn
 
 from dsalite.config import ModelConfig
 
-# At most this many (token, expert) pairs take the gathered-weights path instead of the sort-by-expert loop.
+# At most this many (token, expert) pairs take the per-pair path instead of the sort-by-expert loop.
 SMALL_BATCH = 16
 
 
@@ -126,7 +126,7 @@ class Experts(nn.Module):
         """x [N, D], ids/w [N, k] → [N, D]."""
         N, k = ids.shape
         if N * k <= SMALL_BATCH:
-            return self._gathered(x, ids, w)
+            return self._few(x, ids, w)
         flat = ids.reshape(-1)
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
@@ -148,15 +148,18 @@ class Experts(nn.Module):
         out[order] = ys
         return out.view(N, k, -1).sum(1)
 
-    def _gathered(self, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """Few tokens (decode): gather the chosen experts' weights and run two batched matmuls, no per-expert loop."""
-        N, k = ids.shape
-        flat = ids.reshape(-1)
-        xs = x.repeat_interleave(k, 0)[:, None]  # [N·k, 1, D]
-        gate, up = torch.bmm(xs, self.gate_up_proj[flat].transpose(1, 2)).chunk(2, dim=-1)
-        ys = torch.bmm(swiglu(gate, up, self.limit), self.down_proj[flat].transpose(1, 2))[:, 0]  # [N·k, D]
-        ys = ys * w.reshape(-1, 1).to(ys.dtype)
-        return ys.view(N, k, -1).sum(1)
+    def _few(self, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Few tokens (decode): one matmul pair per (token, expert) on views of the expert weights — no sorting and
+        no copy of the weights (gathering the chosen experts' [2I, D] matrices would move more bytes than the math)."""
+        out = []
+        for t, row in enumerate(ids.tolist()):
+            acc = None
+            for j, e in enumerate(row):
+                gate, up = F.linear(x[t], self.gate_up_proj[e]).chunk(2, dim=-1)
+                y = F.linear(swiglu(gate, up, self.limit), self.down_proj[e]) * w[t, j].to(x.dtype)
+                acc = y if acc is None else acc + y
+            out.append(acc)
+        return torch.stack(out)
 
 
 class MoE(nn.Module):
