@@ -49,8 +49,9 @@ def test_greedy_generation_matches_transformers(ckpts, case):
     model, hf = from_pretrained(ckpts[case]), load_hf(ckpts[case])
     ids = torch.randint(0, model.cfg.vocab_size, (1, 20), generator=torch.Generator().manual_seed(7))
     ours = dsalite.generate(model, ids, max_new_tokens=24)
-    theirs = hf.generate(ids, max_new_tokens=24, do_sample=False, min_new_tokens=24, eos_token_id=None,
-                         pad_token_id=0)
+    # an explicit mask: without one HF treats every prompt token equal to pad_token_id as padding
+    theirs = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
+                         min_new_tokens=24, eos_token_id=None, pad_token_id=0)
     assert ours.shape == (1, 44)
     assert torch.equal(ours, theirs), (ours, theirs)
 
