@@ -40,9 +40,9 @@ class Indexer(nn.Module):
         w = self.weights_proj(x.to(self.weights_proj.weight.dtype)).float() * self.n_heads**-0.5
         return q, k, w
 
-    def select(self, q, k, w, allowed) -> torch.Tensor:
+    def select(self, q, k, w, allowed, key_end=None) -> torch.Tensor:
         """Top-k key indices [B,S,K] (int64, -1 where fewer than K keys are visible)."""
-        return topk_indices(q, k, w, allowed, self.topk, self.head_dim**-0.5)
+        return topk_indices(q, k, w, allowed, self.topk, self.head_dim**-0.5, key_end)
 
 
 def index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, scale: float) -> torch.Tensor:
@@ -54,17 +54,20 @@ def index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, scale: float
     return torch.einsum("bsh,bsht->bst", w * scale, sc)  # ReLU(x·scale) = scale·ReLU(x) for scale > 0
 
 
-def topk_indices(q, k, w, allowed, topk: int, scale: float) -> torch.Tensor:
-    """allowed: callable (s0, s1) -> [B, s, T] bool mask for that query block."""
+def topk_indices(q, k, w, allowed, topk: int, scale: float, key_end=None) -> torch.Tensor:
+    """allowed: callable (s0, s1) -> [B, s, T] bool mask for that query block. key_end: optional callable s1 -> the
+    number of leading keys the block's queries can see at most (causal order); later keys are neither scored nor
+    ranked, which halves the work of a causal prefill."""
     B, S = q.shape[:2]
     T = k.shape[1]
     K = min(topk, T)
-    out = torch.empty(B, S, K, dtype=torch.long, device=q.device)
+    out = torch.full((B, S, K), -1, dtype=torch.long, device=q.device)
     chunk = max(1, SCORE_BUDGET // max(1, B * q.shape[2] * T))
     for s0 in range(0, S, chunk):
         s1 = min(S, s0 + chunk)
-        sc = index_scores(q[:, s0:s1], k, w[:, s0:s1], scale)
-        sc = sc.masked_fill_(~allowed(s0, s1), float("-inf"))
-        val, ids = sc.topk(K, dim=-1)
-        out[:, s0:s1] = ids.masked_fill_(val == float("-inf"), -1)
+        te = T if key_end is None else max(1, min(T, key_end(s1)))
+        sc = index_scores(q[:, s0:s1], k[:, :te], w[:, s0:s1], scale)
+        sc = sc.masked_fill_(~allowed(s0, s1)[..., :te], float("-inf"))
+        val, ids = sc.topk(min(K, te), dim=-1)
+        out[:, s0:s1, : ids.shape[-1]] = ids.masked_fill_(val == float("-inf"), -1)
     return out
