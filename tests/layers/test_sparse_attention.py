@@ -72,16 +72,22 @@ def test_dense_attention_matches_reference_with_padding_and_segments():
 def test_chunked_indexer_equals_unchunked(monkeypatch):
     g = torch.Generator().manual_seed(2)
     B, S, Hi, Di, K = 2, 33, 4, 16, 5
-    q, k, w = torch.randn(B, S, Hi, Di, generator=g), torch.randn(B, S, Di, generator=g), torch.randn(B, S, Hi, generator=g)
+    # positive q, k, w: no ReLU zeros, so no score ties and the top-k sets are unique whatever the scoring width
+    q, k, w = (torch.rand(B, S, Hi, Di, generator=g), torch.rand(B, S, Di, generator=g),
+               torch.rand(B, S, Hi, generator=g))
     vis = Visibility(S, S)
     full = indexer_mod.index_scores(q, k, w, 0.25).masked_fill(~vis.full(), float("-inf"))
     want_val, want = full.topk(K, -1)
     want = want.masked_fill(want_val == float("-inf"), -1)
     monkeypatch.setattr(indexer_mod, "SCORE_BUDGET", 300)  # forces one query per chunk
     got = indexer_mod.topk_indices(q, k, w, vis.block, K, 0.25)
-    assert torch.equal(got, want)
+    # the selection is a set (its order is not used): compare sorted rows
+    assert torch.equal(got.sort(-1).values, want.sort(-1).values)
+    causal = indexer_mod.topk_indices(q, k, w, vis.block, K, 0.25, key_end=lambda s1: s1)  # score causal prefix only
+    assert torch.equal(causal.sort(-1).values, want.sort(-1).values)
     # rows with fewer visible keys than K are padded with -1, never with future keys
-    assert (got[:, 0, 1:] == -1).all() and (got[:, 0, 0] == 0).all()
+    first = got[:, 0].sort(-1).values
+    assert (first[:, :-1] == -1).all() and (first[:, -1] == 0).all()
     assert ((got <= torch.arange(S)[None, :, None]) | (got == -1)).all()
 
 
