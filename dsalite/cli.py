@@ -123,7 +123,8 @@ def cmd_export_gguf(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dsalite",
-        description="dsalite: models, checkpoints, training and sparse inference for GLM-5.x / DeepSeek-V3.2 / V3.",
+        description="dsalite: models, checkpoints, training, sparse inference and GGUF export for GLM-5.x, "
+                    "DeepSeek-V3.2, DeepSeek-V4 and DeepSeek-V3 / Kimi-K2.",
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
