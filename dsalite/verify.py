@@ -143,28 +143,47 @@ def _indexer_label(cfg, i: int) -> str:
 
 
 def _fill_topk(r: LayerReport, model, i: int, ours: torch.Tensor | None, theirs: torch.Tensor, x_in, T: int):
-    """Compare selections as sets of visible keys (HF pads short rows with masked positions, we with -1)."""
-    B, S, K = theirs.shape
-    pos = torch.arange(S)[None, :, None]
-    theirs = theirs.long().masked_fill(theirs.long() > pos, -1)
+    sc = index_scores_of(model, i, x_in)
     if ours is None:  # index_topk >= T: every visible key
-        ours = torch.arange(T).expand(B, S, T).masked_fill(torch.arange(T) > pos, -1)[..., :K]
-    hit = torch.zeros(B, S)
-    valid = (theirs >= 0).sum(-1).clamp(min=1)
+        B, S, _ = sc.shape
+        ours = torch.arange(T).expand(B, S, T).masked_fill(torch.isinf(sc), -1)
+    selection_agreement(r, ours, theirs, sc)
+
+
+def selection_agreement(r: LayerReport, ours: torch.Tensor, theirs: torch.Tensor, sc: torch.Tensor) -> None:
+    """Fill r's top-k overlap, excluded fraction and boundary gap. ours/theirs [B,S,K] key ids (−1 = none; HF pads
+    short rows with invisible keys, which are dropped), sc [B,S,T] index scores with −inf on invisible keys."""
+    B, S, _ = sc.shape
+    theirs = theirs.long()
+    visible = torch.isfinite(sc)
+    hit, excluded, rows = 0.0, 0.0, 0
     for b in range(B):
         for s in range(S):
             a = set(ours[b, s][ours[b, s] >= 0].tolist())
-            c = set(theirs[b, s][theirs[b, s] >= 0].tolist())
-            hit[b, s] = len(a & c) / max(1, len(c))
-    r.topk_overlap = hit.mean().item()
-    visible = (torch.arange(S) + 1).float()
-    r.excluded_fraction = (1 - (valid.float().mean(0) / visible)).clamp(min=0).mean().item()
-    r.boundary_gap = boundary_gap(model, i, x_in)
+            c = {t for t in theirs[b, s].tolist() if t >= 0 and bool(visible[b, s, t])}
+            if not a and not c:
+                continue
+            rows += 1
+            hit += len(a & c) / max(1, len(c), len(a))
+            n = int(visible[b, s].sum())
+            excluded += max(0, n - len(c)) / max(1, n)
+    r.topk_overlap = hit / max(1, rows)
+    r.excluded_fraction = excluded / max(1, rows)
+    r.boundary_gap = _gap(sc, theirs.shape[-1])
+
+
+def _gap(sc: torch.Tensor, K: int) -> float:
+    """Smallest (k-th − (k+1)-th) score over rows with more than K visible keys (inf when there are none)."""
+    if sc.shape[-1] <= K:
+        return math.inf
+    top = sc.topk(K + 1, dim=-1).values
+    rows = torch.isfinite(sc).sum(-1) > K
+    return (top[..., K - 1] - top[..., K])[rows].min().item() if bool(rows.any()) else math.inf
 
 
 @torch.no_grad()
-def boundary_gap(model, i: int, x_in: torch.Tensor) -> float:
-    """Smallest gap between the k-th and (k+1)-th visible index score over rows with more than k visible keys."""
+def index_scores_of(model, i: int, x_in: torch.Tensor) -> torch.Tensor:
+    """Layer i's index scores [B,S,T] for the block input x_in, −inf on keys a query cannot see (causal)."""
     block = model.model.layers[str(i)]
     attn = block.self_attn
     x = block.input_layernorm(x_in)
@@ -173,12 +192,12 @@ def boundary_gap(model, i: int, x_in: torch.Tensor) -> float:
     q_resid = attn.q_a_layernorm(attn.q_a_proj(x))
     q, k, w = attn.indexer.project(x, q_resid, cos, sin)
     sc = index_scores(q, k, w, attn.indexer.head_dim**-0.5)
-    K = attn.index_topk
-    gap = math.inf
-    for s in range(K, S):  # rows with s+1 > K visible keys
-        top = sc[:, s, : s + 1].topk(K + 1, dim=-1).values
-        gap = min(gap, (top[:, K - 1] - top[:, K]).min().item())
-    return gap
+    return sc.masked_fill(torch.ones(S, S, dtype=torch.bool).triu(1), float("-inf"))
+
+
+def boundary_gap(model, i: int, x_in: torch.Tensor) -> float:
+    """Smallest gap between the k-th and (k+1)-th visible index score over rows with more than k visible keys."""
+    return _gap(index_scores_of(model, i, x_in), model.model.layers[str(i)].self_attn.index_topk)
 
 
 def main(argv=None) -> int:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from dsalite.layers.compressor import entry_visible
@@ -31,23 +29,7 @@ def csa_selection(model, i: int, streams: torch.Tensor):
 
 def fill_csa_topk(r, model, i: int, theirs: torch.Tensor, streams: torch.Tensor) -> None:
     """Overlap of the selected entry sets, fraction of visible entries left out, smallest top-k boundary gap."""
+    from dsalite.verify import selection_agreement
+
     ours, sc = csa_selection(model, i, streams)
-    B, S, K = ours.shape
-    hit, excluded, rows, gap = 0.0, 0.0, 0, math.inf
-    visible = torch.isfinite(sc).sum(-1)  # [B, S]
-    for b in range(B):
-        for s in range(S):
-            a = set(ours[b, s][ours[b, s] >= 0].tolist())
-            c = set(theirs[b, s][theirs[b, s] >= 0].tolist())
-            if not c and not a:
-                continue
-            rows += 1
-            hit += len(a & c) / max(1, len(c), len(a))
-            n = int(visible[b, s])
-            excluded += max(0, n - len(c)) / max(1, n)
-            if n > K:
-                top = sc[b, s].topk(K + 1).values
-                gap = min(gap, (top[K - 1] - top[K]).item())
-    r.topk_overlap = hit / max(1, rows)
-    r.excluded_fraction = excluded / max(1, rows)
-    r.boundary_gap = gap
+    selection_agreement(r, ours, theirs, sc)
