@@ -281,12 +281,8 @@ def _special_tokens(tok_dir: str, tj: dict, cfg: ModelConfig, tokens: list[str])
     for flag in ("bos", "eos"):
         if isinstance(tc.get(f"add_{flag}_token"), bool):
             kv.append((T.K[f"add_{flag}"], tc[f"add_{flag}_token"], "BOOL"))
-    template = tc.get("chat_template")
-    jinja = os.path.join(tok_dir, "chat_template.jinja")
-    if template is None and os.path.isfile(jinja):
-        with open(jinja, encoding="utf-8") as fh:
-            template = fh.read()
-    if isinstance(template, str):
+    template = hf.read_chat_template(tok_dir, tc)
+    if template is not None:
         kv.append((T.K["chat_template"], template, "STRING"))
     return kv
 

@@ -91,6 +91,16 @@ def read_config(path: str) -> dict:
     return d
 
 
+def read_chat_template(folder: str, tokenizer_config: dict) -> str | None:
+    """A checkpoint's chat template: `chat_template` in tokenizer_config.json, else chat_template.jinja beside it."""
+    template = tokenizer_config.get("chat_template")
+    jinja = os.path.join(folder, "chat_template.jinja")
+    if template is None and os.path.isfile(jinja):
+        with open(jinja, encoding="utf-8") as f:
+            template = f.read()
+    return template if isinstance(template, str) else None
+
+
 # =========================================================================== reading
 
 

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from dsalite.checkpoint.hf import read_chat_template
+
 
 class TokenizerNotFound(FileNotFoundError):
     pass
@@ -32,21 +34,13 @@ class TextModel:
             raise TokenizerNotFound(f"{tj} not found: pass token ids with --prompt-ids, or add a tokenizer.json")
         tok = Tokenizer.from_file(tj)
         conf = _read_json(os.path.join(path, "tokenizer_config.json"))
-        template = conf.get("chat_template")
-        jinja = os.path.join(path, "chat_template.jinja")
-        if template is None and os.path.exists(jinja):
-            with open(jinja) as f:
-                template = f.read()
         bos, eos = _token_str(conf.get("bos_token")), _token_str(conf.get("eos_token"))
         ids = list(eos_ids or [])
         if not ids:
-            gen = _read_json(os.path.join(path, "generation_config.json"))
-            cfg = _read_json(os.path.join(path, "config.json"))
-            e = gen.get("eos_token_id", cfg.get("eos_token_id"))
-            ids = [e] if isinstance(e, int) else list(e or [])
+            ids = checkpoint_eos_ids(path)
             if eos is not None and tok.token_to_id(eos) is not None and tok.token_to_id(eos) not in ids:
                 ids.append(tok.token_to_id(eos))
-        return cls(tok, template if isinstance(template, str) else None, bos, eos, ids)
+        return cls(tok, read_chat_template(path, conf), bos, eos, ids)
 
     def render(self, prompt: str, chat: bool) -> str:
         if not chat or self.chat_template is None:
@@ -98,7 +92,7 @@ def run(args) -> int:
     if args.prompt_ids:
         prompts_ids = [[int(x) for x in args.prompt_ids.split(",")]]
         text = None
-        eos = args.eos_id or _config_eos(args.path)
+        eos = args.eos_id or checkpoint_eos_ids(args.path)
     else:
         text = TextModel.load(args.path, args.eos_id)
         prompts = ([args.prompt] if args.prompt is not None else []) + (read_prompts(args.prompts_file)
@@ -156,8 +150,10 @@ def _read_json(p: str) -> dict:
         return json.load(f)
 
 
-def _config_eos(path: str) -> list[int]:
-    e = _read_json(os.path.join(path, "config.json")).get("eos_token_id")
+def checkpoint_eos_ids(path: str) -> list[int]:
+    """EOS ids from generation_config.json, else config.json."""
+    gen = _read_json(os.path.join(path, "generation_config.json"))
+    e = gen.get("eos_token_id", _read_json(os.path.join(path, "config.json")).get("eos_token_id"))
     return [e] if isinstance(e, int) else list(e or [])
 
 
