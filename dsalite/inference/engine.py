@@ -16,7 +16,7 @@ import torch
 
 from dsalite.inference.cache import LatentCache
 from dsalite.inference.cache_v4 import V4Cache
-from dsalite.inference.sampling import SamplingParams, probs, sample
+from dsalite.inference.sampling import SamplingParams, sample
 
 
 @dataclass
@@ -62,7 +62,7 @@ class Runner:
     @torch.no_grad()
     def feed(self, ids: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor, all_logits: bool = False):
         """Append ids [B, S] to the cache (in chunks); return (logits [B, S or 1, V], last_hidden [B, S, D])."""
-        logits, hidden = [], []
+        hidden = []
         for s0 in range(0, ids.shape[1], self.chunk):
             sl = slice(s0, s0 + self.chunk)
             self.cache.append_tokens(valid[:, sl], positions[:, sl])
@@ -70,10 +70,9 @@ class Runner:
             plain = bool(valid.all()) and self.cache.seq_len == 0
             out = self.model(ids[:, sl], position_ids=positions[:, sl], cache=self.cache,
                              attention_mask=None if plain else self.cache.valid(n), compute_logits=False)
-            h = out.last_hidden
-            hidden.append(h)
-            logits.append(self.model.head(h if all_logits else h[:, -1:]))
-        return torch.cat(logits, 1) if all_logits else logits[-1], torch.cat(hidden, 1)
+            hidden.append(out.last_hidden)
+        h = torch.cat(hidden, 1)
+        return self.model.head(h if all_logits else h[:, -1:]), h
 
 
 @dataclass
@@ -197,9 +196,3 @@ def _row_by_row(model, input_ids, attention_mask, max_new_tokens, temperature, t
     new = torch.stack([torch.cat([r, r[-1:].expand(n - len(r))]) for r in rows])  # [B, n]
     return torch.cat([input_ids, new], 1)
 
-
-def draft_probs_and_token(logits: torch.Tensor, params: SamplingParams, gen):
-    """Distribution and sample of one position's logits [1, V] (shared by drafting and verification)."""
-    q = probs(logits, params)
-    t = q.argmax(-1) if params.greedy else torch.multinomial(q, 1, generator=gen).squeeze(-1)
-    return q, t

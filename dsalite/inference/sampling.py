@@ -48,3 +48,10 @@ def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator |
     if p.greedy:
         return logits.argmax(-1)
     return torch.multinomial(probs(logits, p), 1, generator=generator).squeeze(-1)
+
+
+def probs_and_sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None = None):
+    """The distribution [B, V] and a token [B] drawn from it (speculation needs both for drafts and verification)."""
+    q = probs(logits, p)
+    t = q.argmax(-1) if p.greedy else torch.multinomial(q, 1, generator=generator).squeeze(-1)
+    return q, t

@@ -17,8 +17,8 @@ import time
 import torch
 
 from dsalite.inference.cache import LatentCache
-from dsalite.inference.engine import Runner, Stats, _left_pad, draft_probs_and_token
-from dsalite.inference.sampling import SamplingParams, probs
+from dsalite.inference.engine import Runner, Stats, _left_pad
+from dsalite.inference.sampling import SamplingParams, probs, probs_and_sample
 from dsalite.layers.mask import Visibility
 
 
@@ -64,7 +64,7 @@ def mtp_generate(model, input_ids, max_new_tokens, params: SamplingParams, eos: 
     t0 = time.perf_counter()
     valid, positions = _left_pad(input_ids, None)
     logits, h = runner.feed(input_ids, valid, positions)
-    _, t_m = draft_probs_and_token(logits[:, -1], params, gen)  # t_m: newest confirmed token
+    _, t_m = probs_and_sample(logits[:, -1], params, gen)  # t_m: newest confirmed token
     new: list[int] = []
     d_logits = drafter.feed(h, torch.cat([input_ids[:, 1:], t_m[:, None]], 1), positions)
     stats.prefill_tokens += S
@@ -81,14 +81,14 @@ def mtp_generate(model, input_ids, max_new_tokens, params: SamplingParams, eos: 
     m = S  # position of t_m
     done = emit(int(t_m))
     while not done:
-        q, d = draft_probs_and_token(d_logits, params, gen)
+        q, d = probs_and_sample(d_logits, params, gen)
         pos = torch.tensor([[m, m + 1]])
         logits, h = runner.feed(torch.stack([t_m, d], 1), torch.ones(1, 2, dtype=torch.bool), pos, all_logits=True)
         stats.drafted += 1
         p0 = probs(logits[:, 0], params)
         if _accept(p0, q, d, params, gen):
             stats.accepted += 1
-            _, bonus = draft_probs_and_token(logits[:, 1], params, gen)
+            _, bonus = probs_and_sample(logits[:, 1], params, gen)
             done = emit(int(d)) or emit(int(bonus))
             if done:
                 break
