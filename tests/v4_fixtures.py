@@ -30,12 +30,13 @@ CASES = {
 }
 
 
-def build_hf_v4(case: str, seed: int = 0, dtype=torch.float32):
-    """A random DeepseekV4ForCausalLM; parameters HF initialises to constants (sinks, position biases, mHC base and
+def build_hf_v4(case: str, seed: int = 0, dtype=torch.float32, **overrides):
+    """A random DeepseekV4ForCausalLM (config `case`, then `overrides`); parameters HF initialises to constants (sinks, position biases, mHC base and
     scale, router bias, tid2eid) get random values so that each one's role is actually exercised."""
     import transformers as tf
 
     kw = dict(TINY_V4, **CASES[case])
+    kw.update(overrides)
     torch.manual_seed(seed)
     model = tf.DeepseekV4ForCausalLM(tf.DeepseekV4Config(**kw)).to(dtype).eval()
     g = torch.Generator().manual_seed(seed + 1)

@@ -1,8 +1,9 @@
-"""GGUF export that llama.cpp runs (glm-dsa, deepseek32, deepseek2; MTP kept) and GGUF import into a dsalite model.
+"""GGUF export that llama.cpp runs (glm-dsa, deepseek32, deepseek2, deepseek4; MTP kept) and GGUF import into dsalite.
 
 Export writes the metadata keys, tensor names, tensor types and tokenizer that llama.cpp's own converter
 (`convert_hf_to_gguf.py` in the llama.cpp vendored by llama-cpp-python 0.3.36) writes for these architectures, plus
 the MTP/NextN block that its DeepSeek converter drops (appended as block L, in the layout llama.cpp loads for GLM).
+DeepSeek-V4 (`deepseek4`) specifics, including its separate MTP draft file, live in `gguf_v4.py`.
 Names live in `gguf_table.py`. Tensors are streamed: each is produced, quantised and written in turn into a temporary
 file that is renamed into place only when complete. Import reads the metadata back into a `ModelConfig`, dequantises
 every tensor (F16/BF16/Q8_0) and builds the normal `Transformer`.
@@ -47,13 +48,26 @@ def _gguf():
 # =========================================================================== what llama.cpp can run
 
 
-def check_exportable(cfg: ModelConfig, dtype: str) -> None:
-    """Every reason llama.cpp could not load or faithfully run this model, in one error."""
+def check_exportable(cfg: ModelConfig, dtype: str, mtp: bool = True) -> None:
+    """Every reason llama.cpp could not load or faithfully run this model (with its MTP layer), in one error."""
     problems = []
     if dtype not in DTYPES:
         problems.append(f"dtype={dtype!r} is not supported (expected one of {', '.join(DTYPES)})")
     if cfg.model_type not in T.ARCH:
         problems.append(f"model_type={cfg.model_type!r} has no GGUF architecture (supported: {', '.join(T.ARCH)})")
+    elif cfg.hyper:
+        from dsalite.checkpoint import gguf_v4
+
+        problems += gguf_v4.problems(cfg, mtp)
+    else:
+        problems += _mla_problems(cfg)
+    if problems:
+        raise GGUFError("cannot export to GGUF:\n  " + "\n  ".join(problems))
+
+
+def _mla_problems(cfg: ModelConfig) -> list[str]:
+    """What llama.cpp's MLA graphs (glm-dsa, deepseek32, deepseek2) cannot run."""
+    problems = []
     if cfg.attention_bias:
         problems.append("attention_bias=true: llama.cpp's MLA graph has no attention biases")
     if cfg.hidden_act != "silu":
@@ -78,7 +92,7 @@ def check_exportable(cfg: ModelConfig, dtype: str) -> None:
             f"q_lora_rank=null with num_hidden_layers={cfg.num_hidden_layers}: llama.cpp's deepseek2 loader only "
             "accepts a plain q_proj for the 26/27-layer 'lite' models"
         )
-    if cfg.rope.get("rope_type", "default") == "yarn" and cfg.model_type in T.ARCH:
+    if cfg.rope.get("rope_type", "default") == "yarn":
         from dsalite.layers.rope import inv_freq_and_scale
 
         _, hf_rope = inv_freq_and_scale(cfg.rope, cfg.qk_rope_head_dim, cfg.max_position_embeddings)
@@ -90,8 +104,7 @@ def check_exportable(cfg: ModelConfig, dtype: str) -> None:
                 f"part by {ll_rope:.6g} (transformers: {hf_rope:.6g}) and the softmax by {ll_kq:.6g}² "
                 f"(transformers: {hf_kq:.6g}²): " + _YARN_LIMITS[T.ARCH[cfg.model_type]]
             )
-    if problems:
-        raise GGUFError("cannot export to GGUF:\n  " + "\n  ".join(problems))
+    return problems
 
 
 _YARN_LIMITS = {
@@ -299,10 +312,10 @@ def _layer_prefix(cfg: ModelConfig, name: str) -> tuple[int, str] | None:
     return i, m.group(2)
 
 
-def _gguf_type(gname: str, shape: tuple[int, ...], dtype: str) -> str:
-    """The GGML type llama.cpp's converter gives this tensor: norms, 1-D, biases, router and indexer head weights stay
-    F32; Q8_0 falls back to F16 when a row is not a whole number of 32-element blocks."""
-    if len(shape) <= 1 or gname.endswith("_norm.weight") or not gname.endswith(".weight") or gname.endswith(T.KEEP_F32):
+def _gguf_type(gname: str, shape: tuple[int, ...], dtype: str, keep_f32: tuple[str, ...] = T.KEEP_F32) -> str:
+    """The GGML type llama.cpp's converter gives this tensor: norms, 1-D, biases, router and indexer head weights (and
+    `keep_f32`) stay F32; Q8_0 falls back to F16 when a row is not a whole number of 32-element blocks."""
+    if len(shape) <= 1 or gname.endswith("_norm.weight") or not gname.endswith(".weight") or gname.endswith(keep_f32):
         return "F32"
     q = T.GGML_TYPE[dtype]
     if q == "Q8_0" and shape[-1] % 32:
@@ -363,27 +376,60 @@ def export(
     card_dir: str | None = None,
     mtp: bool = True,
 ) -> dict:
-    """Write `model` as a GGUF file llama.cpp loads; returns {"tensors": n, "bytes": size, "types": {type: count}}.
+    """Write `model` as a GGUF file llama.cpp loads; returns {"tensors": n, "bytes": size, "types": {type: count}},
+    plus "mtp": the same for the MTP draft file and its "path" when DeepSeek-V4 writes one.
 
     tokenizer: a folder holding `tokenizer.json` (and optionally tokenizer_config.json / chat_template.jinja).
     general.name / size_label / license & co. come from the model card in `card_dir` (a checkpoint folder) as
     llama.cpp's converter derives them, else from `name` (default: the file name). mtp=False leaves the MTP block
-    out (what llama.cpp's `--no-mtp` does). The file is written to a temporary name beside `out` and renamed into
-    place when complete; on failure nothing is left behind.
+    out (what llama.cpp's `--no-mtp` does). DeepSeek-V4's MTP layer goes to a second file, `mtp-<name>` beside `out`
+    (llama.cpp's `--mtp` layout, see `gguf_v4`). Files are written under temporary names beside `out` and renamed into
+    place when all are complete; on failure nothing is left behind.
     """
-    gguf = _gguf()
     cfg = model.cfg
-    check_exportable(cfg, dtype)
+    check_exportable(cfg, dtype, mtp)
     out = os.path.abspath(os.fspath(out))
     if os.path.isdir(out):
         raise GGUFError(f"{out}: is a directory; give the path of the .gguf file to write")
     if tokenizer is None:
         raise GGUFError("tokenizer: a folder with tokenizer.json is required (llama.cpp cannot load a GGUF without)")
-    kv = model_metadata(cfg, dtype, mtp)
-    kv += tokenizer_metadata(tokenizer, cfg, pre)
-    plan = tensor_plan(model, dtype, mtp)
+    tok = tokenizer_metadata(tokenizer, cfg, pre)
+    if cfg.hyper:
+        from dsalite.checkpoint import gguf_v4
 
-    w = gguf.GGUFWriter(None, T.ARCH[cfg.model_type])
+        files = [(out, gguf_v4.metadata(cfg, dtype, 0) + tok, gguf_v4.tensor_plan(model, dtype, mtp=False))]
+        if mtp and cfg.num_nextn_predict_layers:
+            files.append((gguf_v4.mtp_path(out), gguf_v4.metadata(cfg, dtype, cfg.num_nextn_predict_layers) + tok,
+                          gguf_v4.tensor_plan(model, dtype, mtp=True)))
+    else:
+        files = [(out, model_metadata(cfg, dtype, mtp) + tok, tensor_plan(model, dtype, mtp))]
+    name = name or os.path.splitext(os.path.basename(out))[0]
+
+    tmp, made = hf._begin_temp(out)
+    bar = hf._progress(sum(len(plan) for _, _, plan in files), "export-gguf")
+    infos = []
+    try:
+        for path, kv, plan in files:
+            infos.append(_write(os.path.join(tmp, os.path.basename(path)), T.ARCH[cfg.model_type], kv, plan,
+                                card_dir, name, bar))
+        for path, _, _ in files:
+            os.replace(os.path.join(tmp, os.path.basename(path)), path)
+        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        hf._abandon(tmp, made)
+        raise
+    finally:
+        bar.close()
+    info = infos[0]
+    if len(infos) > 1:
+        info["mtp"] = dict(infos[1], path=files[1][0])
+    return info
+
+
+def _write(part: str, arch: str, kv: list, plan: list, card_dir: str | None, name: str, bar) -> dict:
+    """One GGUF file: metadata, tensor infos, then each tensor produced, quantised and written in turn."""
+    gguf = _gguf()
+    w = gguf.GGUFWriter(None, arch)
     for key, value, vtype in kv:
         if vtype == "ARRAY":
             w.add_array(key, value)
@@ -398,14 +444,10 @@ def export(
         types[qtype] = types.get(qtype, 0) + 1
     total, shared, expert, n_expert = w.get_total_parameter_count()
     meta = gguf.Metadata.load(None, Path(card_dir) if card_dir else None, None, total)
-    meta.name = meta.name or name or os.path.splitext(os.path.basename(out))[0]
+    meta.name = meta.name or name
     if meta.size_label is None and total > 0:
         meta.size_label = gguf.size_label(total, shared, expert, n_expert)
     meta.set_gguf_meta_model(w)
-
-    tmp, made = hf._begin_temp(out)
-    part = os.path.join(tmp, os.path.basename(out))
-    bar = hf._progress(len(plan), "export-gguf")
     try:
         w.write_header_to_file(path=part)
         w.write_kv_data_to_file()
@@ -414,19 +456,12 @@ def export(
             a = produce()
             if a.shape != shape:
                 raise GGUFError(f"{gname}: produced shape {a.shape}, planned {shape}")
-            w.write_tensor_data(gguf.quants.quantize(a, gguf.GGMLQuantizationType[qtype]))
+            w.write_tensor_data(a if qtype == "I32" else gguf.quants.quantize(a, gguf.GGMLQuantizationType[qtype]))
             bar.update(1)
-        w.close()
-        hf._fsync(part)
-        os.replace(part, out)
-        shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        w.close()
-        hf._abandon(tmp, made)
-        raise
     finally:
-        bar.close()
-    return {"tensors": len(plan), "bytes": os.path.getsize(out), "types": types}
+        w.close()
+    hf._fsync(part)
+    return {"tensors": len(plan), "bytes": os.path.getsize(part), "types": types}
 
 
 def export_checkpoint(path: str, out: str, dtype: str = "f32", *, tokenizer: str | None = None, pre: str = "auto",
@@ -439,17 +474,22 @@ def export_checkpoint(path: str, out: str, dtype: str = "f32", *, tokenizer: str
     from dsalite.checkpoint.pretrained import from_pretrained
 
     raw = hf.read_config(path)
-    if raw.get("model_type") in T.PLANNED:
-        raise GGUFError(
-            f"{path}: model_type={raw['model_type']!r} (llama.cpp arch {T.PLANNED[raw['model_type']]!r}) is not "
-            "supported yet by dsalite's GGUF export"
-        )
-    check_exportable(ModelConfig.from_hf(raw), dtype)  # before reading any weights
+    # before reading any weights; whether MTP weights exist is known only once they are read (HF drops them)
+    check_exportable(ModelConfig.from_hf(raw), dtype, mtp=False)
     model = from_pretrained(path, dtype=None)
     return export(model, out, dtype, tokenizer=tokenizer or path, pre=pre, card_dir=path, mtp=mtp)
 
 
 # =========================================================================== import
+
+
+def _open(path: str):
+    if not os.path.isfile(path):
+        raise GGUFError(f"{path}: GGUF file not found")
+    try:
+        return _gguf().GGUFReader(path)
+    except (ValueError, OSError) as e:
+        raise GGUFError(f"{path}: not a readable GGUF file ({e})") from None
 
 
 def _fields(reader) -> dict[str, object]:
@@ -459,8 +499,6 @@ def _fields(reader) -> dict[str, object]:
 def config_from_metadata(md: dict, path: str = "GGUF") -> dict:
     """The HF config dict a GGUF's metadata describes (only what llama.cpp's keys carry)."""
     arch = md.get("general.architecture")
-    if arch in T.PLANNED.values():
-        raise GGUFError(f"{path}: architecture {arch!r} is not supported yet by dsalite's GGUF import")
     if arch not in T.MODEL_TYPE:
         raise GGUFError(f"{path}: architecture {arch!r} is not one dsalite imports ({', '.join(T.MODEL_TYPE)})")
     k = {name: key.format(a=arch) for name, key in T.K.items()}
@@ -473,6 +511,10 @@ def config_from_metadata(md: dict, path: str = "GGUF") -> dict:
         return default
 
     mt = T.MODEL_TYPE[arch]
+    if mt == "deepseek_v4":
+        from dsalite.checkpoint import gguf_v4
+
+        return gguf_v4.config_from_metadata(md, get, path)
     n_mtp = get("nextn_predict_layers", 0)
     L = get("block_count") - n_mtp
     rope_dim = get("rope_dimension_count")
@@ -531,15 +573,15 @@ def _dsalite_name(gname: str, L: int) -> tuple[str, int | None]:
 
 
 def load(path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Transformer:
-    """Build a dsalite `Transformer` from a GGUF file written by `export` (or llama.cpp's converter)."""
+    """Build a dsalite `Transformer` from a GGUF file written by `export` (or llama.cpp's converter); for
+    DeepSeek-V4 with the MTP layer of the `mtp-<name>` draft file beside it, when there is one."""
     gguf = _gguf()
-    if not os.path.isfile(path):
-        raise GGUFError(f"{path}: GGUF file not found")
-    try:
-        reader = gguf.GGUFReader(path)
-    except (ValueError, OSError) as e:
-        raise GGUFError(f"{path}: not a readable GGUF file ({e})") from None
+    reader = _open(path)
     md = _fields(reader)
+    if md.get("general.architecture") == T.ARCH["deepseek_v4"]:
+        from dsalite.checkpoint import gguf_v4
+
+        return gguf_v4.load(path, reader, md, dtype, device)
     cfg = ModelConfig.from_hf(config_from_metadata(md, path))
     L = cfg.num_hidden_layers
     parts: dict[str, dict[int | None, np.ndarray]] = {}

@@ -20,7 +20,7 @@ import dsalite  # noqa: E402
 from dsalite.checkpoint import gguf as G  # noqa: E402
 from dsalite.checkpoint import quant  # noqa: E402
 from dsalite.checkpoint.pretrained import from_pretrained  # noqa: E402
-from gguf_fixtures import SPECIAL, make_checkpoint, make_tokenizer  # noqa: E402
+from gguf_fixtures import SPECIAL, V4_ORIGINAL, make_checkpoint, make_tokenizer, make_v4_checkpoint  # noqa: E402
 
 ARCHS = {"glm_moe_dsa": "glm-dsa", "deepseek_v32": "deepseek32", "deepseek_v3": "deepseek2"}
 GLM52 = dict(num_hidden_layers=6, index_topk_freq=2, index_skip_topk_offset=3)  # full and shared indexer layers
@@ -224,11 +224,6 @@ def test_bad_arguments(ckpts, tmp_path):
     bare.mkdir()
     with pytest.raises(G.GGUFError, match="tokenizer.json: not found"):
         G.export_checkpoint(ckpts["deepseek_v3"], tmp_path / "x.gguf", "f32", tokenizer=str(bare))
-    v4 = tmp_path / "v4"
-    v4.mkdir()
-    (v4 / "config.json").write_text('{"model_type": "deepseek_v4"}')
-    with pytest.raises(G.GGUFError, match="'deepseek4'.*not supported yet"):
-        G.export_checkpoint(str(v4), tmp_path / "x.gguf", "f32")
     small = tmp_path / "small_vocab"
     make_tokenizer(str(small), 400)
     with pytest.raises(G.GGUFError, match="outside the model's vocab_size=320"):
@@ -323,3 +318,150 @@ def test_fp8_checkpoint_exports_dequantised(ckpts, tmp_path):
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
     assert not torch.equal(want["model.layers.0.self_attn.o_proj.weight"],
                            from_pretrained(src).state_dict()["model.layers.0.self_attn.o_proj.weight"])
+
+
+# --------------------------------------------------------------------------- DeepSeek-V4 (deepseek4)
+
+
+@pytest.fixture(scope="module")
+def v4_ckpt(tmp_path_factory):
+    return make_v4_checkpoint(tmp_path_factory.mktemp("gguf_v4") / "v4")
+
+
+def v4_logits(model, ids):
+    with torch.no_grad():
+        out = model(ids)
+        return out.logits, model.mtp_forward(out.streams, torch.roll(ids, -1, dims=1))[0]
+
+
+def test_v4_f32_round_trip_is_exact_mtp_in_its_draft_file(v4_ckpt, tmp_path):
+    out = tmp_path / "v4.gguf"
+    info = G.export_checkpoint(v4_ckpt, out, "f32")
+    assert sorted(os.listdir(tmp_path)) == ["mtp-v4.gguf", "v4.gguf"] and info["mtp"]["path"].endswith("mtp-v4.gguf")
+    src = from_pretrained(v4_ckpt)
+    back = dsalite.from_pretrained(str(out))  # picks up mtp-v4.gguf beside it
+    assert back.cfg.num_nextn_predict_layers == 1 and back.cfg.layer_types == src.cfg.layer_types
+    assert back.cfg.mlp_types == src.cfg.mlp_types and back.cfg.compress_rope == src.cfg.compress_rope
+    sd_src, sd_back = src.state_dict(), back.state_dict()
+    assert sd_src.keys() == sd_back.keys()
+    bad = [k for k in sd_src if not torch.equal(sd_src[k], sd_back[k])]
+    assert not bad, f"tensors changed by the round trip: {bad[:5]}"
+    # longer than the window, two HCA entries (ratio 128), many more CSA entries than index_topk
+    ids = torch.randint(0, src.cfg.vocab_size, (2, 300), generator=torch.Generator().manual_seed(0))
+    (a, a_mtp), (b, b_mtp) = v4_logits(src, ids), v4_logits(back, ids)
+    assert (a - b).abs().max() <= 1e-5 and (a_mtp - b_mtp).abs().max() <= 1e-5
+    # without the draft file: the trunk alone
+    os.remove(info["mtp"]["path"])
+    trunk = G.load(str(out))
+    assert trunk.cfg.num_nextn_predict_layers == 0 and torch.equal(trunk(ids).logits, b)
+
+
+def v4_expected_type(name: str, shape: tuple, dtype: str) -> str:
+    """llama.cpp's rule (see expected_type) plus what DeepSeek-V4 keeps in fp32: mHC mixers and compressor position
+    biases; the hash table is integers."""
+    if name.endswith("ffn_gate_tid2eid.weight"):
+        return "I32"
+    if name.endswith(("hc_attn_fn.weight", "hc_ffn_fn.weight", "output_hc_fn.weight", "compressor_ape.weight")):
+        return "F32"
+    return expected_type(name, shape, dtype)
+
+
+@pytest.mark.parametrize("dtype", ["f16", "bf16", "q8_0"])
+def test_v4_quantised_export_matches_an_independent_rounding(v4_ckpt, tmp_path, dtype):
+    """Every tensor of both files equals the independent rounding of the F32 export (itself bit-exact to the source);
+    the import dequantises through the mapping the F32 round trip checks."""
+    G.export_checkpoint(v4_ckpt, tmp_path / "f32.gguf", "f32")
+    G.export_checkpoint(v4_ckpt, tmp_path / "q.gguf", dtype)
+    for name in ("f32.gguf", "mtp-f32.gguf"):
+        md, exact = read(tmp_path / name)
+        qmd, quant = read(tmp_path / name.replace("f32", "q"))
+        assert qmd["general.file_type"] == {"f16": 1, "bf16": 32, "q8_0": 7}[dtype]
+        assert exact.keys() == quant.keys()
+        kinds = set()
+        for n, t in quant.items():
+            shape = tuple(int(s) for s in reversed(t.shape))
+            kind = v4_expected_type(n, shape, dtype)
+            assert t.tensor_type.name == kind, n
+            kinds.add(kind)
+            if kind == "I32":
+                assert np.array_equal(np.asarray(t.data), np.asarray(exact[n].data)), n
+                continue
+            want = reference_round(torch.from_numpy(np.array(exact[n].data, dtype=np.float32)), kind)
+            got = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32))
+            assert torch.equal(want, got.reshape(want.shape)), n
+        assert {"F32", dtype.upper()} <= kinds
+    back = G.load(str(tmp_path / "q.gguf"))
+    assert back.cfg.num_nextn_predict_layers == 1
+    ids = torch.randint(0, back.cfg.vocab_size, (1, 300), generator=torch.Generator().manual_seed(1))
+    logits, mtp_logits = v4_logits(back, ids)
+    assert torch.isfinite(logits).all() and torch.isfinite(mtp_logits).all()
+
+
+def test_v4_metadata_and_draft_file(v4_ckpt, tmp_path):
+    out = tmp_path / "m.gguf"
+    G.export_checkpoint(v4_ckpt, out, "f32")
+    md, tensors = read(out)
+    dmd, draft = read(tmp_path / "mtp-m.gguf")
+    cfg = from_pretrained(v4_ckpt).cfg
+    a, L, D = "deepseek4", cfg.num_hidden_layers, cfg.hidden_size
+    assert md["general.architecture"] == dmd["general.architecture"] == a
+    assert md[f"{a}.block_count"] == L and f"{a}.nextn_predict_layers" not in md
+    assert dmd[f"{a}.block_count"] == L + 1 and dmd[f"{a}.nextn_predict_layers"] == 1
+    assert md[f"{a}.attention.compress_ratios"] == V4_ORIGINAL["compress_ratios"]  # MTP layer's entry included
+    assert md[f"{a}.hash_layer_count"] == 2 and md[f"{a}.expert_gating_func"] == 4
+    assert md[f"{a}.swiglu_clamp_exp"] == [10.0] * L and dmd[f"{a}.swiglu_clamp_shexp"] == [10.0] * (L + 1)
+    assert md[f"{a}.hyper_connection.count"] == 4 and md[f"{a}.embedding_length_out"] == 4 * D
+    assert md[f"{a}.rope.freq_base"] == 10000.0 and md[f"{a}.attention.compress_rope_freq_base"] == 160000.0
+    assert md[f"{a}.rope.scaling.type"] == "yarn" and md[f"{a}.rope.scaling.factor"] == 16.0
+    assert not [n for n in tensors if n.startswith(f"blk.{L}.")]
+    assert tensors["blk.0.ffn_gate_tid2eid.weight"].tensor_type.name == "I32" and "blk.0.exp_probs_b.bias" not in tensors
+    assert "blk.2.ffn_gate_tid2eid.weight" not in tensors and "blk.2.exp_probs_b.bias" in tensors
+    assert "blk.1.indexer_compressor_ape.weight" in tensors and "blk.2.indexer.proj.weight" not in tensors  # HCA
+    # the draft file: shared embedding / final norm / head, the MTP block at blk.L, its own hc_head at the root
+    src = from_pretrained(v4_ckpt).state_dict()
+
+    def arr(t):
+        return torch.from_numpy(np.array(t.data)).reshape(tuple(int(s) for s in reversed(t.shape)))
+
+    assert not [n for n in draft if n.startswith("blk.") and not n.startswith(f"blk.{L}.")]
+    assert torch.equal(arr(draft["output_hc_fn.weight"]), src["mtp.0.hc_head.hc_fn"])
+    assert torch.equal(arr(draft["output.weight"]), src["lm_head.weight"])
+    assert torch.equal(arr(draft[f"blk.{L}.nextn.shared_head_norm.weight"]), src["mtp.0.norm.weight"])
+    assert torch.equal(arr(draft[f"blk.{L}.nextn.eh_proj.weight"]),
+                       torch.cat([src["mtp.0.e_proj.weight"], src["mtp.0.h_proj.weight"]], dim=1))
+    with pytest.raises(G.GGUFError, match="is an MTP draft file"):
+        G.load(str(tmp_path / "mtp-m.gguf"))
+
+
+def test_v4_no_mtp_writes_no_draft_file(v4_ckpt, tmp_path):
+    G.export_checkpoint(v4_ckpt, tmp_path / "trunk.gguf", "f32", mtp=False)
+    assert os.listdir(tmp_path) == ["trunk.gguf"]
+
+
+@pytest.mark.parametrize("overrides, reason", [
+    (dict(hc_mult=2), "hc_mult=2: llama.cpp's deepseek4 graph asserts 4 mHC streams"),
+    (dict(compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 8},
+          compress_ratios=[0, 4, 8, 4, 0]), "compress_rates['heavily_compressed_attention']=8"),
+    (dict(index_head_dim=32), "index_head_dim=32 is not a multiple of 64"),
+    (dict(mlp_layer_types=["moe", "hash_moe", "moe", "moe"]), "hash-routes the first hash_layer_count layers"),
+    (dict(rope_parameters={"main": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
+                                    "original_max_position_embeddings": 64},
+                           "compress": {"rope_type": "default", "rope_theta": 1.6e5}}),
+     "rotates sliding-window layers with plain rope"),
+    (dict(tie_word_embeddings=True), "needs its own output.weight"),
+])
+def test_v4_unexportable_configs_name_the_reason(overrides, reason):
+    cfg = dsalite.ModelConfig.from_hf(dict(V4_ORIGINAL, **overrides))
+    with pytest.raises(G.GGUFError, match="cannot export to GGUF") as e:
+        G.check_exportable(cfg, "f32")
+    assert reason in str(e.value)
+
+
+def test_v4_mtp_layer_llamacpp_cannot_run_is_refused(tmp_path):
+    """llama.cpp's deepseek4 MTP graph has sliding-window attention only; the trunk still exports without it."""
+    path = make_v4_checkpoint(tmp_path / "src", compress_ratios=[0, 4, 128, 4, 4])
+    with pytest.raises(G.GGUFError, match="MTP layer type 'compressed_sparse_attention'.*--no-mtp"):
+        G.export_checkpoint(path, tmp_path / "x.gguf", "f32")
+    assert sorted(os.listdir(tmp_path)) == ["src"]
+    G.export_checkpoint(path, tmp_path / "x.gguf", "f32", mtp=False)
+    assert G.load(str(tmp_path / "x.gguf")).cfg.num_nextn_predict_layers == 0
