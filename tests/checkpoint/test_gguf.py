@@ -414,7 +414,8 @@ def test_v4_metadata_and_draft_file(v4_ckpt, tmp_path):
     assert md[f"{a}.rope.freq_base"] == 10000.0 and md[f"{a}.attention.compress_rope_freq_base"] == 160000.0
     assert md[f"{a}.rope.scaling.type"] == "yarn" and md[f"{a}.rope.scaling.factor"] == 16.0
     assert not [n for n in tensors if n.startswith(f"blk.{L}.")]
-    assert tensors["blk.0.ffn_gate_tid2eid.weight"].tensor_type.name == "I32" and "blk.0.exp_probs_b.bias" not in tensors
+    assert tensors["blk.0.ffn_gate_tid2eid.weight"].tensor_type.name == "I32"
+    assert "blk.0.exp_probs_b.bias" not in tensors  # hash layers route by table, without the selection bias
     assert "blk.2.ffn_gate_tid2eid.weight" not in tensors and "blk.2.exp_probs_b.bias" in tensors
     assert "blk.1.indexer_compressor_ape.weight" in tensors and "blk.2.indexer.proj.weight" not in tensors  # HCA
     # the draft file: shared embedding / final norm / head, the MTP block at blk.L, its own hc_head at the root

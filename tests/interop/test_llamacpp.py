@@ -3,6 +3,8 @@
 llama.cpp's logits on a prompt 3-4× longer than index_topk (so DSA selection drops keys) must match transformers'
 and dsalite's to 1e-3 in F32, and greedy continuations must be identical. The checkpoints are built and saved by
 transformers (the parity ground truth); the MTP cases are dsalite checkpoints, since transformers drops MTP weights.
+DeepSeek-V4 runs a 321-token prompt: 40× its sliding window, two HCA entries (ratio 128), 80 CSA entries for
+index_topk 3.
 With the llama.cpp sources unpacked (`make llamacpp` sets DSALITE_LLAMACPP_SRC), the export is also compared key by
 key and tensor by tensor with what llama.cpp's own converter writes for the same checkpoint.
 """
@@ -24,7 +26,14 @@ gguf = pytest.importorskip("gguf")
 from dsalite import verify  # noqa: E402
 from dsalite.checkpoint import gguf as G  # noqa: E402
 from dsalite.checkpoint.pretrained import from_pretrained  # noqa: E402
-from gguf_fixtures import TEXT, VOCAB, make_checkpoint, make_tokenizer  # noqa: E402
+from gguf_fixtures import (  # noqa: E402
+    TEXT,
+    VOCAB,
+    make_checkpoint,
+    make_tokenizer,
+    make_v4_checkpoint,
+    make_v4_hf_checkpoint,
+)
 from hf_fixtures import build_hf, save_hf  # noqa: E402
 
 pytestmark = pytest.mark.llamacpp
@@ -44,20 +53,20 @@ GREEDY = 8
 TOL = 1e-3
 
 
-def llama(path: str) -> "llama_cpp.Llama":
+def llama(path: str, n_ctx: int = 128) -> "llama_cpp.Llama":
     """F32 KV cache (the default F16 one would round the latents) and every position's logits."""
-    return llama_cpp.Llama(model_path=str(path), n_ctx=128, n_batch=128, n_ubatch=128, n_threads=2, logits_all=True,
-                           type_k=0, type_v=0, verbose=False)
+    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=2,
+                           logits_all=True, type_k=0, type_v=0, verbose=False)
 
 
-def prompt_ids(tok_dir: str) -> list[int]:
+def prompt_ids(tok_dir: str, repeat: int = 1) -> list[int]:
     from tokenizers import Tokenizer
 
-    return Tokenizer.from_file(os.path.join(tok_dir, "tokenizer.json")).encode(" ".join(TEXT)).ids
+    return Tokenizer.from_file(os.path.join(tok_dir, "tokenizer.json")).encode(" ".join(TEXT * repeat)).ids
 
 
-def llama_logits_and_greedy(path, ids: list[int]) -> tuple[np.ndarray, list[int]]:
-    llm = llama(path)
+def llama_logits_and_greedy(path, ids: list[int], n_ctx: int = 128) -> tuple[np.ndarray, list[int]]:
+    llm = llama(path, n_ctx)
     llm.eval(ids)
     logits = np.array(llm.scores[: len(ids)], dtype=np.float64)
     out = []
@@ -144,6 +153,34 @@ def test_llamacpp_tokenizes_like_the_tokenizer(tmp_path):
     assert llm.token_bos() == tok.token_to_id("[gMASK]")
 
 
+def test_llamacpp_deepseek4_matches_transformers_and_dsalite(tmp_path):
+    """DeepSeek-V4: sliding window, CSA with its indexer, HCA, hash-routed layers, mHC, yarn on the compress rope."""
+    path = make_v4_hf_checkpoint(tmp_path / "v4")
+    out = tmp_path / "v4.gguf"
+    G.export_checkpoint(path, out, "f32")
+    ids = prompt_ids(path, repeat=4)
+    cfg = from_pretrained(path).cfg
+    assert len(ids) > 2 * 128 and len(ids) // 4 > 20 * cfg.index_topk and len(ids) > 20 * cfg.sliding_window
+
+    theirs, llama_cont = llama_logits_and_greedy(out, ids, n_ctx=512)
+    rep = verify.compare(path, input_ids=torch.tensor([ids]))  # dsalite vs transformers, with CSA selection checks
+    csa = [r for r in rep.layers if r.topk_overlap is not None]
+    assert csa and all(r.topk_overlap == 1.0 for r in csa)
+    for r in csa:
+        assert r.excluded_fraction > 0.2, f"layer {r.layer}: selection is not sparse"
+        assert r.boundary_gap > 1e-6, f"layer {r.layer}: top-k boundary tie makes the selection undefined"
+    with torch.no_grad():
+        hf_logits = verify.load_hf(path)(torch.tensor([ids])).logits[0].double().numpy()
+    model = from_pretrained(path)
+    with torch.no_grad():
+        ours = model(torch.tensor([ids])).logits[0].double().numpy()
+    d_hf, d_ours = np.abs(theirs - hf_logits).max(), np.abs(theirs - ours).max()
+    print(f"deepseek4: {len(ids)} tokens, llama.cpp vs transformers max|Δ| {d_hf:.2e}, vs dsalite {d_ours:.2e}, "
+          f"dsalite vs transformers {rep.max_abs:.2e}")
+    assert d_hf <= TOL and d_ours <= TOL
+    assert dsalite_greedy(model, ids) == llama_cont
+
+
 # --------------------------------------------------------------------------- llama.cpp's own converter
 
 SRC = os.environ.get("DSALITE_LLAMACPP_SRC")
@@ -204,3 +241,48 @@ def test_export_equals_llamacpp_converter(tmp_path, mt, dtype):
         o = t_ours[n]
         assert (o.tensor_type, list(o.shape)) == (t.tensor_type, list(t.shape)), n
         assert np.array_equal(np.asarray(o.data), np.asarray(t.data)), n
+
+
+@pytest.mark.skipif(not SRC, reason="DSALITE_LLAMACPP_SRC (the unpacked llama.cpp sources) is not set")
+def test_deepseek4_export_equals_llamacpp_converter(tmp_path):
+    """llama.cpp's DeepSeek-V4 converter reads only DeepSeek's release format (original names and config spelling,
+    routed experts in FP4), so the source is that. It keeps each tensor's source precision: FP4 experts are repacked
+    losslessly to MXFP4 (file type MOSTLY_MXFP4_MOE) and the MTP `eh_proj` is forced to Q8_0. Our F32 export equals
+    it key for key and byte for byte except there: the same expert values in F32, `eh_proj` whose Q8_0 rounding is
+    the converter's bytes. The trunk is the default output, the MTP draft the `--mtp` output."""
+    path = make_v4_checkpoint(tmp_path / "v4", fp4_experts=True)
+    ours = tmp_path / "ours.gguf"
+    G.export_checkpoint(path, ours, "f32")
+    for flag, ref, mine in (([], "ref.gguf", ours), (["--mtp"], "ref-mtp.gguf", tmp_path / "mtp-ours.gguf")):
+        r = subprocess.run([sys.executable, "-c", _CONVERT, SRC, path, "--outfile", str(tmp_path / ref),
+                            "--outtype", "f32", *flag], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        (kv_ref, t_ref), (kv_ours, t_ours) = _contents(tmp_path / ref), _contents(mine)
+        assert kv_ref.pop("general.file_type")[1] == 38 and kv_ours.pop("general.file_type")[1] == 0
+        assert kv_ours.keys() == kv_ref.keys()
+        for k in kv_ref:
+            assert kv_ours[k] == kv_ref[k], k
+        assert t_ours.keys() == t_ref.keys()
+        for n, t in t_ref.items():
+            o = t_ours[n]
+            assert list(o.shape) == list(t.shape), n
+            if "_exps." in n:
+                assert (t.tensor_type.name, o.tensor_type.name) == ("MXFP4", "F32"), n
+                assert np.array_equal(gguf.quants.dequantize(t.data, t.tensor_type), np.asarray(o.data)), n
+            elif n.endswith("nextn.eh_proj.weight"):
+                assert (t.tensor_type.name, o.tensor_type.name) == ("Q8_0", "F32"), n
+                q = gguf.quants.quantize(np.asarray(o.data), gguf.GGMLQuantizationType.Q8_0)
+                assert np.array_equal(q, np.asarray(t.data)), n
+            else:
+                assert o.tensor_type == t.tensor_type, n
+                assert np.array_equal(np.asarray(o.data), np.asarray(t.data)), n
+    # and dsalite imports the converter's pair: MXFP4 experts dequantise to the source's FP4 values exactly
+    os.replace(tmp_path / "ref-mtp.gguf", tmp_path / "mtp-ref.gguf")
+    src, back = from_pretrained(path), G.load(str(tmp_path / "ref.gguf"))
+    assert back.cfg.num_nextn_predict_layers == 1
+    sd_src, sd_back = src.state_dict(), back.state_dict()
+    eh = ("mtp.0.e_proj.weight", "mtp.0.h_proj.weight")  # Q8_0 in the converter's file
+    assert sd_src.keys() == sd_back.keys() and all(torch.equal(sd_src[k], sd_back[k]) for k in sd_src if k not in eh)
+    ids = torch.tensor([prompt_ids(path, repeat=4)])
+    with torch.no_grad():
+        assert torch.equal(src(ids).logits, back(ids).logits)
