@@ -117,6 +117,9 @@ def cmd_export_gguf(args) -> int:
                              mtp=not args.no_mtp)
     types = ", ".join(f"{n} {t}" for t, n in sorted(info["types"].items()))
     print(f"wrote {args.out} ({info['tensors']} tensors: {types}; {info['bytes'] / 2**20:.1f} MiB)")
+    if "mtp" in info:
+        m = info["mtp"]
+        print(f"wrote {m['path']} (MTP draft, {m['tensors']} tensors; {m['bytes'] / 2**20:.1f} MiB)")
     return 0
 
 
@@ -209,14 +212,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("export-gguf", help="write a GGUF file that llama.cpp runs (MTP included)",
                        description="Export an HF checkpoint (GLM-5.x -> glm-dsa, DeepSeek-V3.2 -> deepseek32, "
-                                   "DeepSeek-V3 -> deepseek2) to one GGUF file with the metadata keys, tensor names "
-                                   "and tokenizer llama.cpp's converter writes, keeping the MTP block. FP8 weights are "
-                                   "dequantised first. Needs the `gguf` extra.")
+                                   "DeepSeek-V3 -> deepseek2, DeepSeek-V4 -> deepseek4) to a GGUF file with the "
+                                   "metadata keys, tensor names and tokenizer llama.cpp's converter writes, keeping "
+                                   "the MTP block (DeepSeek-V4: in a second file mtp-OUT beside OUT, the draft file "
+                                   "llama.cpp's converter writes with --mtp). FP8/FP4 weights are dequantised first. "
+                                   "Needs the `gguf` extra.")
     g.add_argument("src", help="input HF checkpoint directory")
     g.add_argument("out", help="output .gguf file (written to a temporary name, then renamed)")
     g.add_argument("--dtype", choices=["f32", "f16", "bf16", "q8_0"], default="f32",
                    help="type of the weight matrices (default f32); norms, biases, the router and the indexer head "
-                        "weights stay f32, and q8_0 falls back to f16 for rows that are not a multiple of 32")
+                        "weights (DeepSeek-V4: also mHC mixers and compressor position biases) stay f32, and q8_0 "
+                        "falls back to f16 for rows that are not a multiple of 32")
     g.add_argument("--tokenizer", default=None,
                    help="folder with tokenizer.json (+ tokenizer_config.json, chat_template.jinja); default: SRC")
     g.add_argument("--tokenizer-pre", default="auto",

@@ -390,11 +390,13 @@ def test_v4_quantised_export_matches_an_independent_rounding(v4_ckpt, tmp_path, 
             got = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32))
             assert torch.equal(want, got.reshape(want.shape)), n
         assert {"F32", dtype.upper()} <= kinds
+    # the imported model computes what the source model computes with those rounded weights
     back = G.load(str(tmp_path / "q.gguf"))
-    assert back.cfg.num_nextn_predict_layers == 1
+    src = from_pretrained(v4_ckpt)
+    src.load_state_dict(back.state_dict())
     ids = torch.randint(0, back.cfg.vocab_size, (1, 300), generator=torch.Generator().manual_seed(1))
-    logits, mtp_logits = v4_logits(back, ids)
-    assert torch.isfinite(logits).all() and torch.isfinite(mtp_logits).all()
+    (a, a_mtp), (b, b_mtp) = v4_logits(src, ids), v4_logits(back, ids)
+    assert (a - b).abs().max() <= 1e-5 and (a_mtp - b_mtp).abs().max() <= 1e-5
 
 
 def test_v4_metadata_and_draft_file(v4_ckpt, tmp_path):
@@ -437,6 +439,14 @@ def test_v4_metadata_and_draft_file(v4_ckpt, tmp_path):
 def test_v4_no_mtp_writes_no_draft_file(v4_ckpt, tmp_path):
     G.export_checkpoint(v4_ckpt, tmp_path / "trunk.gguf", "f32", mtp=False)
     assert os.listdir(tmp_path) == ["trunk.gguf"]
+
+
+def test_cli_export_gguf_v4_names_both_files(v4_ckpt, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "dsalite.cli", "export-gguf", v4_ckpt, str(tmp_path / "v4.gguf"),
+                        "--dtype", "bf16"], capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr
+    assert "BF16" in r.stdout and f"wrote {tmp_path / 'mtp-v4.gguf'} (MTP draft" in r.stdout
+    assert sorted(os.listdir(tmp_path)) == ["mtp-v4.gguf", "v4.gguf"]
 
 
 @pytest.mark.parametrize("overrides, reason", [
