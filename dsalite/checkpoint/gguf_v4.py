@@ -246,12 +246,12 @@ def _tensors(reader, L: int, mtp_file: bool, path: str):
     """(dsalite name, part index or None, array) for every tensor of a trunk or MTP draft file."""
     gguf = G._gguf()
     for t in reader.tensors:
+        if mtp_file and t.name in _SHARED:
+            continue  # the trunk file's copy is the one used
         if t.tensor_type == gguf.GGMLQuantizationType.I32:
             a = np.array(t.data, dtype=np.int32)
         else:
             a = np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
-        if mtp_file and t.name in _SHARED:
-            continue  # the trunk file's copy is the one used
         if mtp_file and t.name in _MTP_ROOT_BY_GGUF:
             yield f"mtp.0.{_MTP_ROOT_BY_GGUF[t.name]}", None, a
             continue
@@ -260,7 +260,7 @@ def _tensors(reader, L: int, mtp_file: bool, path: str):
             continue
         m = re.match(r"^blk\.(\d+)\.(.+)$", t.name)
         i = int(m.group(1)) if m else -1
-        if m and (i >= L) == mtp_file and i >= 0:
+        if m and (i >= L) == mtp_file:
             prefix = f"mtp.{i - L}." if mtp_file else f"model.layers.{i}."
             rest = m.group(2)
             if rest in _BY_GGUF:
@@ -291,12 +291,13 @@ def load(path: str, reader, md: dict, dtype: torch.dtype, device) -> torch.nn.Mo
     files = [(path, reader, False)]
     draft = mtp_path(path)
     if os.path.isfile(draft):
-        dmd = G._fields(d_reader := G._open(draft))
-        n = dmd.get(T.K["nextn_predict_layers"].format(a=ARCH), 0)
-        if dmd.get("general.architecture") != ARCH or n < 1 or dmd.get(T.K["block_count"].format(a=ARCH)) != L + n:
-            raise G.GGUFError(f"{draft}: not the deepseek4 MTP draft file of {path} "
-                              f"(expected nextn_predict_layers >= 1 and block_count = {L} + nextn_predict_layers)")
-        raw["num_nextn_predict_layers"] = n
+        d_reader = G._open(draft)
+        dmd = G._fields(d_reader)
+        n = dmd.get(T.K["nextn_predict_layers"].format(a=ARCH))
+        if dmd.get("general.architecture") != ARCH or n != 1 or dmd.get(T.K["block_count"].format(a=ARCH)) != L + 1:
+            raise G.GGUFError(f"{draft}: not the deepseek4 MTP draft file of {path} (expected nextn_predict_layers "
+                              f"= 1, the one MTP block llama.cpp runs, and block_count = {L + 1})")
+        raw["num_nextn_predict_layers"] = 1
         files.append((draft, d_reader, True))
     cfg = ModelConfig.from_hf(raw)
     parts: dict[str, dict] = {}

@@ -439,6 +439,9 @@ def test_v4_metadata_and_draft_file(v4_ckpt, tmp_path):
 def test_v4_no_mtp_writes_no_draft_file(v4_ckpt, tmp_path):
     G.export_checkpoint(v4_ckpt, tmp_path / "trunk.gguf", "f32", mtp=False)
     assert os.listdir(tmp_path) == ["trunk.gguf"]
+    shutil.copy(tmp_path / "trunk.gguf", tmp_path / "mtp-trunk.gguf")  # a file in the draft's place that is not one
+    with pytest.raises(G.GGUFError, match="mtp-trunk.gguf: not the deepseek4 MTP draft file"):
+        G.load(str(tmp_path / "trunk.gguf"))
 
 
 def test_cli_export_gguf_v4_names_both_files(v4_ckpt, tmp_path):
