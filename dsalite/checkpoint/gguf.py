@@ -6,7 +6,7 @@ the MTP/NextN block that its DeepSeek converter drops (appended as block L, in t
 DeepSeek-V4 (`deepseek4`) specifics, including its separate MTP draft file, live in `gguf_v4.py`.
 Names live in `gguf_table.py`. Tensors are streamed: each is produced, quantised and written in turn into a temporary
 file that is renamed into place only when complete. Import reads the metadata back into a `ModelConfig`, dequantises
-every tensor (F16/BF16/Q8_0) and builds the normal `Transformer`.
+every tensor (F16/BF16/Q8_0, and MXFP4 from llama.cpp's DeepSeek-V4 converter) and builds the normal `Transformer`.
 
 Shapes below are PyTorch order (ggml's are reversed). H heads, n/v nope/value head dims, r kv_lora_rank, E experts,
 I expert width, D hidden.
@@ -386,6 +386,7 @@ def export(
     (llama.cpp's `--mtp` layout, see `gguf_v4`). Files are written under temporary names beside `out` and renamed into
     place when all are complete; on failure nothing is left behind.
     """
+    _gguf()  # a missing package fails before any work
     cfg = model.cfg
     check_exportable(cfg, dtype, mtp)
     out = os.path.abspath(os.fspath(out))
