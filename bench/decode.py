@@ -1,7 +1,7 @@
 """Decode step latency vs context length: dsalite's engine vs HF transformers' DynamicCache, same weights.
 
 Bench-small GLM config (hf-reference §10, latent cache) or, with --model v4, the bench DeepSeek-V4 config (window +
-compressor cache), fp32, batch 1, one thread. For each context T both models first prefill
+compressor cache), fp32, batch 1, one thread. For each context T the models first prefill
 T tokens (not timed), then run `--steps` single-token greedy decode steps, alternating between the two so that both
 see the same load; the median step time is reported.
 
@@ -24,10 +24,10 @@ from common import MODELS, dsalite_from_hf, hf_model  # noqa: E402
 from dsalite.inference.engine import Runner, new_cache  # noqa: E402
 
 
-def dsalite_stepper(model, ids, steps: int):
+def dsalite_stepper(model, ids, steps: int, compile: bool = False):
     """Prefill ids (untimed); return one greedy decode step of the engine as a function."""
     T = ids.shape[1]
-    runner = Runner(model, new_cache(model, 1, T + steps + 1), prefill_chunk=2048)
+    runner = Runner(model, new_cache(model, 1, T + steps + 4), prefill_chunk=2048, compile=compile)
     with torch.no_grad():
         logits, _ = runner.feed(ids, torch.ones_like(ids, dtype=torch.bool), torch.arange(T)[None])
     state = [logits[:, -1].argmax(-1, keepdim=True), T]
@@ -37,6 +37,8 @@ def dsalite_stepper(model, ids, steps: int):
         logits, _ = runner.feed(state[0], torch.ones(1, 1, dtype=torch.bool), torch.tensor([[state[1]]]))
         state[:] = [logits[:, -1].argmax(-1, keepdim=True), state[1] + 1]
 
+    for _ in range(2):  # untimed: the compiled runner compiles on its first steps
+        step()
     return step
 
 
@@ -78,6 +80,9 @@ def main() -> None:
     ap.add_argument("--cpu-time", action="store_true",
                     help="time steps with the process's CPU time instead of wall-clock (steadier when other "
                          "processes share the cores; with 1 thread it equals the wall time of an idle machine)")
+    ap.add_argument("--no-compile", action="store_true",
+                    help="skip the compiled runner (Runner(compile=True), GLM only; its first step compiles for "
+                         "seconds and is not timed)")
     ap.add_argument("--skip-hf-above", type=int, default=8192, help="skip HF for longer contexts (default 8192)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -87,21 +92,28 @@ def main() -> None:
     ours = dsalite_from_hf(hf)
     print(f"decode, {title}, fp32, batch 1, {a.threads} thread(s), median of {a.steps} steps"
           + (", CPU time" if a.cpu_time else ""))
-    print(f"{'context':>8} {'HF ms/token':>12} {'dsalite ms/token':>17} {'speedup':>8}")
+    compiled = a.model == "glm" and not a.no_compile  # the compiled runner serves the latent cache (MLA models)
+    print(f"{'context':>8} {'HF ms/token':>12} {'dsalite ms/token':>17} {'speedup':>8}"
+          + (f" {'compiled ms/token':>18} {'speedup':>8}" if compiled else ""))
     warm = torch.randint(0, bench["vocab_size"], (1, 64), generator=torch.Generator().manual_seed(0))
     step_times([dsalite_stepper(ours, warm, 2), hf_stepper(hf, warm, 2)], 2, clock)  # first forwards are slow
     base = None
     for T in (int(x) for x in a.contexts.split(",")):
         ids = torch.randint(0, bench["vocab_size"], (1, T), generator=torch.Generator().manual_seed(T))
+        steppers = [dsalite_stepper(ours, ids, a.steps)]
+        if compiled:
+            steppers.append(dsalite_stepper(ours, ids, a.steps, compile=True))
         if T <= a.skip_hf_above:
-            d, h = step_times([dsalite_stepper(ours, ids, a.steps), hf_stepper(hf, ids, a.steps)], a.steps, clock)
-            print(f"{T:>8} {h:>12.2f} {d:>17.2f} {h / d:>7.1f}x", flush=True)
-        else:
-            (d,) = step_times([dsalite_stepper(ours, ids, a.steps)], a.steps, clock)
-            print(f"{T:>8} {'-':>12} {d:>17.2f} {'-':>8}", flush=True)
-        base = base or d
-    print(f"dsalite step time at the longest context / shortest: {d / base:.2f}x")
-
+            steppers.append(hf_stepper(hf, ids, a.steps))
+        times = step_times(steppers, a.steps, clock)
+        d, c, h = times[0], times[1] if compiled else None, times[-1] if T <= a.skip_hf_above else None
+        row = f"{T:>8} {h or 0:>12.2f} {d:>17.2f} {h / d if h else 0:>7.1f}x"
+        if compiled:
+            row += f" {c:>18.2f} {h / c if h else 0:>7.1f}x"
+        print(row, flush=True)
+        best = c if compiled else d
+        base = base or best
+    print(f"dsalite step time at the longest context / shortest: {best / base:.2f}x")
 
 if __name__ == "__main__":
     main()

@@ -53,11 +53,43 @@ def new_cache(model, batch: int, capacity: int):
     return cache_class(model.cfg)(model.cfg, batch, capacity, dtype=next(model.parameters()).dtype)
 
 
-class Runner:
-    """Model + cache: prefill in chunks, decode one token (or a few) per sequence."""
+# Calls of at most this many new tokens per sequence (decode steps, speculative verification) take the compiled
+# path when the runner compiles; prefill chunks always run eagerly (they are GEMM-bound, and every length would
+# otherwise be a new graph).
+COMPILED_MAX_TOKENS = 8
 
-    def __init__(self, model, cache: LatentCache, prefill_chunk: int = 2048):
+
+def _skip_parameter_guards(entries) -> list[bool]:
+    """torch.compile guard filter: drop the per-call checks of every parameter's dtype/shape/strides, that no module
+    gained a hook, and that no attribute shadows a module's (a thousand checks, most of a decode step's guard
+    time); keep the checks of config values, types and the cache, so another model or config still recompiles."""
+    return [not (e.guard_type in ("EMPTY_NN_MODULE_HOOKS_DICT", "NOT_PRESENT_IN_GENERIC_DICT")
+                 or e.guard_type == "TENSOR_MATCH" and isinstance(e.value, torch.nn.Parameter)) for e in entries]
+
+
+def compiled(fn):
+    """fn through torch.compile for few-token calls: shapes symbolic (the context grows every step), most guards on
+    the model's modules dropped (`_skip_parameter_guards`)."""
+    return torch.compile(fn, dynamic=True, options={"guard_filter_fn": _skip_parameter_guards})
+
+
+class Runner:
+    """Model + cache: prefill in chunks, decode one token (or a few) per sequence.
+
+    compile=True runs the few-token calls through torch.compile (inductor): on small models a decode step is mostly
+    per-operation overhead, which compiling fuses away. The first compiled call takes seconds; later calls at any
+    context length reuse the graph (the cached length is a symbol, not a constant)."""
+
+    def __init__(self, model, cache: LatentCache, prefill_chunk: int = 2048, compile: bool = False):
         self.model, self.cache, self.chunk = model, cache, prefill_chunk
+        self._few = compiled(self._forward) if compile else self._forward
+
+    def _forward(self, ids, positions, cached: int, mask):
+        """One model call over ids [B, n] after `cached` tokens; the last hidden states [B, n, D]. The cached length
+        is an argument (not read from the cache) so that a compiled graph treats it as a symbol."""
+        self.cache.seq_len = cached
+        return self.model(ids, position_ids=positions, cache=self.cache, attention_mask=mask,
+                          compute_logits=False).last_hidden
 
     @torch.no_grad()
     def feed(self, ids: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor, all_logits: bool = False):
@@ -68,9 +100,9 @@ class Runner:
             self.cache.append_tokens(valid[:, sl], positions[:, sl])
             n = ids[:, sl].shape[1]
             plain = bool(valid.all()) and self.cache.seq_len == 0
-            out = self.model(ids[:, sl], position_ids=positions[:, sl], cache=self.cache,
-                             attention_mask=None if plain else self.cache.valid(n), compute_logits=False)
-            hidden.append(out.last_hidden)
+            mask = None if plain else self.cache.valid(n)
+            run = self._few if n <= COMPILED_MAX_TOKENS and not plain else self._forward
+            hidden.append(run(ids[:, sl], positions[:, sl], self.cache.seq_len, mask))
         h = torch.cat(hidden, 1)
         return self.model.head(h if all_logits else h[:, -1:]), h
 
@@ -114,6 +146,7 @@ def generate(
     on_token: Callable[[int, int], None] | None = None,  # called (sequence, token) as tokens are produced
     should_stop: Callable[[int, list[int]], bool] | None = None,  # (sequence, new ids) → stop that sequence
     stats: Stats | None = None,
+    compile: bool = False,  # torch.compile the decode steps (MLA models): seconds to compile, then faster steps
 ) -> torch.Tensor:
     """Input ids followed by up to max_new_tokens new ids per row (rows that stop early are padded with their
     last id), like HF `generate`. Greedy when temperature == 0."""
@@ -130,6 +163,9 @@ def generate(
     if speculative not in (None, "mtp"):
         raise ValueError(f"speculative must be None or 'mtp', got {speculative!r}")
     kind = cache_class(model.cfg)
+    if compile and kind is not LatentCache:
+        raise ValueError(f"compile=True supports the latent cache (MLA models); {kind.__name__} "
+                         f"({model.cfg.model_type}) decodes eagerly")
     if speculative == "mtp" and not kind.rewinds:
         raise ValueError(f"speculative='mtp' needs a cache that rewinds rejected drafts; {kind.__name__} cannot "
                          f"({model.cfg.model_type}); use speculative=None")
@@ -140,13 +176,13 @@ def generate(
         from dsalite.inference.speculative import mtp_generate
 
         return mtp_generate(model, input_ids, max_new_tokens, params, _eos_set(eos_token_id), attention_mask,
-                            gen, prefill_chunk, on_token, should_stop, stats)
+                            gen, prefill_chunk, on_token, should_stop, stats, compile)
 
     B, S = input_ids.shape
     valid, positions = _left_pad(input_ids, attention_mask)
     cache = new_cache(model, B, S + max_new_tokens)
     stats.cache_bytes_per_token = cache.bytes_per_token()
-    runner = Runner(model, cache, prefill_chunk)
+    runner = Runner(model, cache, prefill_chunk, compile)
     eos = _eos_set(eos_token_id)
 
     t0 = time.perf_counter()

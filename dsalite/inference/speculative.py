@@ -17,7 +17,7 @@ import time
 import torch
 
 from dsalite.inference.cache import LatentCache
-from dsalite.inference.engine import Runner, Stats, _left_pad
+from dsalite.inference.engine import Runner, Stats, _left_pad, compiled
 from dsalite.inference.sampling import SamplingParams, probs, probs_and_sample
 from dsalite.layers.mask import Visibility
 
@@ -25,28 +25,37 @@ from dsalite.layers.mask import Visibility
 class MTPDrafter:
     """The first MTP layer with its own latent cache, fed confirmed (hidden, next token) pairs."""
 
-    def __init__(self, model, capacity: int, dtype):
+    def __init__(self, model, capacity: int, dtype, compile: bool = False):
         cfg = model.cfg
         self.model, self.layer = model, model.mtp[0]
         self.cache = LatentCache(cfg, 1, capacity, layers=[cfg.num_hidden_layers], dtype=dtype)
+        self._step = compiled(self._draft) if compile else self._draft
 
     @torch.no_grad()
     def feed(self, h: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """h [1, n, D] post-norm hidden states, next_ids [1, n] → draft logits [1, V] of the last entry."""
         n = h.shape[1]
         self.cache.append_tokens(torch.ones(1, n, dtype=torch.bool), positions)
-        T = self.cache.seq_len + n
-        vis = Visibility(n, T, self.cache.seq_len, self.cache.valid(n))
+        step = self._step if self.cache.seq_len else self._draft  # the prompt's entries run eagerly
+        logits = step(h, next_ids, positions, self.cache.seq_len, self.cache.valid(n))
+        self.cache.advance(n)
+        return logits
+
+    def _draft(self, h, next_ids, positions, cached: int, valid):
+        """The MTP layer over n new entries after `cached` ones (an argument, so a compiled graph keeps it symbolic);
+        logits [1, V] of the last entry."""
+        self.cache.seq_len = cached
+        n = h.shape[1]
+        vis = Visibility(n, cached + n, cached, valid)
         cos, sin = self.model.rope(positions, h.dtype)
         _, logits, _ = self.layer.step(h, next_ids, cos, sin, vis, self.model.model.embed_tokens, self.model.head,
                                        None, self.cache)
-        self.cache.advance(n)
         return logits[:, -1]
 
 
 @torch.no_grad()
 def mtp_generate(model, input_ids, max_new_tokens, params: SamplingParams, eos: set[int], attention_mask, gen,
-                 prefill_chunk, on_token, should_stop, stats: Stats) -> torch.Tensor:
+                 prefill_chunk, on_token, should_stop, stats: Stats, compile: bool = False) -> torch.Tensor:
     if not len(model.mtp):
         raise ValueError("speculative='mtp' needs a model with MTP layers (num_nextn_predict_layers >= 1 and MTP "
                          "weights in the checkpoint)")
@@ -58,8 +67,8 @@ def mtp_generate(model, input_ids, max_new_tokens, params: SamplingParams, eos: 
     dtype = next(model.parameters()).dtype
     cache = LatentCache(model.cfg, 1, S + max_new_tokens + 2, dtype=dtype)
     stats.cache_bytes_per_token = cache.bytes_per_token()
-    runner = Runner(model, cache, prefill_chunk)
-    drafter = MTPDrafter(model, S + max_new_tokens + 2, dtype)
+    runner = Runner(model, cache, prefill_chunk, compile)
+    drafter = MTPDrafter(model, S + max_new_tokens + 2, dtype, compile)
 
     t0 = time.perf_counter()
     valid, positions = _left_pad(input_ids, None)

@@ -128,7 +128,8 @@ def run(args) -> int:
     out = dsalite.generate(model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                            top_k=args.top_k, top_p=args.top_p, eos_token_id=eos or None, attention_mask=mask,
                            seed=args.seed, speculative=None if args.speculative == "none" else args.speculative,
-                           prefill_chunk=args.prefill_chunk, on_token=on_token, should_stop=should_stop, stats=stats)
+                           prefill_chunk=args.prefill_chunk, on_token=on_token, should_stop=should_stop, stats=stats,
+                           compile=args.compile)
     if stream:
         print()
     else:

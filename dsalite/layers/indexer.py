@@ -62,7 +62,9 @@ def topk_indices(q, k, w, allowed, topk: int, scale: float, key_end=None) -> tor
     T = k.shape[1]
     K = min(topk, T)
     out = torch.full((B, S, K), -1, dtype=torch.long, device=q.device)
-    chunk = max(1, SCORE_BUDGET // max(1, B * q.shape[2] * T))
+    per_query = B * q.shape[2] * T
+    # one block when it fits: a compiled decode step then sees a size test, not a chunk count that changes with T
+    chunk = S if S * per_query <= SCORE_BUDGET else max(1, SCORE_BUDGET // per_query)
     for s0 in range(0, S, chunk):
         s1 = min(S, s0 + chunk)
         te = T if key_end is None else max(1, min(T, key_end(s1)))

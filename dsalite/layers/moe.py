@@ -125,6 +125,8 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """x [N, D], ids/w [N, k] → [N, D]."""
         N, k = ids.shape
+        if torch.compiler.is_compiling():  # only few-token calls are compiled (inference.engine.Runner)
+            return self._few_compiled(x, ids, w)
         if N * k <= SMALL_BATCH:
             return self._few(x, ids, w)
         flat = ids.reshape(-1)
@@ -160,6 +162,16 @@ class Experts(nn.Module):
                 acc = y if acc is None else acc + y
             out.append(acc)
         return torch.stack(out)
+
+    def _few_compiled(self, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """`_few` for torch.compile: the expert choice stays a tensor (no graph break on `tolist`), and inductor fuses
+        the indexing of the expert weights into the matrix-vector loops, so no weights are copied here either."""
+        N, k = ids.shape
+        flat = ids.reshape(-1)
+        xs = x.repeat_interleave(k, 0)  # [N*k, D], row j·k+i is token j for its i-th expert
+        gate, up = torch.einsum("nd,nhd->nh", xs, self.gate_up_proj[flat]).chunk(2, dim=-1)
+        y = torch.einsum("ni,ndi->nd", swiglu(gate, up, self.limit), self.down_proj[flat])
+        return (y * w.reshape(-1, 1).to(y.dtype)).view(N, k, -1).sum(1)
 
 
 class MoE(nn.Module):
