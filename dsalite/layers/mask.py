@@ -19,7 +19,9 @@ class Visibility:
     segments: torch.Tensor | None = None  # [B, T] int, keys of another document are invisible
 
     def __post_init__(self):
-        self._blocks: dict[tuple[int, int], torch.Tensor] = {}  # small blocks, shared by every layer of one forward
+        self._blocks: dict[tuple[int, int, int, int], torch.Tensor] = {}  # small blocks, shared by the layers
+        # an all-True key_valid (later chunks of an unpadded prefill) hides nothing: found once per forward
+        self._hides_keys = self.key_valid is not None and not bool(self.key_valid.all())
 
     @property
     def plain_causal(self) -> bool:
@@ -39,7 +41,7 @@ class Visibility:
         """(k0, k1): every query of s0..s1-1 sees all keys before k0 and none from k1 on (causal order), so only keys
         k0..k1-1 need the mask. Padding or documents can hide any key: then k0 = 0."""
         k1 = min(self.num_keys, self.offset + s1)
-        plain = self.key_valid is None and self.segments is None
+        plain = not self._hides_keys and self.segments is None
         return (min(k1, self.offset + s0 + 1) if plain else 0), k1
 
     def _make(self, s0: int, s1: int, k0: int, k1: int) -> torch.Tensor:

@@ -35,15 +35,15 @@ def sparse_attention(
     k_rows, per_b = _row_table(k)
     v_rows = None if isinstance(v, int) else _row_table(v)[0]
     grad = torch.is_grad_enabled() and (k_rows.requires_grad or q.requires_grad)
-    # whole-selection work done once, not per chunk: row numbers in the table, and whether any slot is empty
-    # (prefill past the first K tokens has none, so the mask is skipped) or any query sees no key at all
+    # whole-selection work done once, not per chunk: row numbers in the table, which queries have empty slots (a
+    # prefill's first K tokens; chunks without any skip the mask) and whether a query sees no key at all
     idx = idx.long()
     hidden = idx < 0
     rows_all = idx.clamp(min=0)
     if B > 1:
         rows_all = rows_all + (torch.arange(B, device=q.device) * per_b)[:, None, None]
-    masked = bool(hidden.any())
-    no_key = masked and sinks is None and bool(hidden.all(-1).any())
+    query_masked = hidden.any(-1).any(0)  # [S]
+    no_key = sinks is None and bool(hidden.all(-1).any())
     q = q * scale  # folded into the query once instead of scaling every chunk's logits
     # inference: one gather buffer reused by every chunk (fresh pages per chunk would cost more than the copy)
     k_buf = None if grad else k_rows.new_empty(B * min(chunk, S) * K, k_rows.shape[1])
@@ -57,7 +57,7 @@ def sparse_attention(
             logits = torch.einsum("bshd,bskd->bshk", q[:, sl], ks[:, :, :, 0])
         else:
             logits = torch.einsum("bshd,bskhd->bshk", q[:, sl], ks)
-        if masked:
+        if bool(query_masked[sl].any()):
             logits = logits.masked_fill(hidden[:, sl, None, :], float("-inf"))
         if sinks is not None:
             sink = sinks[None, None, :, None].expand(*logits.shape[:3], 1)

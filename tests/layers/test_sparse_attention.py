@@ -98,14 +98,17 @@ def test_key_range_and_key_blocks_agree_with_the_full_mask():
     key_valid = torch.ones(2, T, dtype=torch.bool)
     key_valid[1, :4] = False
     seg = torch.tensor([[0] * 6 + [1] * 6, [0] * 12])
-    for vis in (Visibility(S, T, T - S), Visibility(S, T, T - S, key_valid), Visibility(S, T, T - S, None, seg)):
+    all_valid = torch.ones(2, T, dtype=torch.bool)
+    for vis in (Visibility(S, T, T - S), Visibility(S, T, T - S, key_valid), Visibility(S, T, T - S, None, seg),
+                Visibility(S, T, T - S, all_valid)):
         full = vis.full()
         for s0, s1 in ((0, 3), (2, 7), (6, 7)):
             k0, k1 = vis.key_range(s0, s1)
             blk = full[:, s0:s1]
             assert blk[..., :k0].all() and not blk[..., k1:].any()
             assert torch.equal(vis.block(s0, s1, k0, k1).expand(blk.shape[0], -1, -1), blk[..., k0:k1])
-        assert (vis.key_range(2, 7)[0] == 0) == (vis.key_valid is not None or vis.segments is not None)
+        hides = (vis.key_valid is not None and not vis.key_valid.all()) or vis.segments is not None
+        assert (vis.key_range(2, 7)[0] == 0) == hides
 
 
 def _is_top_k_set(sc, idx, K):
