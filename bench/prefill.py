@@ -3,6 +3,8 @@
 Runs the bench-small GLM config of hf-reference §10 (index_topk 256, so DSA is active for S > 256) in fp32, batch 1,
 one thread (the stable setting on a shared 2-core machine), and prints medians and the ratio HF / dsalite.
 dsalite runs the engine's prefill (its cache, chunks of --chunk tokens); HF one forward with logits_to_keep=1.
+Each point reports the median wall-clock time and the median CPU time of the process (time.process_time): on a shared
+machine other work stretches the wall clock, while CPU time stays close to the quiet-machine figure.
 Peak memory is measured as the growth of the process's peak RSS during each model's own runs, so each length runs
 in a fresh subprocess.
 
@@ -12,15 +14,32 @@ in a fresh subprocess.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
+import statistics
 import subprocess
 import sys
+import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import MODELS, dsalite_from_hf, hf_model, median_time, peak_rss_gb  # noqa: E402
+from common import MODELS, dsalite_from_hf, hf_model, peak_rss_gb  # noqa: E402
+
+
+def median_wall_and_cpu(fn, reps: int, warmup: int = 1) -> tuple[float, float]:
+    """Median wall-clock and median CPU seconds of fn() over reps runs, after warmup runs."""
+    for _ in range(warmup):
+        fn()
+    wall, cpu = [], []
+    for _ in range(reps):
+        gc.collect()
+        w0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        wall.append(time.perf_counter() - w0)
+        cpu.append(time.process_time() - c0)
+    return statistics.median(wall), statistics.median(cpu)
 
 
 def prefill(model, ids, chunk: int):
@@ -42,10 +61,10 @@ def one(which: str, S: int, reps: int, threads: int, chunk: int, arch: str = "gl
     base = peak_rss_gb()
     with torch.no_grad():
         if which == "hf":
-            t = median_time(lambda: model(ids, logits_to_keep=1), reps, warmup=1)
+            t, c = median_wall_and_cpu(lambda: model(ids, logits_to_keep=1), reps, warmup=1)
         else:  # the engine's prefill: latent (V4: window + compressor) cache, chunks of `chunk` tokens
-            t = median_time(lambda: prefill(model, ids, chunk), reps, warmup=1)
-    return {"which": which, "S": S, "seconds": t, "peak_gb": peak_rss_gb() - base}
+            t, c = median_wall_and_cpu(lambda: prefill(model, ids, chunk), reps, warmup=1)
+    return {"which": which, "S": S, "seconds": t, "cpu_seconds": c, "peak_gb": peak_rss_gb() - base}
 
 
 def main() -> None:
@@ -63,7 +82,8 @@ def main() -> None:
         print(json.dumps(one(a.one[0], int(a.one[1]), a.reps, a.threads, a.chunk, a.model)))
         return
     print(f"prefill, {MODELS[a.model][1]}, fp32, batch 1, {a.threads} thread(s), median of {a.reps}")
-    print(f"{'S':>6} {'HF ms':>10} {'dsalite ms':>11} {'speedup':>8} {'HF peak GB':>11} {'dsalite peak GB':>16}")
+    print(f"{'S':>6} {'HF ms':>10} {'dsalite ms':>11} {'speedup':>8} {'HF CPU ms':>10} {'dsalite CPU ms':>15} "
+          f"{'CPU speedup':>12} {'HF peak GB':>11} {'dsalite peak GB':>16}")
     for S in (int(s) for s in a.seqs.split(",")):
         r = {}
         for which in ("hf", "dsalite"):
@@ -73,7 +93,8 @@ def main() -> None:
             r[which] = json.loads(out.stdout.strip().splitlines()[-1])
         h, d = r["hf"], r["dsalite"]
         print(f"{S:>6} {h['seconds'] * 1e3:>10.1f} {d['seconds'] * 1e3:>11.1f} {h['seconds'] / d['seconds']:>7.2f}x "
-              f"{h['peak_gb']:>11.2f} {d['peak_gb']:>16.2f}", flush=True)
+              f"{h['cpu_seconds'] * 1e3:>10.1f} {d['cpu_seconds'] * 1e3:>15.1f} "
+              f"{h['cpu_seconds'] / d['cpu_seconds']:>11.2f}x {h['peak_gb']:>11.2f} {d['peak_gb']:>16.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -109,7 +109,10 @@ class CSAIndexer(Compressor):
         k = self(x, rope, state)  # [B, W, Di]
         q, w = self.queries(x, q_resid, cos, sin)
         W = k.shape[1]
-        allowed = lambda s0, s1: entry_visible(positions[:, s0:s1], W, self.ratio)  # noqa: E731
+
+        def allowed(s0, s1, k0, k1):
+            return entry_visible(positions[:, s0:s1], W, self.ratio)[..., k0:k1]
+
         return topk_indices(q, k, w, allowed, self.topk, self.width**-0.5)
 
 

@@ -132,4 +132,4 @@ class MLA(nn.Module):
         if self.index_topk >= T or (dsa is not None and dsa.dense_attention):
             return None, proj
         with torch.no_grad():
-            return self.indexer.select(q, k, w, vis.block, lambda s1: vis.offset + s1), proj
+            return self.indexer.select(q, k, w, vis.block, vis.key_range), proj

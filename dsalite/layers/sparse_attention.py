@@ -25,36 +25,47 @@ def sparse_attention(
     scale: float,
     sinks: torch.Tensor | None = None,  # [H] per-head logit that joins every row's softmax denominator (V4)
 ) -> torch.Tensor:  # [B, S, H, Dv]
-    B, S, H, _ = q.shape
+    B, S, H, D = q.shape
     K = idx.shape[-1]
     Hk = k.shape[2]
     Dv = v if isinstance(v, int) else v.shape[-1]
     out = q.new_empty(B, S, H, Dv)
-    per_query = K * Hk * (k.shape[-1] + (0 if isinstance(v, int) else Dv))
+    per_query = K * Hk * (D + (0 if isinstance(v, int) else Dv))
     chunk = max(1, GATHER_BUDGET // max(1, B * per_query))
     k_rows, per_b = _row_table(k)
-    row0 = (torch.arange(B, device=q.device) * per_b)[:, None, None]
     v_rows = None if isinstance(v, int) else _row_table(v)[0]
-    grad = torch.is_grad_enabled() and k_rows.requires_grad
+    grad = torch.is_grad_enabled() and (k_rows.requires_grad or q.requires_grad)
+    # whole-selection work done once, not per chunk: row numbers in the table, which queries have empty slots (a
+    # prefill's first K tokens; chunks without any skip the mask) and whether a query sees no key at all
+    idx = idx.long()
+    hidden = idx < 0
+    rows_all = idx.clamp(min=0)
+    if B > 1:
+        rows_all = rows_all + (torch.arange(B, device=q.device) * per_b)[:, None, None]
+    query_masked = hidden.any(-1).any(0)  # [S]
+    no_key = sinks is None and bool(hidden.all(-1).any())
+    q = q * scale  # folded into the query once instead of scaling every chunk's logits
     # inference: one gather buffer reused by every chunk (fresh pages per chunk would cost more than the copy)
     k_buf = None if grad else k_rows.new_empty(B * min(chunk, S) * K, k_rows.shape[1])
     for s0 in range(0, S, chunk):
         sl = slice(s0, min(S, s0 + chunk))
-        ids = idx[:, sl].long()
-        valid = ids >= 0
-        rows = (ids.clamp(min=0) + row0).reshape(-1)  # index_select copies whole rows: far faster than fancy indexing
+        rows = rows_all[:, sl].reshape(-1)  # index_select copies whole rows: far faster than fancy indexing
         ks = k_rows.index_select(0, rows) if grad else torch.index_select(k_rows, 0, rows, out=k_buf[: rows.numel()])
-        ks = ks.view(B, -1, K, Hk, k.shape[-1])  # [B, s, K, Hk, D]
+        ks = ks.view(B, -1, K, Hk, D)  # [B, s, K, Hk, D]
         vs = ks[..., :Dv] if v_rows is None else v_rows.index_select(0, rows).view(B, -1, K, Hk, Dv)
         if Hk == 1:
             logits = torch.einsum("bshd,bskd->bshk", q[:, sl], ks[:, :, :, 0])
         else:
             logits = torch.einsum("bshd,bskhd->bshk", q[:, sl], ks)
-        logits = (logits * scale).masked_fill(~valid[:, :, None, :], float("-inf"))
+        if bool(query_masked[sl].any()):
+            logits = logits.masked_fill(hidden[:, sl, None, :], float("-inf"))
         if sinks is not None:
             sink = sinks[None, None, :, None].expand(*logits.shape[:3], 1)
             logits = torch.cat([logits, sink], dim=-1)  # promotes: fp32 sinks make fp32 logits, as in HF
-        p = torch.softmax(logits, dim=-1, dtype=torch.float32).nan_to_num(0.0).to(q.dtype)  # out of place: autograd
+        p = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        if no_key:
+            p = p.nan_to_num(0.0)  # a query with no key at all: all -inf row, NaN; it attends to nothing
+        p = p.to(q.dtype)
         if sinks is not None:
             p = p[..., :-1]
         if Hk == 1:

@@ -83,12 +83,69 @@ def test_chunked_indexer_equals_unchunked(monkeypatch):
     got = indexer_mod.topk_indices(q, k, w, vis.block, K, 0.25)
     # the selection is a set (its order is not used): compare sorted rows
     assert torch.equal(got.sort(-1).values, want.sort(-1).values)
-    causal = indexer_mod.topk_indices(q, k, w, vis.block, K, 0.25, key_end=lambda s1: s1)  # score causal prefix only
+    causal = indexer_mod.topk_indices(q, k, w, vis.block, K, 0.25, vis.key_range)  # causal prefix, masked tail only
     assert torch.equal(causal.sort(-1).values, want.sort(-1).values)
     # rows with fewer visible keys than K are padded with -1, never with future keys
     first = got[:, 0].sort(-1).values
     assert (first[:, :-1] == -1).all() and (first[:, -1] == 0).all()
     assert ((got <= torch.arange(S)[None, :, None]) | (got == -1)).all()
+
+
+def test_key_range_and_key_blocks_agree_with_the_full_mask():
+    """Keys before k0 are visible to the whole query block, none from k1 on, and a key block is a slice of the mask;
+    with padding or documents nothing is assumed visible (k0 = 0)."""
+    S, T = 7, 12
+    key_valid = torch.ones(2, T, dtype=torch.bool)
+    key_valid[1, :4] = False
+    seg = torch.tensor([[0] * 6 + [1] * 6, [0] * 12])
+    all_valid = torch.ones(2, T, dtype=torch.bool)
+    for vis in (Visibility(S, T, T - S), Visibility(S, T, T - S, key_valid), Visibility(S, T, T - S, None, seg),
+                Visibility(S, T, T - S, all_valid)):
+        full = vis.full()
+        for s0, s1 in ((0, 3), (2, 7), (6, 7)):
+            k0, k1 = vis.key_range(s0, s1)
+            blk = full[:, s0:s1]
+            assert blk[..., :k0].all() and not blk[..., k1:].any()
+            assert torch.equal(vis.block(s0, s1, k0, k1).expand(blk.shape[0], -1, -1), blk[..., k0:k1])
+        hides = (vis.key_valid is not None and not vis.key_valid.all()) or vis.segments is not None
+        assert (vis.key_range(2, 7)[0] == 0) == hides
+
+
+def _is_top_k_set(sc, idx, K):
+    """idx [R, K] is a top-K set of sc [R, T]: distinct keys, and none left out scores above one taken."""
+    taken = torch.zeros_like(sc, dtype=torch.bool).scatter_(-1, idx, True)
+    assert (taken.sum(-1) == K).all()
+    low = sc.masked_fill(~taken, float("inf")).amin(-1)
+    high = sc.masked_fill(taken, float("-inf")).amax(-1)
+    return bool((high <= low).all())
+
+
+@pytest.mark.parametrize("T", [100, 1000, 4099])
+def test_topk_set_matches_topk(T):
+    """The threshold filter picks exactly torch.topk's set on tie-free rows (hidden tails included) and a valid
+    top-K set where ReLU zeros tie at the boundary."""
+    g = torch.Generator().manual_seed(4)
+    R, K = 37, 64
+    sc = torch.randn(R, T, generator=g)
+    sc[:, -R:] = sc[:, -R:].masked_fill(torch.ones(R, R, dtype=torch.bool).triu(1), float("-inf"))  # causal tail
+    val, idx = indexer_mod.topk_set(sc, K)
+    want_val, want = sc.topk(K, -1)
+    assert torch.equal(idx.sort(-1).values, want.sort(-1).values)
+    assert torch.equal(val.sort(-1).values, want_val.sort(-1).values)
+    assert torch.equal(sc.gather(1, idx), val)
+    tied = torch.relu(torch.randn(R, T, generator=g) - 1.5)  # most entries exactly 0, fewer than K positive in many rows
+    _, idx = indexer_mod.topk_set(tied, K)
+    assert _is_top_k_set(tied, idx, K)
+
+
+def test_topk_set_rows_with_few_visible_keys():
+    """Rows with fewer than K visible keys (-inf elsewhere) keep every visible key."""
+    g = torch.Generator().manual_seed(5)
+    sc = torch.randn(3, 2000, generator=g)
+    sc[0, 10:] = float("-inf")
+    val, idx = indexer_mod.topk_set(sc, 64)
+    assert set(idx[0][val[0] > float("-inf")].tolist()) == set(range(10))
+    assert torch.equal(idx[1:].sort(-1).values, sc[1:].topk(64, -1).indices.sort(-1).values)
 
 
 def test_index_scores_formula():
