@@ -93,7 +93,7 @@ def topk_set(sc: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor]:
     rows with fewer than K visible entries (τ = -inf) take the plain path."""
     R, T = sc.shape
     G = 2 * K
-    if K == 0 or T < FILTER_MIN_RATIO * K:
+    if K == 0 or T < FILTER_MIN_RATIO * K or torch.compiler.is_compiling():  # compiled decode: no data-dependent shapes
         return sc.topk(K, dim=-1, sorted=False)
     sc = sc.contiguous()
     m = T // G

@@ -20,8 +20,10 @@ class Visibility:
 
     def __post_init__(self):
         self._blocks: dict[tuple[int, int, int, int], torch.Tensor] = {}  # small blocks, shared by the layers
-        # an all-True key_valid (later chunks of an unpadded prefill) hides nothing: found once per forward
-        self._hides_keys = self.key_valid is not None and not bool(self.key_valid.all())
+        # an all-True key_valid (later chunks of an unpadded prefill) hides nothing: found once per forward (a
+        # compiled decode step assumes it may hide keys instead of branching on the data)
+        self._hides_keys = self.key_valid is not None and (
+            torch.compiler.is_compiling() or not bool(self.key_valid.all()))
 
     @property
     def plain_causal(self) -> bool:
@@ -31,7 +33,9 @@ class Visibility:
     def block(self, s0: int, s1: int, k0: int = 0, k1: int | None = None) -> torch.Tensor:
         """[B or 1, s1-s0, k1-k0] bool, True = visible: queries s0..s1-1 against keys k0..k1-1 (default all keys)."""
         k1 = self.num_keys if k1 is None else k1
-        if (s1 - s0) * (k1 - k0) > 1 << 20:  # large blocks are rebuilt: keeping them would hold S×T at once
+        # large blocks are rebuilt: keeping them would hold S×T at once; a compiled step rebuilds too (a dict keyed
+        # by the symbolic lengths would pin them to constants)
+        if (s1 - s0) * (k1 - k0) > 1 << 20 or torch.compiler.is_compiling():
             return self._make(s0, s1, k0, k1)
         if (s0, s1, k0, k1) not in self._blocks:
             self._blocks[(s0, s1, k0, k1)] = self._make(s0, s1, k0, k1)

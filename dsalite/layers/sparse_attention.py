@@ -43,7 +43,8 @@ def sparse_attention(
     if B > 1:
         rows_all = rows_all + (torch.arange(B, device=q.device) * per_b)[:, None, None]
     query_masked = hidden.any(-1).any(0)  # [S]
-    no_key = sinks is None and bool(hidden.all(-1).any())
+    compiling = torch.compiler.is_compiling()  # a compiled decode step masks unconditionally: no data-dependent branch
+    no_key = sinks is None and (compiling or bool(hidden.all(-1).any()))
     q = q * scale  # folded into the query once instead of scaling every chunk's logits
     # inference: one gather buffer reused by every chunk (fresh pages per chunk would cost more than the copy)
     k_buf = None if grad else k_rows.new_empty(B * min(chunk, S) * K, k_rows.shape[1])
@@ -57,7 +58,7 @@ def sparse_attention(
             logits = torch.einsum("bshd,bskd->bshk", q[:, sl], ks[:, :, :, 0])
         else:
             logits = torch.einsum("bshd,bskhd->bshk", q[:, sl], ks)
-        if bool(query_masked[sl].any()):
+        if compiling or bool(query_masked[sl].any()):
             logits = logits.masked_fill(hidden[:, sl, None, :], float("-inf"))
         if sinks is not None:
             sink = sinks[None, None, :, None].expand(*logits.shape[:3], 1)
