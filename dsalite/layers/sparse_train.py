@@ -1,13 +1,14 @@
-"""Trainable attention over selected keys, computed as masked GEMMs with a hand-written, recomputing backward.
+"""Trainable attention over selected keys, computed as masked GEMMs with a hand-written backward.
 
 Legend: B batch, S queries, T keys, H query heads, Hk key heads (H, or 1 for a latent shared by all heads),
 D key width, Dv value width, K selected keys per query.
 Same result as `sparse_attention` (the tests compare values and gradients). Why a second path: under autograd the
 gather path keeps a [S, K, ...] copy of the gathered keys per chunk and its backward scatters zero-filled sums into
 them, which is memory-bound; here each query block multiplies against the keys it can see with one GEMM per key
-head, masks everything outside the selection, and the backward recomputes the block's probabilities
-(FlashAttention-style), so only the inputs are stored. The cost is that of the causal keys (like the indexer's
-scoring), at GEMM speed, with three fused element-wise passes per block; memory stays one [H, s, t] block.
+head and masks everything outside the selection. The forward keeps only the probabilities of the selected keys
+([B, S·H, K], the size of one gathered selection) and the backward scatters them back into a block instead of
+recomputing the logits GEMM and the softmax. The cost is that of the causal keys (like the indexer's scoring), at
+GEMM speed; memory stays one [H, s, t] block, sized to stay in a core's L2 cache.
 Training uses it with per-head keys (MLA expanded through kv_b_proj), which costs fewer FLOPs per query-key pair
 than the absorbed form whenever n + p + v < 2r + p (true for every released GLM / DeepSeek shape).
 """
@@ -15,23 +16,17 @@ than the absorbed form whenever n + p + v < 2r + p (true for every released GLM 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-# Queries per block are chosen so one [H, s, t] probability block stays near this many fp32 elements.
-BLOCK_BUDGET = 1 << 20
+# Queries per block are chosen so one [H, s, t] probability block stays near this many fp32 elements (1 MiB: the
+# block's element-wise passes then run in L2; larger blocks measured slower, smaller ones make the GEMMs too thin).
+BLOCK_BUDGET = 1 << 18
 
 
 def _blocks(S: int, H: int, T: int):
     step = max(1, BLOCK_BUDGET // max(1, H * T))
     for s0 in range(0, S, step):
         yield s0, min(S, s0 + step)
-
-
-def _selection(idx: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """idx [s, K] (-1 = none) → (mask [s, t] over the first t = largest index + 1 keys, t)."""
-    t = int(idx.max()) + 1 if idx.numel() else 0
-    m = torch.zeros(idx.shape[0], t + 1, dtype=torch.bool, device=idx.device)
-    m.scatter_(1, torch.where(idx < 0, t, idx), True)
-    return m[:, :t], t
 
 
 def _rows(x: torch.Tensor, hk: int) -> torch.Tensor:
@@ -45,21 +40,25 @@ def _unrows(x: torch.Tensor, s: int, H: int) -> torch.Tensor:
     return x.reshape(s, H, -1) if x.shape[0] == 1 else x.transpose(0, 1)
 
 
-def _probs(q, k, idx, scale):
-    """q [s, H, D], k [Hk, T, D], idx [s, K] → (probabilities [Hk, rows, t], t); unselected keys get 0."""
+def _columns(idx: torch.Tensor, H: int, hk: int) -> tuple[torch.Tensor, int]:
+    """idx [s, K] (-1 = none) → (the column of every selected key per row of `_rows`, [Hk, rows, K], with -1 sent to
+    a spare column t; t = largest index + 1, the keys the block multiplies against)."""
+    t = int(idx.max()) + 1 if idx.numel() else 0
+    cols = torch.where(idx < 0, t, idx)
+    return (cols.repeat_interleave(H, dim=0)[None] if hk == 1 else cols[None].expand(hk, -1, -1)), t
+
+
+def _probs(q, k, idx, cols, t, scale):
+    """q [s, H, D], k [Hk, T, D] → probabilities [Hk, rows, t]; unselected keys get 0."""
     s, H, _ = q.shape
     hk = k.shape[0]
-    mask, t = _selection(idx)
-    if t == 0:
-        return None, 0
-    bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+    bias = q.new_full((s, t + 1), float("-inf")).scatter_(1, cols[0, :: H if hk == 1 else 1], 0.0)[:, :t]
     if hk == 1:
         bias = bias.repeat_interleave(H, dim=0)  # rows are (s, H)
-    lg = torch.baddbmm(bias, _rows(q * scale, hk), k[:, :t].transpose(1, 2))  # the mask rides on the GEMM
-    p = torch.softmax(lg, dim=-1)
+    p = torch.softmax(torch.baddbmm(bias, _rows(q * scale, hk), k[:, :t].transpose(1, 2)), dim=-1)  # mask on the GEMM
     if not bool((idx >= 0).any(-1).all()):  # a query that sees no key: zeros, not NaN
         p = p.nan_to_num_(0.0)
-    return p, t
+    return p
 
 
 class MaskedAttention(torch.autograd.Function):
@@ -68,29 +67,36 @@ class MaskedAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, idx, scale: float):
         """q [B,S,H,D], k [B,Hk,T,D], v [B,Hk,T,Dv], idx [B,S,K] → [B,S,H,Dv]."""
         B, S, H, _ = q.shape
+        hk, K = k.shape[1], idx.shape[-1]
         out = q.new_zeros(B, S, H, v.shape[-1])
+        p_sel = q.new_zeros(B, S * H, K)  # per block: the block's rows of `_rows`, in that order
         for b in range(B):
             for s0, s1 in _blocks(S, H, k.shape[2]):
-                p, t = _probs(q[b, s0:s1], k[b], idx[b, s0:s1], scale)
-                if t:
-                    out[b, s0:s1] = _unrows(torch.bmm(p, v[b, :, :t]), s1 - s0, H)
-        ctx.save_for_backward(q, k, v, idx)
+                cols, t = _columns(idx[b, s0:s1], H, hk)
+                if not t:
+                    continue
+                p = _probs(q[b, s0:s1], k[b], idx[b, s0:s1], cols, t, scale)
+                out[b, s0:s1] = _unrows(torch.bmm(p, v[b, :, :t]), s1 - s0, H)
+                p_sel[b, s0 * H : s1 * H].view(hk, -1, K).copy_(F.pad(p, (0, 1)).gather(-1, cols))
+        ctx.save_for_backward(q, k, v, idx, p_sel)
         ctx.scale = scale
         return out
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cpu")
     def backward(ctx, dout):
-        q, k, v, idx = ctx.saved_tensors
+        q, k, v, idx, p_sel = ctx.saved_tensors
         scale = ctx.scale
         B, S, H, _ = q.shape
-        hk = k.shape[1]
+        hk, K = k.shape[1], idx.shape[-1]
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         for b in range(B):
             for s0, s1 in _blocks(S, H, k.shape[2]):
-                p, t = _probs(q[b, s0:s1], k[b], idx[b, s0:s1], scale)  # recomputed, never stored
+                cols, t = _columns(idx[b, s0:s1], H, hk)
                 if not t:
                     continue
+                kept = p_sel[b, s0 * H : s1 * H].view(hk, -1, K)
+                p = q.new_zeros(hk, kept.shape[1], t + 1).scatter_(-1, cols, kept)[..., :t]  # the forward's block
                 do = _rows(dout[b, s0:s1], hk)  # [Hk, rows, Dv]
                 dv[b, :, :t] += torch.bmm(p.transpose(1, 2), do)
                 dp = torch.bmm(do, v[b, :, :t].transpose(1, 2))

@@ -2,15 +2,18 @@
 
 import torch
 
+import pytest
+
+from dsalite.layers import sparse_train
 from dsalite.layers.sparse_attention import sparse_attention
 from dsalite.layers.sparse_train import masked_attention
 
 
-import pytest
-
-
+@pytest.mark.parametrize("block_budget", [None, 400])  # 400: blocks of 1-3 queries, some seeing no key at all
 @pytest.mark.parametrize("shared_latent", [True, False])
-def test_masked_attention_matches_gather_path_with_grads(shared_latent):
+def test_masked_attention_matches_gather_path_with_grads(shared_latent, block_budget, monkeypatch):
+    if block_budget is not None:
+        monkeypatch.setattr(sparse_train, "BLOCK_BUDGET", block_budget)
     g = torch.Generator().manual_seed(0)
     B, S, H, D, dv, K = 2, 37, 3, 12, 8, 6
     q = torch.randn(B, S, H, D, generator=g, requires_grad=True)
