@@ -3,9 +3,11 @@ same model, batch and sequence length, and dsalite's model-FLOPs utilisation aga
 the same run and against the idle-machine reference of the env notes (175 GFLOP/s per core): on a shared machine the
 in-run peak drops with the load, so both are printed.
 
-Both sides train with the plain causal-LM loss (HF's own `labels=` path) so the work is the same; dsalite's numbers
-use `Transformer.flops_per_token` (attention over the top-k keys a DSA layer really uses). Each measurement runs in a
-fresh subprocess with one thread (the stable setting on a shared 2-core machine); medians are reported.
+Both sides train with the plain causal-LM loss (HF's own `labels=` path) and the same optimizer (fused AdamW, as
+dsalite's trainer builds it) so the work is the same; dsalite's numbers use `Transformer.flops_per_token` (attention
+over the top-k keys a DSA layer really uses). Each measurement runs in a fresh subprocess with one thread (the stable
+setting on a shared 2-core machine) and counts the process's CPU time, so time spent waiting for a core while other
+jobs run is left out (wall time with --threads > 1); medians are reported.
 
     .venv/bin/python bench/train.py [--configs small,medium] [--seq 2048] [--batch 1] [--reps 3] [--threads 1]
 """
@@ -15,13 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
+import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import BENCH_SMALL, dsalite_from_hf, hf_model, median_time  # noqa: E402
+from common import BENCH_SMALL, dsalite_from_hf, hf_model  # noqa: E402
 
 # hidden >= 1024: a bench-medium GLM (1 dense + 3 MoE layers) where GEMMs dominate at S = 2048.
 BENCH_MEDIUM = dict(
@@ -33,12 +37,26 @@ CONFIGS = {"small": BENCH_SMALL, "medium": BENCH_MEDIUM}
 REFERENCE_PEAK = 175.0  # GFLOP/s per core, fp32 GEMM on an idle machine (env notes §1)
 
 
+def step_time(fn, reps: int, threads: int, warmup: int = 1) -> float:
+    """Median seconds per call: the process's CPU time with one thread (the time the call really ran), wall time
+    with more (CPU time would add the threads up)."""
+    clock = time.process_time if threads == 1 else time.perf_counter
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(reps):
+        t0 = clock()
+        fn()
+        ts.append(clock() - t0)
+    return statistics.median(ts)
+
+
 def gemm_peak(threads: int, n: int = 2048, reps: int = 5) -> float:
     """Measured fp32 matmul GFLOP/s (median), the hardware reference for MFU."""
     torch.set_num_threads(threads)
     a, b = torch.randn(n, n), torch.randn(n, n)
     c = torch.empty(n, n)
-    t = median_time(lambda: torch.matmul(a, b, out=c), reps, warmup=2)
+    t = step_time(lambda: torch.matmul(a, b, out=c), reps, threads, warmup=2)
     return 2 * n**3 / t / 1e9
 
 
@@ -51,7 +69,7 @@ def one(which: str, config: str, S: int, batch: int, reps: int, threads: int) ->
         del hf
     model.train()
     ids = torch.randint(0, cfg["vocab_size"], (batch, S), generator=torch.Generator().manual_seed(0))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
     if which == "hf":
         def step():
             model(input_ids=ids, labels=ids).loss.backward()
@@ -66,7 +84,7 @@ def one(which: str, config: str, S: int, batch: int, reps: int, threads: int) ->
             lm_loss(model(ids).logits, labels).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-    t = median_time(step, reps, warmup=1)
+    t = step_time(step, reps, threads)
     rec = {"which": which, "config": config, "S": S, "tok_s": batch * S / t}
     if which != "hf":
         rec["flops_per_token"] = model.flops_per_token(S, training=True, mtp=False)
