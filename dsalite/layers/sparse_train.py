@@ -5,10 +5,11 @@ D key width, Dv value width, K selected keys per query.
 Same result as `sparse_attention` (the tests compare values and gradients). Why a second path: under autograd the
 gather path keeps a [S, K, ...] copy of the gathered keys per chunk and its backward scatters zero-filled sums into
 them, which is memory-bound; here each query block multiplies against the keys it can see with one GEMM per key
-head and masks everything outside the selection. The forward keeps only the probabilities of the selected keys
-([B, S·H, K], the size of one gathered selection) and the backward scatters them back into a block instead of
-recomputing the logits GEMM and the softmax. The cost is that of the causal keys (like the indexer's scoring), at
-GEMM speed; memory stays one [H, s, t] block.
+head; the softmax and its backward run on the K selected entries only (gathered from the block), and their results
+are scattered back into the block for the other GEMMs. The forward keeps only the selected probabilities
+([B, S·H, K], the size of one gathered selection), so the backward neither stores nor recomputes the logits. The
+cost is that of the causal keys (like the indexer's scoring), at GEMM speed, with two full-block element-wise passes
+(zeroing) instead of a masked softmax and its backward; memory stays one [H, s, t] block.
 Training uses it with per-head keys (MLA expanded through kv_b_proj), which costs fewer FLOPs per query-key pair
 than the absorbed form whenever n + p + v < 2r + p (true for every released GLM / DeepSeek shape).
 """
@@ -16,7 +17,6 @@ than the absorbed form whenever n + p + v < 2r + p (true for every released GLM 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 # 64 queries per block measured fastest at S = 2048 for 4 and 8 heads (more spill the block's element-wise passes out
 # of cache, fewer make the GEMMs too thin); many heads or keys shrink the block so one [H, s, t] probability block
@@ -42,28 +42,30 @@ def _unrows(x: torch.Tensor, s: int, H: int) -> torch.Tensor:
     return x.reshape(s, H, -1) if x.shape[0] == 1 else x.transpose(0, 1)
 
 
-def _columns(idx: torch.Tensor, H: int, hk: int) -> tuple[torch.Tensor, int]:
-    """idx [s, K] (-1 = none) → (the column of every selected key per row of `_rows`, [Hk, rows, K], with -1 sent to
-    a spare column t; t = largest index + 1, the keys the block multiplies against)."""
+def _columns(idx: torch.Tensor, H: int, hk: int) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """idx [s, K] (-1 = none) → (column of every selected key per row of `_rows`, [Hk, rows, K], -1 clamped to a
+    real column; which of those are real, None when all are; t = largest index + 1, the keys the block multiplies
+    against)."""
     t = int(idx.max()) + 1 if idx.numel() else 0
-    cols = torch.where(idx < 0, t, idx)
-    return (cols.repeat_interleave(H, dim=0)[None] if hk == 1 else cols[None].expand(hk, -1, -1)), t
-
-
-def _probs(q, k, idx, cols, t, scale):
-    """q [s, H, D], k [Hk, T, D] → probabilities [Hk, rows, t]; unselected keys get 0."""
-    s, H, _ = q.shape
-    hk = k.shape[0]
-    bias = q.new_full((s, t + 1), float("-inf")).scatter_(1, cols[0, :: H if hk == 1 else 1], 0.0)[:, :t]
+    valid = idx >= 0
+    padded = not bool(valid.all())
     if hk == 1:
-        bias = bias.repeat_interleave(H, dim=0)  # rows are (s, H)
-    p = torch.softmax(torch.baddbmm(bias, _rows(q * scale, hk), k[:, :t].transpose(1, 2)), dim=-1)  # mask on the GEMM
-    if not bool((idx >= 0).any(-1).all()):  # a query that sees no key: zeros, not NaN
-        p = p.nan_to_num_(0.0)
-    return p
+        cols = idx.clamp(min=0).repeat_interleave(H, dim=0)[None]
+        return cols, valid.repeat_interleave(H, dim=0)[None] if padded else None, t
+    return idx.clamp(min=0)[None].expand(hk, -1, -1), valid[None].expand(hk, -1, -1) if padded else None, t
+
+
+def _scatter(block: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, padded: bool) -> torch.Tensor:
+    """block (all zeros) with `values` at `cols`. With padding slots the scatter adds (their values are 0 and their
+    clamped column may be a selected one); without, a plain scatter, about twice as fast."""
+    return block.scatter_add_(-1, cols, values) if padded else block.scatter_(-1, cols, values)
 
 
 class MaskedAttention(torch.autograd.Function):
+    """Per block: logits = one GEMM per key head against the first t keys; the softmax runs over the K selected
+    logits only (gathered), and its probabilities are scattered into a zeroed copy of the logits block for the
+    value GEMM. The selected indices of a row must be distinct (top-k indices are)."""
+
     @staticmethod
     @torch.amp.custom_fwd(device_type="cpu", cast_inputs=torch.float32)
     def forward(ctx, q, k, v, idx, scale: float):
@@ -71,15 +73,22 @@ class MaskedAttention(torch.autograd.Function):
         B, S, H, _ = q.shape
         hk, K = k.shape[1], idx.shape[-1]
         out = q.new_zeros(B, S, H, v.shape[-1])
-        p_sel = q.new_zeros(B, S * H, K)  # per block: the block's rows of `_rows`, in that order
+        p_sel = q.new_zeros(B, S * H, K)  # per block: the block's rows of `_rows`, in that order; 0 on padding
         for b in range(B):
             for s0, s1 in _blocks(S, H, k.shape[2]):
-                cols, t = _columns(idx[b, s0:s1], H, hk)
+                cols, valid, t = _columns(idx[b, s0:s1], H, hk)
                 if not t:
                     continue
-                p = _probs(q[b, s0:s1], k[b], idx[b, s0:s1], cols, t, scale)
-                out[b, s0:s1] = _unrows(torch.bmm(p, v[b, :, :t]), s1 - s0, H)
-                p_sel[b, s0 * H : s1 * H].view(hk, -1, K).copy_(F.pad(p, (0, 1)).gather(-1, cols))
+                lg = torch.bmm(_rows(q[b, s0:s1] * scale, hk), k[b, :, :t].transpose(1, 2))  # [Hk, rows, t]
+                lg_sel = lg.gather(-1, cols)
+                if valid is not None:
+                    lg_sel.masked_fill_(~valid, float("-inf"))
+                p = torch.softmax(lg_sel, dim=-1)
+                if valid is not None and not bool((idx[b, s0:s1] >= 0).any(-1).all()):  # a query seeing no key: 0
+                    p = p.nan_to_num_(0.0)
+                p_sel[b, s0 * H : s1 * H].view(hk, -1, K).copy_(p)
+                probs = _scatter(lg.zero_(), cols, p, valid is not None)
+                out[b, s0:s1] = _unrows(torch.bmm(probs, v[b, :, :t]), s1 - s0, H)
         ctx.save_for_backward(q, k, v, idx, p_sel)
         ctx.scale = scale
         return out
@@ -94,17 +103,19 @@ class MaskedAttention(torch.autograd.Function):
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         for b in range(B):
             for s0, s1 in _blocks(S, H, k.shape[2]):
-                cols, t = _columns(idx[b, s0:s1], H, hk)
+                cols, valid, t = _columns(idx[b, s0:s1], H, hk)
                 if not t:
                     continue
-                kept = p_sel[b, s0 * H : s1 * H].view(hk, -1, K)
-                p = q.new_zeros(hk, kept.shape[1], t + 1).scatter_(-1, cols, kept)[..., :t]  # the forward's block
+                padded = valid is not None
+                p = p_sel[b, s0 * H : s1 * H].view(hk, -1, K)
+                block = _scatter(q.new_zeros(hk, p.shape[1], t), cols, p, padded)  # the forward's probabilities
                 do = _rows(dout[b, s0:s1], hk)  # [Hk, rows, Dv]
-                dv[b, :, :t] += torch.bmm(p.transpose(1, 2), do)
-                dp = torch.bmm(do, v[b, :, :t].transpose(1, 2))
-                ds = torch._softmax_backward_data(dp, p, -1, p.dtype)  # p·(dp − Σ p·dp), fused
-                dq[b, s0:s1] = _unrows(torch.bmm(ds, k[b, :, :t]), s1 - s0, H) * scale
-                dk[b, :, :t] += torch.bmm(ds.transpose(1, 2), _rows(q[b, s0:s1], hk)) * scale
+                dv[b, :, :t].baddbmm_(block.transpose(1, 2), do)  # accumulated inside the GEMM
+                dp = torch.bmm(do, v[b, :, :t].transpose(1, 2)).gather(-1, cols)  # selected entries only
+                ds = p * (dp - (p * dp).sum(-1, keepdim=True)) * scale  # softmax backward over the selection
+                block = _scatter(block.zero_(), cols, ds, padded)
+                dq[b, s0:s1] = _unrows(torch.bmm(block, k[b, :, :t]), s1 - s0, H)
+                dk[b, :, :t].baddbmm_(block.transpose(1, 2), _rows(q[b, s0:s1], hk))
         return dq, dk, dv, None, None
 
 
