@@ -43,8 +43,8 @@ def _unrows(x: torch.Tensor, s: int, H: int) -> torch.Tensor:
 
 
 def _columns(idx: torch.Tensor, H: int, hk: int) -> tuple[torch.Tensor, torch.Tensor | None, int]:
-    """idx [s, K] (-1 = none) → (column of every selected key per row of `_rows`, [Hk, rows, K], -1 clamped to a
-    real column; which of those are real, None when all are; t = largest index + 1, the keys the block multiplies
+    """idx [s, K] (-1 = none) → (column of every selected key per row of `_rows`, [Hk, rows, K], -1 clamped to
+    column 0; which of those are real, None when all are; t = largest index + 1, the keys the block multiplies
     against)."""
     t = int(idx.max()) + 1 if idx.numel() else 0
     valid = idx >= 0
@@ -55,16 +55,11 @@ def _columns(idx: torch.Tensor, H: int, hk: int) -> tuple[torch.Tensor, torch.Te
     return idx.clamp(min=0)[None].expand(hk, -1, -1), valid[None].expand(hk, -1, -1) if padded else None, t
 
 
-def _scatter(block: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, padded: bool) -> torch.Tensor:
-    """block (all zeros) with `values` at `cols`. With padding slots the scatter adds (their values are 0 and their
-    clamped column may be a selected one); without, a plain scatter, about twice as fast."""
-    return block.scatter_add_(-1, cols, values) if padded else block.scatter_(-1, cols, values)
-
-
 class MaskedAttention(torch.autograd.Function):
     """Per block: logits = one GEMM per key head against the first t keys; the softmax runs over the K selected
-    logits only (gathered), and its probabilities are scattered into a zeroed copy of the logits block for the
-    value GEMM. The selected indices of a row must be distinct (top-k indices are)."""
+    logits only (gathered), and its probabilities are scatter-added into the zeroed logits block for the value GEMM.
+    Adding makes padding slots (probability 0, clamped onto column 0) harmless and counts a key listed twice twice,
+    as the gather path does."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cpu", cast_inputs=torch.float32)
@@ -87,7 +82,7 @@ class MaskedAttention(torch.autograd.Function):
                 if valid is not None and not bool((idx[b, s0:s1] >= 0).any(-1).all()):  # a query seeing no key: 0
                     p = p.nan_to_num_(0.0)
                 p_sel[b, s0 * H : s1 * H].view(hk, -1, K).copy_(p)
-                probs = _scatter(lg.zero_(), cols, p, valid is not None)
+                probs = lg.zero_().scatter_add_(-1, cols, p)
                 out[b, s0:s1] = _unrows(torch.bmm(probs, v[b, :, :t]), s1 - s0, H)
         ctx.save_for_backward(q, k, v, idx, p_sel)
         ctx.scale = scale
@@ -103,17 +98,16 @@ class MaskedAttention(torch.autograd.Function):
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         for b in range(B):
             for s0, s1 in _blocks(S, H, k.shape[2]):
-                cols, valid, t = _columns(idx[b, s0:s1], H, hk)
+                cols, _, t = _columns(idx[b, s0:s1], H, hk)
                 if not t:
                     continue
-                padded = valid is not None
                 p = p_sel[b, s0 * H : s1 * H].view(hk, -1, K)
-                block = _scatter(q.new_zeros(hk, p.shape[1], t), cols, p, padded)  # the forward's probabilities
+                block = q.new_zeros(hk, p.shape[1], t).scatter_add_(-1, cols, p)  # the forward's probabilities
                 do = _rows(dout[b, s0:s1], hk)  # [Hk, rows, Dv]
                 dv[b, :, :t].baddbmm_(block.transpose(1, 2), do)  # accumulated inside the GEMM
                 dp = torch.bmm(do, v[b, :, :t].transpose(1, 2)).gather(-1, cols)  # selected entries only
                 ds = p * (dp - (p * dp).sum(-1, keepdim=True)) * scale  # softmax backward over the selection
-                block = _scatter(block.zero_(), cols, ds, padded)
+                block = block.zero_().scatter_add_(-1, cols, ds)
                 dq[b, s0:s1] = _unrows(torch.bmm(block, k[b, :, :t]), s1 - s0, H)
                 dk[b, :, :t].baddbmm_(block.transpose(1, 2), _rows(q[b, s0:s1], hk))
         return dq, dk, dv, None, None

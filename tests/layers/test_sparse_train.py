@@ -61,3 +61,20 @@ def _test_per_head(g, idx):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     for a, b in zip(grads, torch.autograd.grad(ref, (q, k, v), dout)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_masked_attention_counts_a_repeated_key_like_the_gather_path():
+    """A key listed twice in a row weighs twice in both paths (values and gradients agree)."""
+    g = torch.Generator().manual_seed(1)
+    B, S, H, D, dv = 1, 9, 2, 6, 4
+    q = torch.randn(B, S, H, D, generator=g, requires_grad=True)
+    k = torch.randn(B, S, H, D, generator=g, requires_grad=True)
+    v = torch.randn(B, S, H, dv, generator=g, requires_grad=True)
+    idx = torch.stack([torch.tensor([s, s, max(s - 1, 0), -1]) for s in range(S)])[None]
+    dout = torch.randn(B, S, H, dv, generator=g)
+    got = masked_attention(q, k, v, idx, 0.4)
+    grads = torch.autograd.grad(got, (q, k, v), dout)
+    want = sparse_attention(q, k, v, idx, 0.4)  # with grad: autograd through the gather path
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads, torch.autograd.grad(want, (q, k, v), dout)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
