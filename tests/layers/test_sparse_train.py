@@ -2,15 +2,18 @@
 
 import torch
 
+import pytest
+
+from dsalite.layers import sparse_train
 from dsalite.layers.sparse_attention import sparse_attention
 from dsalite.layers.sparse_train import masked_attention
 
 
-import pytest
-
-
+@pytest.mark.parametrize("block_budget", [None, 400])  # 400: blocks of 1-3 queries, some seeing no key at all
 @pytest.mark.parametrize("shared_latent", [True, False])
-def test_masked_attention_matches_gather_path_with_grads(shared_latent):
+def test_masked_attention_matches_gather_path_with_grads(shared_latent, block_budget, monkeypatch):
+    if block_budget is not None:
+        monkeypatch.setattr(sparse_train, "BLOCK_BUDGET", block_budget)
     g = torch.Generator().manual_seed(0)
     B, S, H, D, dv, K = 2, 37, 3, 12, 8, 6
     q = torch.randn(B, S, H, D, generator=g, requires_grad=True)
@@ -57,4 +60,21 @@ def _test_per_head(g, idx):
     ref = torch.einsum("bhst,bthv->bshv", torch.softmax(lg, -1).nan_to_num(0.0), v)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     for a, b in zip(grads, torch.autograd.grad(ref, (q, k, v), dout)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_masked_attention_counts_a_repeated_key_like_the_gather_path():
+    """A key listed twice in a row weighs twice in both paths (values and gradients agree)."""
+    g = torch.Generator().manual_seed(1)
+    B, S, H, D, dv = 1, 9, 2, 6, 4
+    q = torch.randn(B, S, H, D, generator=g, requires_grad=True)
+    k = torch.randn(B, S, H, D, generator=g, requires_grad=True)
+    v = torch.randn(B, S, H, dv, generator=g, requires_grad=True)
+    idx = torch.stack([torch.tensor([s, s, max(s - 1, 0), -1]) for s in range(S)])[None]
+    dout = torch.randn(B, S, H, dv, generator=g)
+    got = masked_attention(q, k, v, idx, 0.4)
+    grads = torch.autograd.grad(got, (q, k, v), dout)
+    want = sparse_attention(q, k, v, idx, 0.4)  # with grad: autograd through the gather path
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads, torch.autograd.grad(want, (q, k, v), dout)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
