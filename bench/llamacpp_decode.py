@@ -33,6 +33,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="threads for both engines (default 2)")
     ap.add_argument("--prompt", type=int, default=128, help="prompt tokens (default 128)")
     ap.add_argument("--new", type=int, default=32, help="decoded tokens (default 32)")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time dsalite's compiled engine (generate(compile=True); compiling is not timed)")
     ap.add_argument("--workdir", default=None, help="where the checkpoint and GGUF go (default: a temp dir)")
     a = ap.parse_args()
     import llama_cpp
@@ -70,16 +72,19 @@ def main() -> None:
 
     from dsalite.inference.engine import Stats
 
-    generate(model, ids, max_new_tokens=4)  # warm-up
-    st = Stats()
-    generate(model, ids, max_new_tokens=a.new + 1, stats=st)
-    # the first new token comes from the prefill logits; time the a.new decode steps after it
-    ours_tps = (st.decode_tokens - 1) / st.decode_s if st.decode_s else float("nan")
-    print(f"{'engine':<10} {'decode tok/s':>12}")
-    print(f"{'llama.cpp':<10} {llama_tps:>12.2f}")
-    print(f"{'dsalite':<10} {ours_tps:>12.2f}")
-    print(f"ratio dsalite / llama.cpp: {ours_tps / llama_tps:.2f}x")
+    def dsalite_tps(compile: bool) -> float:
+        generate(model, ids, max_new_tokens=4, compile=compile)  # warm-up (and the compile)
+        st = Stats()
+        generate(model, ids, max_new_tokens=a.new + 1, stats=st, compile=compile)
+        # the first new token comes from the prefill logits; time the a.new decode steps after it
+        return (st.decode_tokens - 1) / st.decode_s if st.decode_s else float("nan")
 
+    rows = [("llama.cpp", llama_tps), ("dsalite", dsalite_tps(False))]
+    if a.compile:
+        rows.append(("dsalite compiled", dsalite_tps(True)))
+    print(f"{'engine':<17} {'decode tok/s':>12} {'vs llama.cpp':>13}")
+    for name, tps in rows:
+        print(f"{name:<17} {tps:>12.2f} {tps / llama_tps:>12.2f}x")
 
 if __name__ == "__main__":
     main()
