@@ -19,6 +19,9 @@ from dsalite.layers.rope import apply_rope
 SCORE_BUDGET = 1 << 21
 # Rows at least this many times longer than K are narrowed by the threshold filter of `topk_set` first.
 FILTER_MIN_RATIO = 4
+# ... and only in blocks of at least this many rows: the filter's twenty-odd small ops cost more than they save on
+# the one row per sequence of a decode step.
+FILTER_MIN_ROWS = 16
 
 
 class Indexer(nn.Module):
@@ -93,7 +96,7 @@ def topk_set(sc: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor]:
     rows with fewer than K visible entries (τ = -inf) take the plain path."""
     R, T = sc.shape
     G = 2 * K
-    if K == 0 or T < FILTER_MIN_RATIO * K or torch.compiler.is_compiling():  # compiled decode: no data-dependent shapes
+    if K == 0 or T < FILTER_MIN_RATIO * K or R < FILTER_MIN_ROWS or torch.compiler.is_compiling():
         return sc.topk(K, dim=-1, sorted=False)
     sc = sc.contiguous()
     m = T // G

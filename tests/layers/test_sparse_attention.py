@@ -139,9 +139,9 @@ def test_topk_set_matches_topk(T):
 
 
 def test_topk_set_rows_with_few_visible_keys():
-    """Rows with fewer than K visible keys (-inf elsewhere) keep every visible key."""
+    """Rows with fewer than K visible keys (-inf elsewhere) keep every visible key (enough rows for the filter)."""
     g = torch.Generator().manual_seed(5)
-    sc = torch.randn(3, 2000, generator=g)
+    sc = torch.randn(indexer_mod.FILTER_MIN_ROWS, 2000, generator=g)
     sc[0, 10:] = float("-inf")
     val, idx = indexer_mod.topk_set(sc, 64)
     assert set(idx[0][val[0] > float("-inf")].tolist()) == set(range(10))
