@@ -22,6 +22,18 @@ GLOBAL = {
 }
 
 # Block tensors (prefix `model.layers.{i}.` or `mtp.{k}.` in dsalite, `blk.{i}.` in GGUF).
+# Router, experts and the NextN input norms: the same names in every architecture (V3 family and V4).
+MOE_AND_NEXTN = {
+    "mlp.gate.weight": "ffn_gate_inp.weight",
+    "mlp.gate.e_score_correction_bias": "exp_probs_b.bias",
+    "mlp.experts.down_proj": "ffn_down_exps.weight",
+    "mlp.shared_experts.gate_proj.weight": "ffn_gate_shexp.weight",
+    "mlp.shared_experts.up_proj.weight": "ffn_up_shexp.weight",
+    "mlp.shared_experts.down_proj.weight": "ffn_down_shexp.weight",
+    "enorm.weight": "nextn.enorm.weight",
+    "hnorm.weight": "nextn.hnorm.weight",
+}
+
 BLOCK = {
     "input_layernorm.weight": "attn_norm.weight",
     "self_attn.q_proj.weight": "attn_q.weight",
@@ -40,15 +52,8 @@ BLOCK = {
     "mlp.gate_proj.weight": "ffn_gate.weight",
     "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
-    "mlp.gate.weight": "ffn_gate_inp.weight",
-    "mlp.gate.e_score_correction_bias": "exp_probs_b.bias",
-    "mlp.experts.down_proj": "ffn_down_exps.weight",
-    "mlp.shared_experts.gate_proj.weight": "ffn_gate_shexp.weight",
-    "mlp.shared_experts.up_proj.weight": "ffn_up_shexp.weight",
-    "mlp.shared_experts.down_proj.weight": "ffn_down_shexp.weight",
+    **MOE_AND_NEXTN,
     # MTP (NextN) extras
-    "enorm.weight": "nextn.enorm.weight",
-    "hnorm.weight": "nextn.hnorm.weight",
     "eh_proj.weight": "nextn.eh_proj.weight",
     "embed_tokens.weight": "nextn.embed_tokens.weight",
     "shared_head.norm.weight": "nextn.shared_head_norm.weight",
@@ -189,16 +194,9 @@ V4_BLOCK = {
                             ("kv_norm.weight", "norm"))},
     "self_attn.compressor.indexer.q_b_proj.weight": "indexer.attn_q_b.weight",
     "self_attn.compressor.indexer.scorer.weights_proj.weight": "indexer.proj.weight",
-    "mlp.gate.weight": "ffn_gate_inp.weight",
-    "mlp.gate.e_score_correction_bias": "exp_probs_b.bias",
+    **MOE_AND_NEXTN,
     "mlp.gate.tid2eid": "ffn_gate_tid2eid.weight",
-    "mlp.experts.down_proj": "ffn_down_exps.weight",
-    "mlp.shared_experts.gate_proj.weight": "ffn_gate_shexp.weight",
-    "mlp.shared_experts.up_proj.weight": "ffn_up_shexp.weight",
-    "mlp.shared_experts.down_proj.weight": "ffn_down_shexp.weight",
     # MTP extras (the draft file); DeepSeek's MTP `norm` is the shared head norm
-    "enorm.weight": "nextn.enorm.weight",
-    "hnorm.weight": "nextn.hnorm.weight",
     "norm.weight": "nextn.shared_head_norm.weight",
 }
 # The MTP layer's own hc_head is the draft file's root `output_hc_*` (llama.cpp's MTP graph reads the root one).
