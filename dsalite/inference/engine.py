@@ -69,8 +69,13 @@ def _skip_parameter_guards(entries) -> list[bool]:
 
 def compiled(fn):
     """fn through torch.compile for few-token calls: shapes symbolic (the context grows every step), most guards on
-    the model's modules dropped (`_skip_parameter_guards`)."""
-    return torch.compile(fn, dynamic=True, options={"guard_filter_fn": _skip_parameter_guards})
+    the model's modules dropped (`_skip_parameter_guards`), one-row matrix products decomposed."""
+    return torch.compile(fn, dynamic=True, options={
+        "guard_filter_fn": _skip_parameter_guards,
+        # one-row matrix products become inductor's own fused multiply-reduce loops instead of library GEMV calls:
+        # reading the weights is all a decode step's products do, and those loops stream them about twice as fast
+        "post_grad_fusion_options": {"decompose_mm_pass": {}},
+    })
 
 
 class Runner:
