@@ -2,8 +2,8 @@
 
 Bench-small GLM config (hf-reference §10, latent cache) or, with --model v4, the bench DeepSeek-V4 config (window +
 compressor cache), fp32, batch 1, one thread. For each context T the models first prefill
-T tokens (not timed), then run `--steps` single-token greedy decode steps, alternating between the two so that both
-see the same load; the median step time is reported.
+T tokens (not timed), then run `--steps` single-token greedy decode steps, taking turns in blocks of 8 steps so that
+all see the same load; the median step time is reported.
 
     .venv/bin/python bench/decode.py [--model glm|v4] [--contexts 512,2048,4096,8192] [--steps 16]
 """
@@ -58,14 +58,17 @@ def hf_stepper(model, ids, steps: int):
     return step
 
 
-def step_times(steppers, steps: int, clock) -> list[float]:
-    """Median ms per step of each stepper, their steps interleaved so that both see the same load."""
+def step_times(steppers, steps: int, clock, block: int = 8) -> list[float]:
+    """Median ms per step of each stepper. The steppers take turns in blocks of `block` consecutive steps, so that
+    all see the same load and each still decodes as a real generation loop does: step after step, its weights and
+    cache warm (interleaving single steps would evict them before every step and time a cold start instead)."""
     ts = [[] for _ in steppers]
-    for _ in range(steps):
+    for r in range(0, steps, block):
         for i, f in enumerate(steppers):
-            t0 = clock()
-            f()
-            ts[i].append(clock() - t0)
+            for _ in range(min(block, steps - r)):
+                t0 = clock()
+                f()
+                ts[i].append(clock() - t0)
     return [statistics.median(t) * 1e3 for t in ts]
 
 
