@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="prompt tokens per prefill forward; bounds peak memory (default 2048)")
     gn.add_argument("--compile", action="store_true",
                     help="torch.compile the decode steps (not DeepSeek-V4): the first steps take seconds to compile, "
-                         "later ones are about twice as fast on small models; worth it for long generations")
+                         "later ones run 2-5x faster (small models gain most); worth it for long generations")
     gn.add_argument("--no-stream", action="store_true", help="print the text at the end instead of as it is made")
     gn.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     gn.set_defaults(func=cmd_generate)
