@@ -16,6 +16,7 @@ from torch import nn
 
 from dsalite.config import ModelConfig
 from dsalite.layers.block import Block
+from dsalite.layers.linear import linear
 from dsalite.layers.mask import Visibility
 from dsalite.layers.mtp import MTPLayer
 from dsalite.layers.norm import RMSNorm
@@ -56,7 +57,7 @@ class Transformer(nn.Module):
     # ----- forward -----
     def head(self, h: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "lm_head"):
-            return self.lm_head(h)
+            return linear(self.lm_head, h)
         return nn.functional.linear(h, self.model.embed_tokens.weight)
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype):

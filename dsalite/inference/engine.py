@@ -89,17 +89,19 @@ class Runner:
         self.model, self.cache, self.chunk = model, cache, prefill_chunk
         self._few = compiled(self._forward) if compile else self._forward
 
-    def _forward(self, ids, positions, cached: int, mask):
-        """One model call over ids [B, n] after `cached` tokens; the last hidden states [B, n, D]. The cached length
-        is an argument (not read from the cache) so that a compiled graph treats it as a symbol."""
+    def _forward(self, ids, positions, cached: int, mask, all_logits: bool):
+        """One model call over ids [B, n] after `cached` tokens: (logits of every row or of the last one, last hidden
+        states [B, n, D]). The cached length is an argument (not read from the cache) so that a compiled graph
+        treats it as a symbol; the head runs inside, so a compiled step includes it."""
         self.cache.seq_len = cached
-        return self.model(ids, position_ids=positions, cache=self.cache, attention_mask=mask,
-                          compute_logits=False).last_hidden
+        h = self.model(ids, position_ids=positions, cache=self.cache, attention_mask=mask,
+                       compute_logits=False).last_hidden
+        return self.model.head(h if all_logits else h[:, -1:]), h
 
     @torch.no_grad()
     def feed(self, ids: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor, all_logits: bool = False):
         """Append ids [B, S] to the cache (in chunks); return (logits [B, S or 1, V], last_hidden [B, S, D])."""
-        hidden = []
+        logits, hidden = [], []
         for s0 in range(0, ids.shape[1], self.chunk):
             sl = slice(s0, s0 + self.chunk)
             self.cache.append_tokens(valid[:, sl], positions[:, sl])
@@ -107,9 +109,10 @@ class Runner:
             plain = bool(valid.all()) and self.cache.seq_len == 0
             mask = None if plain else self.cache.valid(n)
             run = self._few if n <= COMPILED_MAX_TOKENS and not plain else self._forward
-            hidden.append(run(ids[:, sl], positions[:, sl], self.cache.seq_len, mask))
-        h = torch.cat(hidden, 1)
-        return self.model.head(h if all_logits else h[:, -1:]), h
+            lg, h = run(ids[:, sl], positions[:, sl], self.cache.seq_len, mask, all_logits)
+            logits.append(lg)
+            hidden.append(h)
+        return torch.cat(logits if all_logits else logits[-1:], 1), torch.cat(hidden, 1)
 
 
 @dataclass

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsalite.config import ModelConfig
+from dsalite.layers.linear import linear
 
 # At most this many (token, expert) pairs take the per-pair path instead of the sort-by-expert loop.
 SMALL_BATCH = 16
@@ -41,7 +42,8 @@ class MLP(nn.Module):
         self.limit = limit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), self.limit))
+        gate, up = linear(self.gate_proj, x), linear(self.up_proj, x)
+        return linear(self.down_proj, swiglu(gate, up, self.limit))
 
 
 class Router(nn.Module):
