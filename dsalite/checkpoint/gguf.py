@@ -135,6 +135,19 @@ def llama_yarn_scales(arch: str, rope: dict, max_pos: int) -> tuple[float, float
     return attn_org, attn_org * g(log_mul)
 
 
+def yarn_keys(rope: dict, factor: float, attn_factor: float | None = None) -> list[tuple[str, object, str]]:
+    """The yarn rope keys in the converter's order (V4 adds its attention factor before the betas)."""
+    kv = [
+        ("rope_scaling_type", "yarn", "STRING"),
+        ("rope_scaling_factor", float(factor), "FLOAT32"),
+        ("rope_scaling_orig_ctx", int(rope["original_max_position_embeddings"]), "UINT32"),
+    ]
+    if attn_factor is not None:
+        kv.append(("rope_yarn_attn_factor", float(attn_factor), "FLOAT32"))
+    return kv + [(f"rope_yarn_{k}", float(rope[k]), "FLOAT32") for k in ("beta_fast", "beta_slow")
+                 if rope.get(k) is not None]
+
+
 def _leading_dense(cfg: ModelConfig) -> int:
     return next((i for i, t in enumerate(cfg.mlp_types) if t != "dense"), cfg.num_hidden_layers)
 
@@ -159,12 +172,7 @@ def model_metadata(cfg: ModelConfig, dtype: str, mtp: bool) -> list[tuple[str, o
     rope = cfg.rope
     if rope.get("rope_type", "default") == "yarn":
         factor = rope.get("factor") or cfg.max_position_embeddings / rope["original_max_position_embeddings"]
-        kv += [
-            ("rope_scaling_type", "yarn", "STRING"),
-            ("rope_scaling_factor", float(factor), f),
-            ("rope_scaling_orig_ctx", int(rope["original_max_position_embeddings"]), u),
-        ]
-        kv += [(f"rope_yarn_{k}", float(rope[k]), f) for k in ("beta_fast", "beta_slow") if rope.get(k) is not None]
+        kv += yarn_keys(rope, factor)
     kv += [
         ("rope_freq_base", float(rope["rope_theta"]), f),
         ("layer_norm_rms_epsilon", cfg.rms_norm_eps, f),

@@ -92,13 +92,7 @@ def metadata(cfg: ModelConfig, dtype: str, n_mtp: int) -> list[tuple[str, object
     ]
     rope = cfg.compress_rope  # llama.cpp applies the scaling keys to the compressed (CSA/HCA) layers only
     if rope.get("rope_type") == "yarn":
-        kv += [
-            ("rope_scaling_type", "yarn", "STRING"),
-            ("rope_scaling_factor", float(rope["factor"]), f),
-            ("rope_scaling_orig_ctx", int(rope["original_max_position_embeddings"]), u),
-            ("rope_yarn_attn_factor", float(rope.get("attention_factor", 1.0)), f),
-        ]
-        kv += [(f"rope_yarn_{k}", float(rope[k]), f) for k in ("beta_fast", "beta_slow") if rope.get(k) is not None]
+        kv += G.yarn_keys(rope, rope["factor"], rope.get("attention_factor", 1.0))
     limit = [float(cfg.swiglu_limit)] * n_blocks
     kv += [
         ("rope_freq_base", float(cfg.rope["rope_theta"]), f),

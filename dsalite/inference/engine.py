@@ -82,8 +82,9 @@ class Runner:
     """Model + cache: prefill in chunks, decode one token (or a few) per sequence.
 
     compile=True runs the few-token calls through torch.compile (inductor): on small models a decode step is mostly
-    per-operation overhead, which compiling fuses away, and one-row products stream their weights faster. The first compiled call takes seconds; later calls at any
-    context length reuse the graph (the cached length is a symbol, not a constant)."""
+    per-operation overhead, which compiling fuses away, and one-row products stream their weights faster. The first
+    compiled call takes seconds; later calls at any context length reuse the graph (the cached length is a symbol,
+    not a constant)."""
 
     def __init__(self, model, cache: LatentCache, prefill_chunk: int = 2048, compile: bool = False):
         self.model, self.cache, self.chunk = model, cache, prefill_chunk
