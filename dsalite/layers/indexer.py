@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dsalite import kernels
 from dsalite.layers.rope import apply_rope
 
 # Queries per chunk are chosen so one chunk's [B, s, Hi, T] score block stays near this many fp32 elements.
@@ -22,6 +23,8 @@ FILTER_MIN_RATIO = 4
 # ... and only in blocks of at least this many rows: the filter's twenty-odd small ops cost more than they save on
 # the one row per sequence of a decode step.
 FILTER_MIN_ROWS = 16
+# Query rows per call of the CPU kernel (`kernels`): bounds the [rows, keys] visibility block it is handed.
+KERNEL_ROWS = 256
 
 
 class Indexer(nn.Module):
@@ -64,25 +67,85 @@ def topk_indices(q, k, w, allowed, topk: int, scale: float, key_range=None) -> t
     """allowed: callable (s0, s1, k0, k1) -> [B or 1, s1-s0, k1-k0] bool mask of keys k0..k1-1 for that query block.
     key_range: optional callable (s0, s1) -> (k0, k1): the block's queries all see the keys before k0 and none from k1
     on (causal order, `Visibility.key_range`); later keys are neither scored nor ranked, which halves the work of a
-    causal prefill, and only keys k0..k1-1 are masked."""
+    causal prefill, and only keys k0..k1-1 are masked.
+    On CPU the fused kernel of `kernels` scores and selects (ties at the K-th score go to the lower key; a row where
+    that tie leaves keys out is re-ranked here by torch.topk over the whole row, as HF ranks it)."""
     B, S = q.shape[:2]
     T = k.shape[1]
     K = min(topk, T)
     out = torch.full((B, S, K), -1, dtype=torch.long, device=q.device)
-    per_query = B * q.shape[2] * T
-    # one block when it fits: a compiled decode step then sees a size test, not a chunk count that changes with T
-    chunk = S if S * per_query <= SCORE_BUDGET else max(1, SCORE_BUDGET // per_query)
+    lib = kernels.load() if q.device.type == "cpu" and K > 0 and not torch.compiler.is_compiling() else None
+    if lib is not None:
+        chunk, fused = KERNEL_ROWS, _FusedSelect(lib, q, k, w, scale, K)
+    else:
+        per_query = B * q.shape[2] * T
+        # one block when it fits: a compiled decode step then sees a size test, not a chunk count that changes with T
+        chunk = S if S * per_query <= SCORE_BUDGET else max(1, SCORE_BUDGET // per_query)
     for s0 in range(0, S, chunk):
         s1 = min(S, s0 + chunk)
         k0, k1 = (0, T) if key_range is None else key_range(s0, s1)
         k1 = min(T, max(1, k1))
         k0 = max(0, min(k0, k1))
-        sc = index_scores(q[:, s0:s1], k[:, :k1], w[:, s0:s1], scale)  # [B, s, k1]
-        if k0 < k1:
-            sc[..., k0:].masked_fill_(~allowed(s0, s1, k0, k1), float("-inf"))
-        val, ids = topk_set(sc.view(B * (s1 - s0), k1), min(K, k1))
-        out[:, s0:s1, : ids.shape[-1]] = ids.masked_fill_(val == float("-inf"), -1).view(B, s1 - s0, -1)
+        mask = allowed(s0, s1, k0, k1) if k0 < k1 else None
+        if lib is None:
+            ids = _rank(q[:, s0:s1], k[:, :k1], w[:, s0:s1], scale, k0, mask, min(K, k1), whole_rows=False)
+            out[:, s0:s1, : ids.shape[-1]] = ids
+            continue
+        tied = fused(s0, s1, k0, k1, mask, out)
+        for b, r in tied.nonzero().tolist():
+            i = s0 + r
+            m = None if mask is None else mask[b if mask.shape[0] > 1 else 0, r][None, None]
+            ids = _rank(q[b : b + 1, i : i + 1], k[b : b + 1, :k1], w[b : b + 1, i : i + 1], scale, k0, m, min(K, k1),
+                        whole_rows=True)
+            out[b, i, : ids.shape[-1]] = _ascending(ids[0, 0])
     return out
+
+
+def _ascending(ids: torch.Tensor) -> torch.Tensor:
+    """Key indices of one row in ascending order with the -1 padding last (the kernel's row layout)."""
+    big = torch.iinfo(ids.dtype).max
+    ids = torch.where(ids < 0, big, ids).sort().values
+    return ids.masked_fill_(ids == big, -1)
+
+
+def _rank(q, k, w, scale: float, k0: int, mask, K: int, whole_rows: bool) -> torch.Tensor:
+    """Top-K key indices [B, s, K] of one query block (-1 for hidden keys) by PyTorch ops."""
+    B, s = q.shape[:2]
+    sc = index_scores(q, k, w, scale)  # [B, s, k1]
+    if mask is not None:
+        sc[..., k0:].masked_fill_(~mask, float("-inf"))
+    flat = sc.view(B * s, -1)
+    val, ids = flat.topk(K, dim=-1, sorted=False) if whole_rows else topk_set(flat, K)
+    return ids.masked_fill_(val == float("-inf"), -1).view(B, s, -1)
+
+
+class _FusedSelect:
+    """The CPU kernel over query blocks of one `topk_indices` call: keys laid out once, in tiles of 64 stored
+    [Di, 64] (the layout its inner loop reads), then one kernel call per block and sequence."""
+
+    def __init__(self, lib, q, k, w, scale: float, K: int):
+        B, T, Di = k.shape
+        tiles = -(-T // 64)
+        kt = torch.zeros(B, tiles * 64, Di, dtype=torch.float32)
+        kt[:, :T] = k.detach()
+        self.kt = kt.view(B, tiles, 64, Di).transpose(2, 3).contiguous()
+        self.q = q.detach().float().contiguous()
+        self.w = (w.detach().float() * scale).contiguous()
+        self.lib, self.K = lib, K
+
+    def __call__(self, s0: int, s1: int, k0: int, k1: int, mask, out: torch.Tensor) -> torch.Tensor:
+        """Fills out[:, s0:s1]; returns tied [B, s1-s0] bool (rows whose K-th score ties with a key left out)."""
+        B, _, Hi, Di = self.q.shape
+        mask = None if mask is None else mask.contiguous()
+        tied = torch.zeros(B, s1 - s0, dtype=torch.uint8)
+        for b in range(B):
+            m = None if mask is None else mask[b if mask.shape[0] > 1 else 0]
+            args = (self.q[b, s0].data_ptr(), self.w[b, s0].data_ptr(), self.kt[b].data_ptr(), Hi, Di, k0, k1,
+                    None if m is None else m.data_ptr(), k1 - k0, min(self.K, k1), out[b, s0].data_ptr(), self.K,
+                    tied[b].data_ptr())
+            kernels.split_rows(lambda r0, r1, a=args: self.lib.dsa_select_rows(*a, r0, r1), s1 - s0,
+                               torch.get_num_threads())
+        return tied.bool()
 
 
 def topk_set(sc: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor]:

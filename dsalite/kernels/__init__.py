@@ -1,0 +1,105 @@
+"""Optional CPU kernels, compiled from C++ on first use with the system compiler and loaded through ctypes.
+
+PyTorch has no fused "score, then keep the K best" for the lightning indexer: its ops write the [rows, Hi, T] score
+block out to memory three times and rank every entry with `torch.topk`, which dominates a long CPU prefill. The kernel
+here does both per query row in cache. Every kernel has an exact pure-PyTorch twin that runs on other devices, under
+torch.compile, when no compiler is found, or when DSALITE_KERNELS=0; tests compare the two.
+
+Builds land in $DSALITE_KERNEL_CACHE (default ~/.cache/dsalite/kernels), keyed by the source, the compiler command
+and this CPU's feature flags (the build uses -march=native), written under a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+_SRC = Path(__file__).with_name("dsa_select.cpp")
+_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-Wno-psabi"]
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return ""
+
+
+def _build(cxx: str, march: str = "native") -> Path:
+    """The shared library for this source, compiler and target (-march), built once into the cache."""
+    flags = [*_FLAGS, f"-march={march}"]
+    key = hashlib.sha256(_SRC.read_bytes() + " ".join([cxx, *flags]).encode() + _cpu_flags().encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("DSALITE_KERNEL_CACHE", Path.home() / ".cache" / "dsalite" / "kernels"))
+    lib = cache / f"dsa_select-{key}.so"
+    if lib.exists():
+        return lib
+    cache.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+    os.close(fd)
+    try:
+        subprocess.run([cxx, *flags, str(_SRC), "-o", tmp], check=True, capture_output=True, text=True)
+        os.replace(tmp, lib)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return lib
+
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.dsa_select_rows.argtypes = [ptr, ptr, ptr, ctypes.c_int, ctypes.c_int, i64, i64, ptr, i64, i64, ptr, i64, ptr,
+                                    i64, i64]
+    lib.dsa_select_rows.restype = None
+    return lib
+
+
+def load() -> ctypes.CDLL | None:
+    """The compiled kernels, or None (disabled, or no working C++ compiler: warned once, the PyTorch path runs)."""
+    global _lib, _tried
+    if _tried:
+        return _lib
+    with _lock:
+        if _tried:
+            return _lib
+        if os.environ.get("DSALITE_KERNELS", "1") != "0":
+            cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+            try:
+                if cxx is None:
+                    raise FileNotFoundError("no C++ compiler on PATH (set CXX)")
+                _lib = _declare(ctypes.CDLL(str(_build(cxx))))
+            except (OSError, subprocess.CalledProcessError) as e:
+                detail = getattr(e, "stderr", "") or str(e)
+                warnings.warn(f"dsalite: CPU indexer kernel unavailable, using the PyTorch path ({detail.strip()[:300]})",
+                              RuntimeWarning, stacklevel=2)
+        _tried = True
+    return _lib
+
+
+_pool = None
+
+
+def split_rows(call, rows: int, threads: int, min_rows: int = 32) -> None:
+    """call(r0, r1) over rows 0..rows-1, split across up to `threads` threads (ctypes releases the GIL)."""
+    global _pool
+    parts = max(1, min(threads, rows // min_rows))
+    if parts == 1:
+        call(0, rows)
+        return
+    if _pool is None or _pool._max_workers < parts:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _pool = ThreadPoolExecutor(max_workers=parts, thread_name_prefix="dsalite-kernel")
+    bounds = [rows * i // parts for i in range(parts + 1)]
+    for f in [_pool.submit(call, r0, r1) for r0, r1 in zip(bounds[:-1], bounds[1:])]:
+        f.result()

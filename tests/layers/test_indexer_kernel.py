@@ -1,0 +1,142 @@
+"""The fused CPU indexer kernel (`dsalite.kernels`) against the PyTorch path it replaces: same top-k sets on rows
+whose K-th score is clear of the next one, torch.topk's own choice on rows whose boundary is an exact tie, every
+visibility form (causal prefix, padding, packed documents), odd head counts and widths, threads, and a portable build."""
+
+import ctypes
+import platform
+
+import pytest
+import torch
+
+from dsalite import kernels
+from dsalite.layers import indexer as ix
+from dsalite.layers.mask import Visibility
+
+SCALE = 0.2
+
+
+@pytest.fixture(scope="module")
+def lib():
+    lib = kernels.load()
+    assert lib is not None, "the C++ indexer kernel did not build (a C++ compiler must be on PATH)"
+    return lib
+
+
+def select(q, k, w, vis, K, kernel_lib, monkeypatch):
+    """topk_indices through the kernel `kernel_lib` (None = the PyTorch path), as the model calls it."""
+    monkeypatch.setattr(kernels, "load", lambda: kernel_lib)
+    return ix.topk_indices(q, k, w, vis.block, K, SCALE, vis.key_range)
+
+
+def reference(q, k, w, vis):
+    """float64 scores with hidden keys at -inf: [B, S, T]."""
+    sc = torch.einsum("bsh,bsht->bst", w.double(), torch.relu(torch.einsum("bshd,btd->bsht", q.double(), k.double())))
+    return (sc * SCALE).masked_fill(~vis.full(), float("-inf"))
+
+
+def clear_rows(ref, K):
+    """Rows whose top-K set is unambiguous: at most K visible keys, or a gap after the K-th score well above fp32
+    rounding of the score sums."""
+    top = ref.topk(min(K + 1, ref.shape[-1]), -1).values
+    few = (ref > float("-inf")).sum(-1) <= K
+    return few | ((top[..., K - 1] - top[..., K]) > 1e-4 * top[..., 0].abs().clamp_min(1))
+
+
+def assert_valid_selection(idx, ref, K):
+    """Every row: distinct visible keys, min(K, visible) of them, and none left out scores clearly above one taken."""
+    B, S, T = ref.shape
+    visible = (ref > float("-inf")).sum(-1)
+    taken = torch.zeros(B, S, T + 1, dtype=torch.bool).scatter_(-1, torch.where(idx < 0, T, idx), True)[..., :T]
+    assert torch.equal(taken.sum(-1), visible.clamp_max(K)) and torch.equal((idx >= 0).sum(-1), visible.clamp_max(K))
+    assert (ref[taken] > float("-inf")).all(), "a hidden key was selected"
+    low = ref.masked_fill(~taken, float("inf")).amin(-1)
+    high = ref.masked_fill(taken | (ref == float("-inf")), float("-inf")).amax(-1)
+    assert (high <= low + 1e-4 * low.abs().clamp_min(1)).all()
+
+
+def case(name, g):
+    """(q, k, w, Visibility, K) for one visibility form; keys not a multiple of the kernel's tile of 64."""
+    if name == "causal_chunk":  # a later prefill chunk: 300 queries after 700 cached keys, 6 heads of width 20
+        B, S, T, Hi, Di, K = 1, 300, 1000, 6, 20, 64
+        vis = Visibility(S, T, T - S)
+    elif name == "padding":  # left-padded batch: nothing is assumed visible (k0 = 0), a mask per sequence
+        B, S, T, Hi, Di, K = 2, 150, 700, 4, 32, 40
+        valid = torch.ones(B, T, dtype=torch.bool)
+        valid[1, :37] = False
+        vis = Visibility(S, T, T - S, valid)
+    elif name == "documents":  # packed documents: short documents leave fewer than K visible keys
+        B, S, T, Hi, Di, K = 1, 520, 520, 5, 16, 48
+        seg = torch.repeat_interleave(torch.arange(4), torch.tensor([30, 250, 200, 40]))[None]
+        vis = Visibility(S, T, 0, None, seg)
+    else:  # decode: one query per sequence over a long padded cache
+        B, S, T, Hi, Di, K = 3, 1, 3001, 8, 32, 256
+        valid = torch.ones(B, T, dtype=torch.bool)
+        valid[2, :500] = False
+        vis = Visibility(S, T, T - S, valid)
+    q, k, w = torch.randn(B, S, Hi, Di, generator=g), torch.randn(B, T, Di, generator=g), torch.randn(B, S, Hi, generator=g)
+    return q, k, w, vis, K
+
+
+@pytest.mark.parametrize("name", ["causal_chunk", "padding", "documents", "decode"])
+def test_kernel_selects_what_the_pytorch_path_selects(lib, monkeypatch, name):
+    g = torch.Generator().manual_seed(11)
+    q, k, w, vis, K = case(name, g)
+    got = select(q, k, w, vis, K, lib, monkeypatch)
+    want = select(q, k, w, vis, K, None, monkeypatch)
+    ref = reference(q, k, w, vis)
+    assert_valid_selection(got, ref, K)
+    assert_valid_selection(want, ref, K)
+    clear = clear_rows(ref, K)
+    assert clear.float().mean() > 0.8, "too few rows with a clear boundary for the comparison to mean anything"
+    assert torch.equal(got.sort(-1).values[clear], want.sort(-1).values[clear])
+    # the kernel returns each row's keys in ascending order (gathers then walk the cache forward)
+    kept = torch.where(got < 0, torch.iinfo(torch.long).max, got)
+    assert torch.equal(kept, kept.sort(-1).values)
+
+
+def test_tied_boundaries_take_torch_topk_over_the_whole_row(lib, monkeypatch):
+    """Every key twice, K odd: the K-th score always ties with a key left out, so every row goes back to torch.topk
+    over its whole row (HF's tie order); all-zero queries tie everything at 0."""
+    g = torch.Generator().manual_seed(12)
+    B, S, T, Hi, Di, K = 1, 40, 600, 4, 16, 33
+    half = torch.randn(B, T // 2, Di, generator=g)
+    k = torch.cat([half, half], 1)[:, torch.randperm(T, generator=g)]
+    q, w = torch.randn(B, S, Hi, Di, generator=g), torch.rand(B, S, Hi, generator=g)
+    q[:, :5] = 0
+    vis = Visibility(S, T, T - S)
+    got = select(q, k, w, vis, K, lib, monkeypatch)
+    sc = ix.index_scores(q, k, w, SCALE).masked_fill(~vis.full(), float("-inf"))
+    want = sc.view(S, T).topk(K, -1, sorted=False).indices.view(B, S, K)
+    assert torch.equal(got.sort(-1).values, want.sort(-1).values)
+
+
+def test_threads_split_rows_without_changing_the_result(lib, monkeypatch):
+    g = torch.Generator().manual_seed(13)
+    q, k, w, vis, K = case("causal_chunk", g)
+    one = select(q, k, w, vis, K, lib, monkeypatch)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        two = select(q, k, w, vis, K, lib, monkeypatch)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 baseline build")
+def test_portable_build_matches_the_native_one(lib, monkeypatch):
+    """The build without AVX-512 (generic vectors, scalar candidate gather) selects exactly what the native one does."""
+    import shutil
+
+    cxx = shutil.which("c++") or shutil.which("g++")
+    portable = kernels._declare(ctypes.CDLL(str(kernels._build(cxx, "x86-64-v2"))))
+    g = torch.Generator().manual_seed(14)
+    q, k, w, vis, K = case("padding", g)
+    assert torch.equal(select(q, k, w, vis, K, portable, monkeypatch), select(q, k, w, vis, K, lib, monkeypatch))
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv("DSALITE_KERNELS", "0")
+    monkeypatch.setattr(kernels, "_tried", False)
+    monkeypatch.setattr(kernels, "_lib", None)
+    assert kernels.load() is None
