@@ -3,7 +3,10 @@
 Legend: B sequences, N capacity in tokens, r kv_lora_rank, p qk_rope_head_dim, Di index_head_dim.
 Storage is preallocated for B sequences of up to N tokens; sequences of different lengths are left-padded and
 `key_valid` marks the real tokens, so every sequence appends at the same index and a decode step is one batched call.
-Shared IndexShare layers store no indexer keys (they reuse a full layer's selection). `crop` rewinds after rejected
+Shared IndexShare layers store no indexer keys (they reuse a full layer's selection). On CPU, when the fused indexer
+kernel is available, the indexer keys are also kept in its tiled layout (`indexer.tile_keys`), so neither a prefill
+chunk nor a decode step re-lays the whole key history out; a compiled decode step can only use the kernel this way.
+`crop` rewinds after rejected
 speculative drafts: the storage past `seq_len` is simply overwritten later.
 The model only calls `update_latent`, `update_index_keys`, `seq_len` and `advance`; it never sees the storage.
 """
@@ -12,7 +15,9 @@ from __future__ import annotations
 
 import torch
 
+from dsalite import kernels
 from dsalite.config import ModelConfig
+from dsalite.layers.indexer import TILE
 
 
 class LatentCache:
@@ -28,6 +33,11 @@ class LatentCache:
             i: torch.zeros(batch, capacity, cfg.index_head_dim, dtype=dtype, device=device)
             for i in layers if cfg.has_indexer and cfg.indexer_types[i] == "full"
         }
+        tiled = torch.device(device).type == "cpu" and kernels.load() is not None
+        self.index_tiles = {  # [B, N/64, Di, 64]: the kernel's layout of the same keys
+            i: torch.zeros(batch, -(-capacity // TILE), cfg.index_head_dim, TILE, dtype=torch.float32, device=device)
+            for i in (self.index_keys if tiled else ())
+        }
         self.key_valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
         self.positions = torch.zeros(batch, capacity, dtype=torch.long, device=device)
         self.seq_len = 0
@@ -42,10 +52,19 @@ class LatentCache:
         return buf[:, : self.seq_len + S]
 
     def update_index_keys(self, layer: int, k: torch.Tensor) -> torch.Tensor:
+        """Store the new tokens' indexer keys [B, S, Di]; return all T tokens' [B, T, Di] (a view)."""
         buf = self.index_keys[layer]
         S = k.shape[1]
         buf[:, self.seq_len : self.seq_len + S] = k
+        if layer in self.index_tiles:
+            pos = torch.arange(self.seq_len, self.seq_len + S, device=k.device)
+            self.index_tiles[layer].transpose(2, 3)[:, pos // TILE, pos % TILE] = k.detach().float()
         return buf[:, : self.seq_len + S]
+
+    def index_key_tiles(self, layer: int) -> torch.Tensor | None:
+        """The layer's indexer keys in the kernel's tiled layout (None where not kept); tiles past the cached length
+        hold stale keys, which the kernel never reads."""
+        return self.index_tiles.get(layer)
 
     def advance(self, n: int) -> None:
         self.seq_len += n
@@ -71,7 +90,8 @@ class LatentCache:
     def bytes_per_token(self) -> int:
         """Cache bytes one token costs across all layers (latents everywhere, indexer keys on full layers)."""
         n = sum(t.shape[-1] * t.element_size() for t in self.latent.values())
-        return n + sum(t.shape[-1] * t.element_size() for t in self.index_keys.values())
+        n += sum(t.shape[-1] * t.element_size() for t in self.index_keys.values())
+        return n + sum(t.shape[2] * t.element_size() for t in self.index_tiles.values())
 
     def _check(self, layer, S: int) -> None:
         if self.seq_len + S > self.capacity:

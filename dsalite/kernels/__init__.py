@@ -26,6 +26,7 @@ _FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-Wno-psabi"]
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
+_available = False  # a plain bool, so torch.compile reads it without tracing `load`
 
 
 def _cpu_flags() -> str:
@@ -57,16 +58,18 @@ def _build(cxx: str, march: str = "native") -> Path:
 
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.dsa_select_rows.argtypes = [ptr, ptr, ptr, ctypes.c_int, ctypes.c_int, i64, i64, ptr, i64, i64, ptr, i64, ptr,
-                                    i64, i64]
-    lib.dsa_select_rows.restype = None
+    i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+    lib.dsa_select.argtypes = [ptr, ptr, ptr, i64, i32, i64, i32, i32, i64, i64, ptr, i64, i64, i64, ptr, i64, ptr, i64,
+                               i64]
+    lib.dsa_select.restype = i64
+    lib.dsa_score_row.argtypes = [ptr, ptr, ptr, i32, i32, i64, i64, ptr, ptr]
+    lib.dsa_score_row.restype = None
     return lib
 
 
 def load() -> ctypes.CDLL | None:
     """The compiled kernels, or None (disabled, or no working C++ compiler: warned once, the PyTorch path runs)."""
-    global _lib, _tried
+    global _lib, _tried, _available
     if _tried:
         return _lib
     with _lock:
@@ -78,6 +81,7 @@ def load() -> ctypes.CDLL | None:
                 if cxx is None:
                     raise FileNotFoundError("no C++ compiler on PATH (set CXX)")
                 _lib = _declare(ctypes.CDLL(str(_build(cxx))))
+                _available = True
             except (OSError, subprocess.CalledProcessError) as e:
                 detail = getattr(e, "stderr", "") or str(e)
                 warnings.warn(f"dsalite: CPU indexer kernel unavailable, using the PyTorch path ({detail.strip()[:300]})",
@@ -86,20 +90,23 @@ def load() -> ctypes.CDLL | None:
     return _lib
 
 
+def available() -> bool:
+    """Whether `load` has found the kernels (False before its first call); safe inside a compiled function."""
+    return _available
+
+
 _pool = None
 
 
-def split_rows(call, rows: int, threads: int, min_rows: int = 32) -> None:
-    """call(r0, r1) over rows 0..rows-1, split across up to `threads` threads (ctypes releases the GIL)."""
+def split_rows(call, rows: int, threads: int, min_rows: int = 32) -> int:
+    """Sum of call(r0, r1) over rows 0..rows-1 split across up to `threads` threads (ctypes releases the GIL)."""
     global _pool
     parts = max(1, min(threads, rows // min_rows))
     if parts == 1:
-        call(0, rows)
-        return
+        return call(0, rows)
     if _pool is None or _pool._max_workers < parts:
         from concurrent.futures import ThreadPoolExecutor
 
         _pool = ThreadPoolExecutor(max_workers=parts, thread_name_prefix="dsalite-kernel")
     bounds = [rows * i // parts for i in range(parts + 1)]
-    for f in [_pool.submit(call, r0, r1) for r0, r1 in zip(bounds[:-1], bounds[1:])]:
-        f.result()
+    return sum(f.result() for f in [_pool.submit(call, r0, r1) for r0, r1 in zip(bounds[:-1], bounds[1:])])

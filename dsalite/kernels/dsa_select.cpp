@@ -144,45 +144,71 @@ bool select_row(const float* v, int64_t n, int64_t K, float* work, int32_t* cand
     return ties < 0;  // an equal entry was left out
 }
 
+// The visible keys' scores of one row into sc[0, end) (hidden ones -inf); returns end, the last visible key + 1.
+int64_t masked_scores(const float* q, const float* w, const float* kt, int H, int D, int64_t k0, int64_t k1,
+                      const uint8_t* mr, float* sc, int64_t* visible) {
+    int64_t end = k1;
+    if (mr) {
+        while (end > k0 && !mr[end - 1 - k0]) --end;  // trailing hidden keys are not scored
+    }
+    score_row(q, w, kt, H, D, end, sc);
+    *visible = end;
+    if (mr) {
+        for (int64_t j = k0; j < end; ++j)
+            if (!mr[j - k0]) {
+                sc[j] = NEG_INF;
+                --*visible;
+            }
+    }
+    return end;
+}
+
 }  // namespace
 
 extern "C" {
 
-// Rows r0..r1-1 of one sequence. q [R, H, D], w [R, H] (the score scale folded in), kt [ceil(k1 / 64), D, 64] (the keys
-// in tiles of 64, zero-padded), mask [R, mask_ld] uint8 for keys k0..k1-1 or null (then every key < k1 is seen),
-// idx [R, ldo] int64 receives K = min(topk, k1) entries per row; tied[r] = 1 where the K-th largest score is tied
-// with a key left out (the caller may re-rank such a row with its own tie order).
-void dsa_select_rows(const float* q, const float* w, const float* kt, int H, int D, int64_t k0,
-                     int64_t k1, const uint8_t* mask, int64_t mask_ld, int64_t K, int64_t* idx, int64_t ldo,
-                     uint8_t* tied, int64_t r0, int64_t r1) {
+// Rows r0..r1-1 of each of B sequences. Per sequence: q [R, H, D], w [R, H] (the score scale folded in), the keys as
+// tiles [ceil(k1 / 64), D, 64] (zero-padded, kt_bstride floats apart), mask [R, mask_ld] uint8 for keys k0..k1-1 (null:
+// every key < k1 is seen; mask_bstride 0 shares one mask), idx [R, ldo] int64 receives K = min(topk, k1) indices per row
+// then -1, tied [R] = 1 where the K-th largest score ties with a key left out. Returns the number of tied rows.
+int64_t dsa_select(const float* q, const float* w, const float* kt, int64_t kt_bstride, int B, int64_t R, int H,
+                   int D, int64_t k0, int64_t k1, const uint8_t* mask, int64_t mask_bstride, int64_t mask_ld,
+                   int64_t K, int64_t* idx, int64_t ldo, uint8_t* tied, int64_t r0, int64_t r1) {
     std::vector<float> buf(static_cast<size_t>((k1 + TILE - 1) / TILE * TILE)), work(3 * static_cast<size_t>(k1));
     std::vector<int32_t> cand(static_cast<size_t>(k1));
-    for (int64_t r = r0; r < r1; ++r) {
-        int64_t end = k1;
-        const uint8_t* mr = mask ? mask + r * mask_ld : nullptr;
-        if (mr) {
-            while (end > k0 && !mr[end - 1 - k0]) --end;  // trailing hidden keys are not scored
-        }
-        score_row(q + r * H * D, w + r * H, kt, H, D, end, buf.data());
-        int64_t visible = end;
-        if (mr) {
-            for (int64_t j = k0; j < end; ++j)
-                if (!mr[j - k0]) {
-                    buf[j] = NEG_INF;
-                    --visible;
-                }
-        }
-        int64_t* out = idx + r * ldo;
-        if (visible <= K) {
-            int64_t o = 0;
-            for (int64_t j = 0; j < end; ++j)
-                if (buf[j] > NEG_INF) out[o++] = j;
-            std::fill(out + o, out + K, -1);
-            tied[r] = 0;
-        } else {
-            tied[r] = select_row(buf.data(), end, K, work.data(), cand.data(), out);
+    int64_t n_tied = 0;
+    for (int b = 0; b < B; ++b) {
+        for (int64_t r = r0; r < r1; ++r) {
+            const int64_t row = b * R + r;
+            const uint8_t* mr = mask ? mask + b * mask_bstride + r * mask_ld : nullptr;
+            int64_t visible;
+            const int64_t end = masked_scores(q + row * H * D, w + row * H, kt + b * kt_bstride, H, D, k0, k1, mr,
+                                              buf.data(), &visible);
+            int64_t* out = idx + row * ldo;
+            if (visible <= K) {
+                int64_t o = 0;
+                for (int64_t j = 0; j < end; ++j)
+                    if (buf[j] > NEG_INF) out[o++] = j;
+                std::fill(out + o, out + ldo, -1);
+                tied[row] = 0;
+            } else {
+                tied[row] = select_row(buf.data(), end, K, work.data(), cand.data(), out);
+                std::fill(out + K, out + ldo, -1);
+            }
+            n_tied += tied[row];
         }
     }
+    return n_tied;
+}
+
+// One row's scores over keys [0, k1), -inf where hidden (arguments as for dsa_select, for a single row).
+void dsa_score_row(const float* q, const float* w, const float* kt, int H, int D, int64_t k0, int64_t k1,
+                   const uint8_t* mr, float* sc) {
+    std::vector<float> buf(static_cast<size_t>((k1 + TILE - 1) / TILE * TILE));
+    int64_t visible;
+    const int64_t end = masked_scores(q, w, kt, H, D, k0, k1, mr, buf.data(), &visible);
+    std::copy(buf.begin(), buf.begin() + end, sc);
+    std::fill(sc + end, sc + k1, NEG_INF);
 }
 
 }  // extern "C"

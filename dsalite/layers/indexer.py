@@ -49,9 +49,9 @@ class Indexer(nn.Module):
         w = self.weights_proj(x.to(self.weights_proj.weight.dtype)).float() * self.n_heads**-0.5
         return q, k, w
 
-    def select(self, q, k, w, allowed, key_range=None) -> torch.Tensor:
+    def select(self, q, k, w, allowed, key_range=None, key_tiles=None) -> torch.Tensor:
         """Top-k key indices [B,S,K] (int64, -1 where fewer than K keys are visible)."""
-        return topk_indices(q, k, w, allowed, self.topk, self.head_dim**-0.5, key_range)
+        return topk_indices(q, k, w, allowed, self.topk, self.head_dim**-0.5, key_range, key_tiles)
 
 
 def index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, scale: float) -> torch.Tensor:
@@ -63,49 +63,44 @@ def index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, scale: float
     return torch.einsum("bsh,bsht->bst", w * scale, sc)  # ReLU(x·scale) = scale·ReLU(x) for scale > 0
 
 
-def topk_indices(q, k, w, allowed, topk: int, scale: float, key_range=None) -> torch.Tensor:
+def topk_indices(q, k, w, allowed, topk: int, scale: float, key_range=None, key_tiles=None) -> torch.Tensor:
     """allowed: callable (s0, s1, k0, k1) -> [B or 1, s1-s0, k1-k0] bool mask of keys k0..k1-1 for that query block.
     key_range: optional callable (s0, s1) -> (k0, k1): the block's queries all see the keys before k0 and none from k1
     on (causal order, `Visibility.key_range`); later keys are neither scored nor ranked, which halves the work of a
     causal prefill, and only keys k0..k1-1 are masked.
-    On CPU the fused kernel of `kernels` scores and selects (ties at the K-th score go to the lower key; a row where
-    that tie leaves keys out is re-ranked here by torch.topk over the whole row, as HF ranks it)."""
+    On CPU the fused kernel (`kernels`, through the `dsalite::indexer_topk` op) scores and selects; key_tiles are the
+    keys already in its layout (`tile_keys`, kept by the latent cache), which a compiled decode step needs to use it.
+    Without them a compiled step, other devices, or a machine without the kernel take the PyTorch path."""
     B, S = q.shape[:2]
     T = k.shape[1]
     K = min(topk, T)
+    compiling = torch.compiler.is_compiling()
+    if q.device.type == "cpu" and K > 0 and (kernels.available() if compiling else kernels.load() is not None) and (
+            key_tiles is not None or not compiling):
+        tiles = tile_keys(k) if key_tiles is None else key_tiles
+        qf, wf = q.detach().float(), (w.detach().float() * scale)
+        blocks = [(0, S)] if S <= KERNEL_ROWS else [(s0, min(S, s0 + KERNEL_ROWS)) for s0 in range(0, S, KERNEL_ROWS)]
+        picks = []
+        for s0, s1 in blocks:
+            k0, k1 = (0, T) if key_range is None else key_range(s0, s1)
+            k1 = min(T, max(1, k1))
+            k0 = max(0, min(k0, k1))
+            mask = allowed(s0, s1, k0, k1) if k0 < k1 else None
+            picks.append(torch.ops.dsalite.indexer_topk(qf[:, s0:s1], wf[:, s0:s1], tiles, k0, k1, mask, K))
+        return picks[0] if len(picks) == 1 else torch.cat(picks, 1)
     out = torch.full((B, S, K), -1, dtype=torch.long, device=q.device)
-    lib = kernels.load() if q.device.type == "cpu" and K > 0 and not torch.compiler.is_compiling() else None
-    if lib is not None:
-        chunk, fused = KERNEL_ROWS, _FusedSelect(lib, q, k, w, scale, K)
-    else:
-        per_query = B * q.shape[2] * T
-        # one block when it fits: a compiled decode step then sees a size test, not a chunk count that changes with T
-        chunk = S if S * per_query <= SCORE_BUDGET else max(1, SCORE_BUDGET // per_query)
+    per_query = B * q.shape[2] * T
+    # one block when it fits: a compiled decode step then sees a size test, not a chunk count that changes with T
+    chunk = S if S * per_query <= SCORE_BUDGET else max(1, SCORE_BUDGET // per_query)
     for s0 in range(0, S, chunk):
         s1 = min(S, s0 + chunk)
         k0, k1 = (0, T) if key_range is None else key_range(s0, s1)
         k1 = min(T, max(1, k1))
         k0 = max(0, min(k0, k1))
         mask = allowed(s0, s1, k0, k1) if k0 < k1 else None
-        if lib is None:
-            ids = _rank(q[:, s0:s1], k[:, :k1], w[:, s0:s1], scale, k0, mask, min(K, k1), whole_rows=False)
-            out[:, s0:s1, : ids.shape[-1]] = ids
-            continue
-        tied = fused(s0, s1, k0, k1, mask, out)
-        for b, r in tied.nonzero().tolist():
-            i = s0 + r
-            m = None if mask is None else mask[b if mask.shape[0] > 1 else 0, r][None, None]
-            ids = _rank(q[b : b + 1, i : i + 1], k[b : b + 1, :k1], w[b : b + 1, i : i + 1], scale, k0, m, min(K, k1),
-                        whole_rows=True)
-            out[b, i, : ids.shape[-1]] = _ascending(ids[0, 0])
+        ids = _rank(q[:, s0:s1], k[:, :k1], w[:, s0:s1], scale, k0, mask, min(K, k1), whole_rows=False)
+        out[:, s0:s1, : ids.shape[-1]] = ids
     return out
-
-
-def _ascending(ids: torch.Tensor) -> torch.Tensor:
-    """Key indices of one row in ascending order with the -1 padding last (the kernel's row layout)."""
-    big = torch.iinfo(ids.dtype).max
-    ids = torch.where(ids < 0, big, ids).sort().values
-    return ids.masked_fill_(ids == big, -1)
 
 
 def _rank(q, k, w, scale: float, k0: int, mask, K: int, whole_rows: bool) -> torch.Tensor:
@@ -119,33 +114,56 @@ def _rank(q, k, w, scale: float, k0: int, mask, K: int, whole_rows: bool) -> tor
     return ids.masked_fill_(val == float("-inf"), -1).view(B, s, -1)
 
 
-class _FusedSelect:
-    """The CPU kernel over query blocks of one `topk_indices` call: keys laid out once, in tiles of 64 stored
-    [Di, 64] (the layout its inner loop reads), then one kernel call per block and sequence."""
+TILE = 64  # keys per tile of the kernel's key layout
 
-    def __init__(self, lib, q, k, w, scale: float, K: int):
-        B, T, Di = k.shape
-        tiles = -(-T // 64)
-        kt = torch.zeros(B, tiles * 64, Di, dtype=torch.float32)
-        kt[:, :T] = k.detach()
-        self.kt = kt.view(B, tiles, 64, Di).transpose(2, 3).contiguous()
-        self.q = q.detach().float().contiguous()
-        self.w = (w.detach().float() * scale).contiguous()
-        self.lib, self.K = lib, K
 
-    def __call__(self, s0: int, s1: int, k0: int, k1: int, mask, out: torch.Tensor) -> torch.Tensor:
-        """Fills out[:, s0:s1]; returns tied [B, s1-s0] bool (rows whose K-th score ties with a key left out)."""
-        B, _, Hi, Di = self.q.shape
-        mask = None if mask is None else mask.contiguous()
-        tied = torch.zeros(B, s1 - s0, dtype=torch.uint8)
-        for b in range(B):
-            m = None if mask is None else mask[b if mask.shape[0] > 1 else 0]
-            args = (self.q[b, s0].data_ptr(), self.w[b, s0].data_ptr(), self.kt[b].data_ptr(), Hi, Di, k0, k1,
-                    None if m is None else m.data_ptr(), k1 - k0, min(self.K, k1), out[b, s0].data_ptr(), self.K,
-                    tied[b].data_ptr())
-            kernels.split_rows(lambda r0, r1, a=args: self.lib.dsa_select_rows(*a, r0, r1), s1 - s0,
-                               torch.get_num_threads())
-        return tied.bool()
+def tile_keys(k: torch.Tensor) -> torch.Tensor:
+    """Keys [B, T, Di] in the kernel's layout [B, ceil(T/64), Di, 64] (fp32, zero-padded): one tile of 64 keys is one
+    contiguous block, read as 16-wide vectors along the keys."""
+    B, T, Di = k.shape
+    tiles = -(-T // TILE)
+    kt = torch.zeros(B, tiles * TILE, Di, dtype=torch.float32, device=k.device)
+    kt[:, :T] = k.detach()
+    return kt.view(B, tiles, TILE, Di).transpose(2, 3).contiguous()
+
+
+@torch.library.custom_op("dsalite::indexer_topk", mutates_args=())
+def indexer_topk(q: torch.Tensor, w: torch.Tensor, tiles: torch.Tensor, k0: int, k1: int,
+                 mask: torch.Tensor | None, K: int) -> torch.Tensor:
+    """The fused CPU kernel on one query block: q [B,s,Hi,Di] and w [B,s,Hi] (score scale folded in) fp32, keys
+    0..k1-1 in `tile_keys` layout, mask [B or 1, s, k1-k0] for keys k0..k1-1 (None: all visible). Returns [B, s, K]
+    key indices, ascending per row, -1 after the min(K, k1) picks. A row whose K-th score ties with a key left out is
+    re-ranked by torch.topk over its whole row of scores, the order HF's ranking gives."""
+    lib = kernels.load()
+    B, s, Hi, Di = q.shape
+    q, w = q.contiguous(), w.contiguous()
+    mask = None if mask is None else mask.contiguous()
+    out = torch.empty(B, s, K, dtype=torch.long)
+    tied = torch.empty(B, s, dtype=torch.uint8)
+    mask_b = 0 if mask is None or mask.shape[0] == 1 else s * (k1 - k0)
+    args = (q.data_ptr(), w.data_ptr(), tiles.data_ptr(), tiles.stride(0), B, s, Hi, Di, k0, k1,
+            None if mask is None else mask.data_ptr(), mask_b, k1 - k0, min(K, k1), out.data_ptr(), K, tied.data_ptr())
+    if kernels.split_rows(lambda r0, r1: lib.dsa_select(*args, r0, r1), s, torch.get_num_threads()):
+        sc = torch.empty(k1)
+        for b, r in tied.nonzero().tolist():
+            m = None if mask is None else mask[b if mask_b else 0, r]
+            lib.dsa_score_row(q[b, r].data_ptr(), w[b, r].data_ptr(), tiles[b].data_ptr(), Hi, Di, k0, k1,
+                              None if m is None else m.data_ptr(), sc.data_ptr())
+            val, ids = sc.topk(min(K, k1), sorted=False)
+            out[b, r, : ids.shape[0]] = _ascending(ids.masked_fill_(val == float("-inf"), -1))
+    return out
+
+
+@indexer_topk.register_fake
+def _(q, w, tiles, k0, k1, mask, K):
+    return q.new_empty((q.shape[0], q.shape[1], K), dtype=torch.long)
+
+
+def _ascending(ids: torch.Tensor) -> torch.Tensor:
+    """Key indices of one row in ascending order with the -1 padding last (the kernel's row layout)."""
+    big = torch.iinfo(ids.dtype).max
+    ids = torch.where(ids < 0, big, ids).sort().values
+    return ids.masked_fill_(ids == big, -1)
 
 
 def topk_set(sc: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor]:

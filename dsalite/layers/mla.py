@@ -126,10 +126,12 @@ class MLA(nn.Module):
         if dsa is not None:  # Megatron-Core isolation: the indexer learns only from its own loss
             x, q_resid = x.detach(), q_resid.detach()
         q, k, w = self.indexer.project(x, q_resid, cos, sin)
+        tiles = None
         if cache is not None:
             k = cache.update_index_keys(self.layer_idx, k)
+            tiles = cache.index_key_tiles(self.layer_idx)
         proj = (q, k, w) if dsa is not None else None
         if self.index_topk >= T or (dsa is not None and dsa.dense_attention):
             return None, proj
         with torch.no_grad():
-            return self.indexer.select(q, k, w, vis.block, vis.key_range), proj
+            return self.indexer.select(q, k, w, vis.block, vis.key_range, tiles), proj

@@ -140,3 +140,30 @@ def test_disabled_by_environment(monkeypatch):
     monkeypatch.setattr(kernels, "_tried", False)
     monkeypatch.setattr(kernels, "_lib", None)
     assert kernels.load() is None
+
+
+def test_cache_keeps_the_tiled_keys_in_step_with_the_keys(lib, tmp_path):
+    """Chunked prefill, decode steps and a crop-and-rewrite (rejected drafts) leave the cache's tiled copy equal to
+    `tile_keys` of its indexer keys on every cached token."""
+    from hf_fixtures import make_checkpoint
+
+    from dsalite.checkpoint.pretrained import from_pretrained
+    from dsalite.inference.cache import LatentCache
+    from dsalite.inference.engine import Runner
+
+    model = from_pretrained(make_checkpoint(tmp_path, "glm52_schedule"))
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 90), generator=torch.Generator().manual_seed(15))
+    cache = LatentCache(model.cfg, 2, 100)
+    assert cache.index_tiles, "no tiled key copy kept on CPU with the kernel available"
+    runner = Runner(model, cache, prefill_chunk=32)
+    ones, pos = torch.ones(2, 90, dtype=torch.bool), torch.arange(90).expand(2, 90)
+    runner.feed(ids[:, :70], ones[:, :70], pos[:, :70])
+    for t in range(70, 80):
+        runner.feed(ids[:, t : t + 1], ones[:, :1], pos[:, t : t + 1])
+    cache.crop(75)
+    runner.feed(ids[:, 80:90], ones[:, :10], pos[:, 75:85])
+    T = cache.seq_len
+    for layer, tiles in cache.index_tiles.items():
+        want = ix.tile_keys(cache.index_keys[layer][:, :T])
+        assert torch.equal(tiles[:, : want.shape[1]].transpose(2, 3).reshape(2, -1, tiles.shape[2])[:, :T],
+                           want.transpose(2, 3).reshape(2, -1, tiles.shape[2])[:, :T])
