@@ -2,7 +2,8 @@
 
 PyTorch has no fused "score, then keep the K best" for the lightning indexer: its ops write the [rows, Hi, T] score
 block out to memory three times and rank every entry with `torch.topk`, which dominates a long CPU prefill. The kernel
-here does both per query row in cache. Every kernel has an exact pure-PyTorch twin that runs on other devices, under
+here does both per query row in cache. Likewise sparse attention in the absorbed (MQA) form: PyTorch gathers K latent
+rows per query into a buffer before two small batched GEMMs; the kernel reads each selected row once, in place. Every kernel has an exact pure-PyTorch twin that runs on other devices, under
 torch.compile, when no compiler is found, or when DSALITE_KERNELS=0; tests compare the two.
 
 Builds land in $DSALITE_KERNEL_CACHE (default ~/.cache/dsalite/kernels), keyed by the source, the compiler command
@@ -59,11 +60,10 @@ def _build(cxx: str, march: str = "native") -> Path:
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
-    lib.dsa_select.argtypes = [ptr, ptr, ptr, i64, i32, i64, i32, i32, i64, i64, ptr, i64, i64, i64, ptr, i64, ptr, i64,
-                               i64]
+    lib.dsa_select.argtypes = [ptr, ptr, ptr, i64, i32, i64, i32, i32, i64, i64, ptr, i64, i64, i64, ptr, i64, i64, i64]
     lib.dsa_select.restype = i64
-    lib.dsa_score_row.argtypes = [ptr, ptr, ptr, i32, i32, i64, i64, ptr, ptr]
-    lib.dsa_score_row.restype = None
+    lib.dsa_sparse_attention.argtypes = [ptr, ptr, i64, i64, ptr, i64, i64, i32, i32, i32, ptr, ptr, i64, i64]
+    lib.dsa_sparse_attention.restype = None
     return lib
 
 
@@ -103,10 +103,10 @@ def split_rows(call, rows: int, threads: int, min_rows: int = 32) -> int:
     global _pool
     parts = max(1, min(threads, rows // min_rows))
     if parts == 1:
-        return call(0, rows)
+        return call(0, rows) or 0
     if _pool is None or _pool._max_workers < parts:
         from concurrent.futures import ThreadPoolExecutor
 
         _pool = ThreadPoolExecutor(max_workers=parts, thread_name_prefix="dsalite-kernel")
     bounds = [rows * i // parts for i in range(parts + 1)]
-    return sum(f.result() for f in [_pool.submit(call, r0, r1) for r0, r1 in zip(bounds[:-1], bounds[1:])])
+    return sum(f.result() or 0 for f in [_pool.submit(call, r0, r1) for r0, r1 in zip(bounds[:-1], bounds[1:])])

@@ -6,6 +6,7 @@
 // keys k0..k1-1 are further masked by mask[r, j - k0] (0 = hidden). The output row holds the K selected key indices
 // in ascending order (ties at the boundary go to the lower index), then -1 where fewer than K keys are visible.
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <functional>
 #include <limits>
@@ -21,11 +22,106 @@ constexpr int HG = 4;          // heads accumulated together: 16 vector accumula
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
 typedef float v16 __attribute__((vector_size(64)));
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v4 __attribute__((vector_size(16)));
+typedef int32_t v16i __attribute__((vector_size(64)));
 
 inline v16 load(const float* p) {
     v16 v;
     __builtin_memcpy(&v, p, sizeof v);
     return v;
+}
+
+// the sum of a's lanes as a tree (a left-to-right sum would chain 16 dependent adds)
+inline float hsum(v16 a) {
+    v8 lo, hi;
+    __builtin_memcpy(&lo, &a, sizeof lo);
+    __builtin_memcpy(&hi, reinterpret_cast<const char*>(&a) + sizeof lo, sizeof hi);
+    const v8 s8 = lo + hi;
+    v4 l4, h4;
+    __builtin_memcpy(&l4, &s8, sizeof l4);
+    __builtin_memcpy(&h4, reinterpret_cast<const char*>(&s8) + sizeof l4, sizeof h4);
+    const v4 s4 = l4 + h4;
+    return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}
+
+// e^x lane by lane, within about 1 ulp of expf: x = n·ln2 + r (Cody-Waite, |r| <= ln2/2), e^r by its degree-7
+// Taylor polynomial (truncation error < 1e-8), times 2^n through the exponent bits. Below -87.3 (where expf goes
+// subnormal, and for -inf) the result is 0.
+inline v16 vexp(v16 x) {
+    const v16 lo = v16{} - 87.3f;
+    const auto under = x < lo;
+    x = under ? lo : x;
+    x = x > 88.7f ? v16{} + 88.7f : x;
+    const v16 shift = v16{} + 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
+    const v16 n = (x * 1.44269504f + shift) - shift;
+    const v16 r = (x - n * 0.693145752f) - n * 1.42860677e-6f;
+    v16 p = v16{} + (1.f / 5040);
+    p = p * r + (1.f / 720);
+    p = p * r + (1.f / 120);
+    p = p * r + (1.f / 24);
+    p = p * r + (1.f / 6);
+    p = p * r + 0.5f;
+    p = p * r + 1.f;
+    p = p * r + 1.f;
+    const v16i bits = (__builtin_convertvector(n, v16i) + 127) << 23;
+    v16 scale;
+    __builtin_memcpy(&scale, &bits, sizeof scale);
+    const v16 y = p * scale;
+    return under ? v16{} : y;
+}
+
+// out[h * ld] = q[h] . ka and out[h * ld + 1] = q[h] . kb for the NH heads starting at q (rows D apart): the
+// accumulation chains of all heads and both keys interleave, and each query vector is loaded once for two keys
+template <int NH>
+inline void dots(const float* q, const float* ka, const float* kb, int D, int nv, float* out, int64_t ld) {
+    v16 a[NH] = {}, b[NH] = {};
+    for (int i = 0; i < nv; ++i) {
+        const v16 kva = load(ka + 16 * i), kvb = load(kb + 16 * i);
+        for (int h = 0; h < NH; ++h) {
+            const v16 qv = load(q + h * D + 16 * i);
+            a[h] += qv * kva;
+            b[h] += qv * kvb;
+        }
+    }
+    for (int h = 0; h < NH; ++h) {
+        float da = hsum(a[h]), db = hsum(b[h]);
+        for (int d = 16 * nv; d < D; ++d) {
+            da += q[h * D + d] * ka[d];
+            db += q[h * D + d] * kb[d];
+        }
+        out[h * ld] = da;
+        out[h * ld + 1] = db;
+    }
+}
+
+// out[h * Dv + d] = sum_k p[h * ld + k] * rows[k][d] for the NH heads starting at p, d < Dv: 64 columns at a time
+// with the heads' sums in registers across all n rows
+template <int NH>
+inline void weighted_rows(const float* const* rows, int64_t n, const float* p, int64_t ld, int Dv, float* out) {
+    int d0 = 0;
+    for (; d0 + 64 <= Dv; d0 += 64) {
+        v16 acc[NH][4] = {};
+        for (int64_t k = 0; k < n; ++k) {
+            const float* kr = rows[k] + d0;
+            const v16 k0 = load(kr), k1 = load(kr + 16), k2 = load(kr + 32), k3 = load(kr + 48);
+            for (int h = 0; h < NH; ++h) {
+                const float w = p[h * ld + k];
+                acc[h][0] += w * k0;
+                acc[h][1] += w * k1;
+                acc[h][2] += w * k2;
+                acc[h][3] += w * k3;
+            }
+        }
+        for (int h = 0; h < NH; ++h)
+            for (int i = 0; i < 4; ++i) __builtin_memcpy(out + h * Dv + d0 + 16 * i, &acc[h][i], sizeof(v16));
+    }
+    for (int h = 0; h < NH; ++h)
+        for (int d = d0; d < Dv; ++d) {
+            float a = 0.f;
+            for (int64_t k = 0; k < n; ++k) a += p[h * ld + k] * rows[k][d];
+            out[h * Dv + d] = a;
+        }
 }
 
 // add sum_h w[h] * max(q[h] . k[j], 0) over the NH heads starting at q, w to s (keys j0..j0+63)
@@ -144,6 +240,27 @@ bool select_row(const float* v, int64_t n, int64_t K, float* work, int32_t* cand
     return ties < 0;  // an equal entry was left out
 }
 
+// The K keys torch.topk's CPU kernel returns for the row v[0, n) (hidden keys -inf), ascending into out: it ranks
+// (value, index) pairs in index order by value, largest first, with std::nth_element at position K-1, or with
+// std::partial_sort when K * 64 <= n. Used where the K-th score is tied, so the choice among equal scores is the one
+// HF's ranking makes (on the same scores).
+void rank_like_torch(const float* v, int64_t n, int64_t K, int64_t* out) {
+    std::vector<std::pair<float, int64_t>> q(static_cast<size_t>(n));
+    for (int64_t j = 0; j < n; ++j) q[j] = {v[j], j};
+    auto larger = [](const std::pair<float, int64_t>& x, const std::pair<float, int64_t>& y) {
+        return (std::isnan(x.first) && !std::isnan(y.first)) || x.first > y.first;
+    };
+    if (K * 64 <= n)
+        std::partial_sort(q.begin(), q.begin() + K, q.end(), larger);
+    else
+        std::nth_element(q.begin(), q.begin() + (K - 1), q.end(), larger);
+    int64_t o = 0;
+    for (int64_t i = 0; i < K; ++i)
+        if (q[i].first > NEG_INF) out[o++] = q[i].second;
+    std::sort(out, out + o);
+    std::fill(out + o, out + K, -1);
+}
+
 // The visible keys' scores of one row into sc[0, end) (hidden ones -inf); returns end, the last visible key + 1.
 int64_t masked_scores(const float* q, const float* w, const float* kt, int H, int D, int64_t k0, int64_t k1,
                       const uint8_t* mr, float* sc, int64_t* visible) {
@@ -170,10 +287,11 @@ extern "C" {
 // Rows r0..r1-1 of each of B sequences. Per sequence: q [R, H, D], w [R, H] (the score scale folded in), the keys as
 // tiles [ceil(k1 / 64), D, 64] (zero-padded, kt_bstride floats apart), mask [R, mask_ld] uint8 for keys k0..k1-1 (null:
 // every key < k1 is seen; mask_bstride 0 shares one mask), idx [R, ldo] int64 receives K = min(topk, k1) indices per row
-// then -1, tied [R] = 1 where the K-th largest score ties with a key left out. Returns the number of tied rows.
+// (ascending) then -1. A row whose K-th largest score ties with a key left out holds the keys torch.topk would pick
+// (`rank_like_torch`); returns the number of such rows.
 int64_t dsa_select(const float* q, const float* w, const float* kt, int64_t kt_bstride, int B, int64_t R, int H,
                    int D, int64_t k0, int64_t k1, const uint8_t* mask, int64_t mask_bstride, int64_t mask_ld,
-                   int64_t K, int64_t* idx, int64_t ldo, uint8_t* tied, int64_t r0, int64_t r1) {
+                   int64_t K, int64_t* idx, int64_t ldo, int64_t r0, int64_t r1) {
     std::vector<float> buf(static_cast<size_t>((k1 + TILE - 1) / TILE * TILE)), work(3 * static_cast<size_t>(k1));
     std::vector<int32_t> cand(static_cast<size_t>(k1));
     int64_t n_tied = 0;
@@ -190,25 +308,71 @@ int64_t dsa_select(const float* q, const float* w, const float* kt, int64_t kt_b
                 for (int64_t j = 0; j < end; ++j)
                     if (buf[j] > NEG_INF) out[o++] = j;
                 std::fill(out + o, out + ldo, -1);
-                tied[row] = 0;
             } else {
-                tied[row] = select_row(buf.data(), end, K, work.data(), cand.data(), out);
+                if (select_row(buf.data(), end, K, work.data(), cand.data(), out)) {
+                    // re-rank the whole row (hidden tail included, as torch.topk sees it)
+                    std::fill(buf.begin() + end, buf.begin() + k1, NEG_INF);
+                    rank_like_torch(buf.data(), k1, K, out);
+                    ++n_tied;
+                }
                 std::fill(out + K, out + ldo, -1);
             }
-            n_tied += tied[row];
         }
     }
     return n_tied;
 }
 
-// One row's scores over keys [0, k1), -inf where hidden (arguments as for dsa_select, for a single row).
-void dsa_score_row(const float* q, const float* w, const float* kt, int H, int D, int64_t k0, int64_t k1,
-                   const uint8_t* mr, float* sc) {
-    std::vector<float> buf(static_cast<size_t>((k1 + TILE - 1) / TILE * TILE));
-    int64_t visible;
-    const int64_t end = masked_scores(q, w, kt, H, D, k0, k1, mr, buf.data(), &visible);
-    std::copy(buf.begin(), buf.begin() + end, sc);
-    std::fill(sc + end, sc + k1, NEG_INF);
+// Attention of query rows r0..r1-1 over their selected keys (the absorbed MLA / MQA form: one key row per token shared
+// by all heads, values = its first Dv channels). q [rows, H, D] (softmax scale folded in); table rows ld floats apart,
+// sequence b's token t at row b * per_b + t; idx [rows, K] int64 key positions, -1 = none; S rows per sequence;
+// sinks [H] (a logit joining each head's softmax denominator) or null; out [rows, H, Dv]. A row with no key at all
+// gets zeros.
+void dsa_sparse_attention(const float* q, const float* table, int64_t ld, int64_t per_b, const int64_t* idx,
+                          int64_t S, int64_t K, int H, int D, int Dv, const float* sinks, float* out, int64_t r0,
+                          int64_t r1) {
+    const int nv = D / 16;
+    const int64_t Kp = (K + 15) / 16 * 16;  // logits rows padded to whole vectors
+    std::vector<float> logits(static_cast<size_t>(H) * Kp);
+    std::vector<const float*> rows(static_cast<size_t>(K));
+    for (int64_t r = r0; r < r1; ++r) {
+        const float* qr = q + r * H * D;
+        const int64_t* ir = idx + r * K;
+        const float* base = table + (r / S) * per_b * ld;
+        int64_t n = 0;
+        for (int64_t k = 0; k < K; ++k)
+            if (ir[k] >= 0) rows[n++] = base + ir[k] * ld;
+        for (int64_t k = 0; k < n; k += 2) {  // two keys at a time share the query loads (a lone last key twice)
+            const float* k1r = rows[std::min(k + 1, n - 1)];
+            int h = 0;
+            for (; h + HG <= H; h += HG) dots<HG>(qr + h * D, rows[k], k1r, D, nv, logits.data() + h * Kp + k, Kp);
+            for (; h < H; ++h) dots<1>(qr + h * D, rows[k], k1r, D, nv, logits.data() + h * Kp + k, Kp);
+        }
+        // softmax numerators in place, then every selected row is read once for all heads
+        float* orow = out + r * H * Dv;
+        const int64_t np = (n + 15) / 16 * 16;
+        for (int h = 0; h < H; ++h) {
+            float* lh = logits.data() + h * Kp;
+            std::fill(lh + n, lh + np, NEG_INF);
+            float mx = sinks ? sinks[h] : NEG_INF;
+            for (int64_t k = 0; k < n; ++k) mx = std::max(mx, lh[k]);
+            if (mx == NEG_INF) {  // no key at all: the head attends to nothing
+                std::fill(lh, lh + n, 0.f);
+                continue;
+            }
+            v16 sum = {};
+            for (int64_t k = 0; k < np; k += 16) {
+                const v16 e = vexp(load(lh + k) - mx);
+                __builtin_memcpy(lh + k, &e, sizeof e);
+                sum += e;
+            }
+            const float denom = hsum(sum) + (sinks ? vexp(v16{} + (sinks[h] - mx))[0] : 0.f);
+            const float inv = 1.f / denom;
+            for (int64_t k = 0; k < n; ++k) lh[k] *= inv;
+        }
+        int h = 0;
+        for (; h + HG <= H; h += HG) weighted_rows<HG>(rows.data(), n, logits.data() + h * Kp, Kp, Dv, orow + h * Dv);
+        for (; h < H; ++h) weighted_rows<1>(rows.data(), n, logits.data() + h * Kp, Kp, Dv, orow + h * Dv);
+    }
 }
 
 }  // extern "C"

@@ -98,19 +98,19 @@ def topk_indices(q, k, w, allowed, topk: int, scale: float, key_range=None, key_
         k1 = min(T, max(1, k1))
         k0 = max(0, min(k0, k1))
         mask = allowed(s0, s1, k0, k1) if k0 < k1 else None
-        ids = _rank(q[:, s0:s1], k[:, :k1], w[:, s0:s1], scale, k0, mask, min(K, k1), whole_rows=False)
+        ids = _rank(q[:, s0:s1], k[:, :k1], w[:, s0:s1], scale, k0, mask, min(K, k1))
         out[:, s0:s1, : ids.shape[-1]] = ids
     return out
 
 
-def _rank(q, k, w, scale: float, k0: int, mask, K: int, whole_rows: bool) -> torch.Tensor:
+def _rank(q, k, w, scale: float, k0: int, mask, K: int) -> torch.Tensor:
     """Top-K key indices [B, s, K] of one query block (-1 for hidden keys) by PyTorch ops."""
     B, s = q.shape[:2]
     sc = index_scores(q, k, w, scale)  # [B, s, k1]
     if mask is not None:
         sc[..., k0:].masked_fill_(~mask, float("-inf"))
     flat = sc.view(B * s, -1)
-    val, ids = flat.topk(K, dim=-1, sorted=False) if whole_rows else topk_set(flat, K)
+    val, ids = topk_set(flat, K)
     return ids.masked_fill_(val == float("-inf"), -1).view(B, s, -1)
 
 
@@ -133,37 +133,22 @@ def indexer_topk(q: torch.Tensor, w: torch.Tensor, tiles: torch.Tensor, k0: int,
     """The fused CPU kernel on one query block: q [B,s,Hi,Di] and w [B,s,Hi] (score scale folded in) fp32, keys
     0..k1-1 in `tile_keys` layout, mask [B or 1, s, k1-k0] for keys k0..k1-1 (None: all visible). Returns [B, s, K]
     key indices, ascending per row, -1 after the min(K, k1) picks. A row whose K-th score ties with a key left out is
-    re-ranked by torch.topk over its whole row of scores, the order HF's ranking gives."""
+    ranked the way torch.topk's CPU kernel ranks its whole row, so the choice among equal scores is HF's."""
     lib = kernels.load()
     B, s, Hi, Di = q.shape
     q, w = q.contiguous(), w.contiguous()
     mask = None if mask is None else mask.contiguous()
     out = torch.empty(B, s, K, dtype=torch.long)
-    tied = torch.empty(B, s, dtype=torch.uint8)
     mask_b = 0 if mask is None or mask.shape[0] == 1 else s * (k1 - k0)
     args = (q.data_ptr(), w.data_ptr(), tiles.data_ptr(), tiles.stride(0), B, s, Hi, Di, k0, k1,
-            None if mask is None else mask.data_ptr(), mask_b, k1 - k0, min(K, k1), out.data_ptr(), K, tied.data_ptr())
-    if kernels.split_rows(lambda r0, r1: lib.dsa_select(*args, r0, r1), s, torch.get_num_threads()):
-        sc = torch.empty(k1)
-        for b, r in tied.nonzero().tolist():
-            m = None if mask is None else mask[b if mask_b else 0, r]
-            lib.dsa_score_row(q[b, r].data_ptr(), w[b, r].data_ptr(), tiles[b].data_ptr(), Hi, Di, k0, k1,
-                              None if m is None else m.data_ptr(), sc.data_ptr())
-            val, ids = sc.topk(min(K, k1), sorted=False)
-            out[b, r, : ids.shape[0]] = _ascending(ids.masked_fill_(val == float("-inf"), -1))
+            None if mask is None else mask.data_ptr(), mask_b, k1 - k0, min(K, k1), out.data_ptr(), K)
+    kernels.split_rows(lambda r0, r1: lib.dsa_select(*args, r0, r1), s, torch.get_num_threads())
     return out
 
 
 @indexer_topk.register_fake
 def _(q, w, tiles, k0, k1, mask, K):
     return q.new_empty((q.shape[0], q.shape[1], K), dtype=torch.long)
-
-
-def _ascending(ids: torch.Tensor) -> torch.Tensor:
-    """Key indices of one row in ascending order with the -1 padding last (the kernel's row layout)."""
-    big = torch.iinfo(ids.dtype).max
-    ids = torch.where(ids < 0, big, ids).sort().values
-    return ids.masked_fill_(ids == big, -1)
 
 
 def topk_set(sc: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor]:

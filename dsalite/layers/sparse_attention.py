@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dsalite import kernels
+
 # Queries per chunk are chosen so one chunk's gathered keys stay near this many elements (4 MB in fp32: small
 # enough that the allocator reuses the memory instead of mapping fresh pages, which would cost more than the copy).
 GATHER_BUDGET = 1 << 20
@@ -29,6 +31,10 @@ def sparse_attention(
     K = idx.shape[-1]
     Hk = k.shape[2]
     Dv = v if isinstance(v, int) else v.shape[-1]
+    if (isinstance(v, int) and Hk == 1 and q.device.type == "cpu" and q.dtype == k.dtype == torch.float32
+            and not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad))
+            and kernels.load() is not None):
+        return _kernel_attention(q, k, Dv, idx, scale, sinks)
     out = q.new_empty(B, S, H, Dv)
     per_query = K * Hk * (D + (0 if isinstance(v, int) else Dv))
     chunk = max(1, GATHER_BUDGET // max(1, B * per_query))
@@ -73,6 +79,24 @@ def sparse_attention(
             out[:, sl] = torch.einsum("bshk,bskd->bshd", p, vs[:, :, :, 0])
         else:
             out[:, sl] = torch.einsum("bshk,bskhd->bshd", p, vs)
+    return out
+
+
+def _kernel_attention(q, k, Dv: int, idx, scale: float, sinks) -> torch.Tensor:
+    """`sparse_attention` by the CPU kernel (inference, shared key rows, values = their first Dv channels): each query
+    reads its selected rows in place, no gathered copy."""
+    B, S, H, D = q.shape
+    table, per_b = _row_table(k)
+    if table.stride(1) != 1:
+        table = table.contiguous()
+    q = (q * scale).contiguous()
+    idx = idx.long().contiguous()
+    sinks = None if sinks is None else sinks.detach().float().contiguous()
+    out = q.new_empty(B, S, H, Dv)
+    lib = kernels.load()
+    args = (q.data_ptr(), table.data_ptr(), table.stride(0), per_b, idx.data_ptr(), S, idx.shape[-1], H, D, Dv,
+            None if sinks is None else sinks.data_ptr(), out.data_ptr())
+    kernels.split_rows(lambda r0, r1: lib.dsa_sparse_attention(*args, r0, r1), B * S, torch.get_num_threads())
     return out
 
 

@@ -1,6 +1,9 @@
-"""The fused CPU indexer kernel (`dsalite.kernels`) against the PyTorch path it replaces: same top-k sets on rows
-whose K-th score is clear of the next one, torch.topk's own choice on rows whose boundary is an exact tie, every
-visibility form (causal prefix, padding, packed documents), odd head counts and widths, threads, and a portable build."""
+"""The CPU kernels (`dsalite.kernels`) against the PyTorch paths they replace.
+
+Indexer: same top-k sets on rows whose K-th score is clear of the next one, torch.topk's own choice on rows whose
+boundary is an exact tie, every visibility form (causal prefix, padding, packed documents), odd head counts and widths,
+threads, a portable build, the cache's tiled keys. Sparse attention: the gather path's output with empty slots,
+queries with no key, sinks, widths that are not whole vectors, batches."""
 
 import ctypes
 import platform
@@ -10,6 +13,7 @@ import torch
 
 from dsalite import kernels
 from dsalite.layers import indexer as ix
+from dsalite.layers import sparse_attention as sa
 from dsalite.layers.mask import Visibility
 
 SCALE = 0.2
@@ -167,3 +171,32 @@ def test_cache_keeps_the_tiled_keys_in_step_with_the_keys(lib, tmp_path):
         want = ix.tile_keys(cache.index_keys[layer][:, :T])
         assert torch.equal(tiles[:, : want.shape[1]].transpose(2, 3).reshape(2, -1, tiles.shape[2])[:, :T],
                            want.transpose(2, 3).reshape(2, -1, tiles.shape[2])[:, :T])
+
+
+@pytest.mark.parametrize("B,H,D,Dv,K,sinks", [(1, 4, 80, 64, 48, False), (2, 6, 37, 21, 33, True),
+                                              (3, 5, 144, 128, 16, False)])
+def test_sparse_attention_kernel_matches_the_gather_path(lib, monkeypatch, B, H, D, Dv, K, sinks):
+    """Shared key rows (the absorbed MLA form, values = their first Dv channels) read in place by the kernel equal the
+    gathered-copy path: -1 slots, a query with no key at all (zeros, or only the sink), heads not a multiple of 4,
+    widths not a multiple of 16 or 64, sequences at different offsets of a larger cache buffer."""
+    g = torch.Generator().manual_seed(16)
+    S, T = 70, 200
+    q = torch.randn(B, S, H, D, generator=g)
+    cache = torch.randn(B, T + 30, D, generator=g)  # a view of the first T slots, as the latent cache hands out
+    k = cache[:, :T, None]
+    idx = torch.stack([torch.stack([torch.randperm(T, generator=g)[:K] for _ in range(S)]) for _ in range(B)])
+    idx[:, ::3, K // 2 :] = -1  # empty slots
+    idx[0, 5] = -1  # no key at all
+    sink = torch.randn(H, generator=g) if sinks else None
+    with torch.no_grad():
+        monkeypatch.setattr(kernels, "load", lambda: lib)
+        got = sa.sparse_attention(q, k, Dv, idx, 0.3, sink)
+        monkeypatch.setattr(kernels, "load", lambda: None)
+        want = sa.sparse_attention(q, k, Dv, idx, 0.3, sink)
+    # both are fp32 with their own summation order: each within fp32 rounding of the float64 result
+    with torch.no_grad():
+        exact = sa.sparse_attention(q.double(), k.double(), Dv, idx, 0.3, None if sink is None else sink.double())
+    err_kernel, err_torch = (got.double() - exact).abs().max(), (want.double() - exact).abs().max()
+    assert err_kernel < 1e-5 and err_kernel < 4 * err_torch + 1e-7, (err_kernel, err_torch)
+    if not sinks:
+        assert torch.equal(got[0, 5], torch.zeros(H, Dv))
