@@ -211,7 +211,8 @@ int64_t gather_at_least(const float* v, int64_t n, float tau, float* val, int32_
 }
 
 // The K largest of v[0, n) (K < number of finite entries), their indices ascending into out; work holds 3n floats.
-// Returns whether the K-th largest value is tied with an entry left out (which of them is kept is then a convention).
+// Returns whether the K-th largest value is tied with an entry left out (which of them is kept is then a convention),
+// or the row holds NaN scores; out is then incomplete and the caller re-ranks the row.
 bool select_row(const float* v, int64_t n, int64_t K, float* work, int32_t* cand, int64_t* out) {
     // exact lower bound tau: with G = 2K strided groups, K group maxima are >= the K-th largest group maximum, so the
     // row's K-th largest entry is >= tau and every selected entry passes the filter
@@ -228,6 +229,7 @@ bool select_row(const float* v, int64_t n, int64_t K, float* work, int32_t* cand
         tau = kth_largest(scratch, G, K, scratch + G);
     }
     const int64_t c = gather_at_least(v, n, tau, val, cand);  // candidates in index order
+    if (c < K) return true;  // only with NaN scores (no comparison holds): leave the row to torch's ranking
     std::copy(val, val + c, scratch);
     const float t = kth_largest(scratch, c, K, scratch + c);  // the K-th largest value
     int64_t above = 0;
@@ -256,7 +258,7 @@ void rank_like_torch(const float* v, int64_t n, int64_t K, int64_t* out) {
         std::nth_element(q.begin(), q.begin() + (K - 1), q.end(), larger);
     int64_t o = 0;
     for (int64_t i = 0; i < K; ++i)
-        if (q[i].first > NEG_INF) out[o++] = q[i].second;
+        if (q[i].first != NEG_INF) out[o++] = q[i].second;
     std::sort(out, out + o);
     std::fill(out + o, out + K, -1);
 }
@@ -306,7 +308,7 @@ int64_t dsa_select(const float* q, const float* w, const float* kt, int64_t kt_b
             if (visible <= K) {
                 int64_t o = 0;
                 for (int64_t j = 0; j < end; ++j)
-                    if (buf[j] > NEG_INF) out[o++] = j;
+                    if (buf[j] != NEG_INF) out[o++] = j;  // NaN counts as visible, as in torch.topk
                 std::fill(out + o, out + ldo, -1);
             } else {
                 if (select_row(buf.data(), end, K, work.data(), cand.data(), out)) {
