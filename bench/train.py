@@ -77,12 +77,12 @@ def one(which: str, config: str, S: int, batch: int, reps: int, threads: int) ->
             opt.step()
             opt.zero_grad(set_to_none=True)
     else:
-        from dsalite.training.losses import IGNORE, lm_loss
+        from dsalite.training.losses import IGNORE, head_lm_loss
 
         labels = torch.cat([ids[:, 1:], torch.full((batch, 1), IGNORE)], dim=1)
 
-        def step():
-            lm_loss(model(ids).logits, labels).backward()
+        def step():  # the trainer's loss: head and cross-entropy fused, no [S, V] logits
+            head_lm_loss(model.head, model(ids, compute_logits=False).last_hidden, labels).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
     t = step_time(step, reps, threads)

@@ -35,6 +35,60 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return token_losses(logits, labels).sum() / n.clamp(min=1)
 
 
+# Rows per chunk of the fused head + cross-entropy: one chunk's [rows, V] logits stay near this many fp32 elements.
+CE_BUDGET = 1 << 20
+
+
+def head_lm_loss(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """`lm_loss(head(hidden), labels)` without the [B, S, V] logits: the head and the cross-entropy run fused, a chunk of
+    rows at a time (with a real vocabulary the logits and their gradient are the largest tensors of a step). A head
+    that is not a plain bias-free fp32 Linear (LoRA, autocast, other dtypes) takes the unfused path."""
+    w = getattr(head, "weight", None)
+    plain = (type(head) is torch.nn.Linear and head.bias is None and w.dtype == hidden.dtype == torch.float32
+             and not torch.is_autocast_enabled("cpu") and not torch.is_autocast_enabled(hidden.device.type))
+    if not plain:
+        return lm_loss(head(hidden), labels)
+    n = (labels != IGNORE).sum()
+    total = _LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), w, labels.reshape(-1))
+    return total / n.clamp(min=1)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Σ over rows of cross-entropy(h @ wᵀ, labels), IGNORE rows excluded. Each chunk's logits turn into their gradient
+    (softmax − one-hot) in place right away and the two gradient GEMMs run in the forward, so backward only scales."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        N, V = h.shape[0], w.shape[0]
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros_like(w) if need_w else None
+        total = h.new_zeros((), dtype=torch.float32)
+        chunk = max(1, CE_BUDGET // V)
+        for c0 in range(0, N, chunk):
+            hc, lab = h[c0 : c0 + chunk], labels[c0 : c0 + chunk]
+            logits = hc @ w.t()  # [c, V]
+            valid = lab != IGNORE
+            safe = lab.clamp(min=0)
+            lse = torch.logsumexp(logits, -1)
+            total += ((lse - logits.gather(1, safe[:, None]).squeeze(1)) * valid).sum()
+            if need_h or need_w:
+                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                g[torch.arange(g.shape[0]), safe] -= 1.0
+                g.mul_(valid[:, None])
+                if need_h:
+                    torch.mm(g, w, out=grad_h[c0 : c0 + chunk])
+                if need_w:
+                    grad_w.addmm_(g.t(), hc)
+        ctx.save_for_backward(grad_h, grad_w)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_h, grad_w = ctx.saved_tensors
+        return (None if grad_h is None else grad_h * grad_total, None if grad_w is None else grad_w * grad_total, None)
+
+
 def mtp_loss(depth_logits: list[torch.Tensor], depth_labels: list[torch.Tensor]) -> torch.Tensor:
     """DeepSeek-V3 §2.2: the mean over depths of each depth's cross-entropy (the coefficient is applied by the caller)."""
     if not depth_logits:

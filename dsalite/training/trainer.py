@@ -25,7 +25,7 @@ from dsalite.config import ModelConfig
 from dsalite.layers.moe import Router
 from dsalite.model import Transformer
 from dsalite.training import checkpointing, data as D
-from dsalite.training.losses import DSATraining, lm_loss, mtp_loss, shifted_labels
+from dsalite.training.losses import DSATraining, head_lm_loss, mtp_loss, shifted_labels
 from dsalite.training.recipe import Recipe
 
 # ----- model setup -----
@@ -202,8 +202,9 @@ class Trainer:
         amp = torch.autocast("cpu", dtype=torch.bfloat16) if t.bf16 else nullcontext()
         cached = parametrize.cached() if any(parametrize.is_parametrized(x) for x in m.modules()) else nullcontext()
         with amp, cached:
-            out = m(ids, position_ids=pos, segment_ids=seg, dsa=dsa)
-            named = {"ce": lm_loss(out.logits, shifted_labels(b.tokens, b.segments, b.loss_mask, S, 1))}
+            out = m(ids, position_ids=pos, segment_ids=seg, dsa=dsa, compute_logits=False)
+            labels = shifted_labels(b.tokens, b.segments, b.loss_mask, S, 1)
+            named = {"ce": head_lm_loss(m.head, out.last_hidden, labels)}  # no [B, S, V] logits kept
             if self.n_mtp:
                 mtp_logits = m.mtp_forward(out.last_hidden, b.tokens[:, 1:S + 1], pos, segment_ids=seg, dsa=dsa)
                 labels = [shifted_labels(b.tokens, b.segments, b.loss_mask, S, 2 + d) for d in range(self.n_mtp)]

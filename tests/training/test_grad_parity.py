@@ -1,14 +1,18 @@
 """CE gradients of dsalite equal transformers' autograd gradients (fp32) for every parameter HF trains."""
 
+import pytest
 import torch
 
 from dsalite.checkpoint.pretrained import from_pretrained
-from dsalite.training.losses import IGNORE, lm_loss
+from dsalite.training import losses
+from dsalite.training.losses import IGNORE, head_lm_loss, lm_loss
 from dsalite.verify import load_hf
 from hf_fixtures import make_checkpoint
 
 
-def test_ce_gradients_match_transformers(tmp_path):
+@pytest.mark.parametrize("fused", [False, True])
+def test_ce_gradients_match_transformers(tmp_path, monkeypatch, fused):
+    """fused: the trainer's path (head + cross-entropy in chunks, `head_lm_loss`), with small chunks."""
     path = make_checkpoint(tmp_path, "glm52_schedule")  # IndexShare schedule, index_topk 12
     hf = load_hf(path)
     ours = from_pretrained(path)
@@ -19,7 +23,11 @@ def test_ce_gradients_match_transformers(tmp_path):
     assert all(t is None or t.shape[-1] < 40 for t in out.topk[:6])
     assert any((t >= 0).sum(-1).max() < 40 for t in out.topk[:6] if t is not None), "selection is not sparse"
     labels = torch.cat([ids[:, 1:], torch.full((2, 1), IGNORE)], dim=1)
-    lm_loss(out.logits, labels).backward()
+    if fused:
+        monkeypatch.setattr(losses, "CE_BUDGET", 256 * 7)  # 7 rows per chunk: 12 chunks, the last one short
+        head_lm_loss(ours.head, out.last_hidden, labels).backward()
+    else:
+        lm_loss(out.logits, labels).backward()
 
     theirs = {n: p.grad for n, p in hf.named_parameters() if p.grad is not None}
     mine = dict(ours.named_parameters())

@@ -116,3 +116,31 @@ def test_recompute_gives_identical_gradients():
 def test_mtp_loss_needs_a_depth():
     with pytest.raises(ValueError, match="num_nextn_predict_layers"):
         mtp_loss([], [])
+
+
+def test_fused_head_loss_equals_head_then_loss(monkeypatch):
+    """head_lm_loss = lm_loss(head(h)) in value and in the gradients of h and of the head weight, with ignored labels,
+    chunks that do not divide the rows, and a head whose weight is shared with the embeddings."""
+    from dsalite.training import losses
+    from dsalite.training.losses import head_lm_loss
+
+    g = torch.Generator().manual_seed(21)
+    B, S, D, V = 2, 37, 16, 50
+    head = torch.nn.Linear(D, V, bias=False)
+    emb = torch.nn.Embedding(V, D)
+    head.weight = emb.weight  # tied
+    torch.nn.init.normal_(head.weight, generator=g)
+    h = torch.randn(B, S, D, generator=g, requires_grad=True)
+    labels = torch.randint(0, V, (B, S), generator=g)
+    labels[:, -3:] = IGNORE
+    labels[1, :5] = IGNORE
+    monkeypatch.setattr(losses, "CE_BUDGET", V * 9)
+    want = lm_loss(head(h), labels)
+    gh_want, gw_want = torch.autograd.grad(want, [h, head.weight])
+    got = head_lm_loss(head, h, labels)
+    gh, gw = torch.autograd.grad(got, [h, head.weight])
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gh, gh_want, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(gw, gw_want, rtol=1e-5, atol=1e-7)
+    all_ignored = torch.full_like(labels, IGNORE)
+    assert head_lm_loss(head, h, all_ignored).item() == 0.0
