@@ -3,8 +3,9 @@ same model, batch and sequence length, and dsalite's model-FLOPs utilisation aga
 the same subprocess right after the steps and against the idle-machine reference of the env notes (175 GFLOP/s per
 core): on a shared machine the in-run peak drops with the load, so both are printed.
 
-Both sides train with the plain causal-LM loss (HF's own `labels=` path) and the same optimizer (fused AdamW, as
-dsalite's trainer builds it) so the work is the same; dsalite's numbers use `Transformer.flops_per_token` (attention
+Both sides train with the plain causal-LM loss, each through its own training path (HF's `labels=`; dsalite's
+trainer's fused head + cross-entropy, `head_lm_loss`), and the same optimizer (fused AdamW, as dsalite's trainer
+builds it) so the work is the same; dsalite's numbers use `Transformer.flops_per_token` (attention
 over the top-k keys a DSA layer really uses). Each measurement runs in a fresh subprocess with one thread (the stable
 setting on a shared 2-core machine) and counts the process's CPU time, so time spent waiting for a core while other
 jobs run is left out (wall time with --threads > 1); medians are reported.
