@@ -6,8 +6,9 @@ here does both per query row in cache. Likewise sparse attention in the absorbed
 rows per query into a buffer before two small batched GEMMs; the kernel reads each selected row once, in place. Every kernel has an exact pure-PyTorch twin that runs on other devices, under
 torch.compile, when no compiler is found, or when DSALITE_KERNELS=0; tests compare the two.
 
-Builds land in $DSALITE_KERNEL_CACHE (default ~/.cache/dsalite/kernels), keyed by the source, the compiler command
-and this CPU's feature flags (the build uses -march=native), written under a temporary name and renamed.
+Builds land in $DSALITE_KERNEL_CACHE (default ~/.cache/dsalite/kernels; a temporary directory if that cannot be
+written), keyed by the source, the compiler command and this CPU's feature flags (the build uses -march=native),
+written under a temporary name and renamed.
 """
 
 from __future__ import annotations
@@ -39,23 +40,33 @@ def _cpu_flags() -> str:
 
 
 def _build(cxx: str, march: str = "native") -> Path:
-    """The shared library for this source, compiler and target (-march), built once into the cache."""
+    """The shared library for this source, compiler and target (-march), built once into the cache (a temporary
+    directory when the cache directory cannot be written)."""
     flags = [*_FLAGS, f"-march={march}"]
     key = hashlib.sha256(_SRC.read_bytes() + " ".join([cxx, *flags]).encode() + _cpu_flags().encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("DSALITE_KERNEL_CACHE", Path.home() / ".cache" / "dsalite" / "kernels"))
-    lib = cache / f"dsa_select-{key}.so"
-    if lib.exists():
-        return lib
-    cache.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
-    os.close(fd)
-    try:
-        subprocess.run([cxx, *flags, str(_SRC), "-o", tmp], check=True, capture_output=True, text=True)
-        os.replace(tmp, lib)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return lib
+    dirs = [Path(os.environ.get("DSALITE_KERNEL_CACHE", Path.home() / ".cache" / "dsalite" / "kernels")),
+            Path(tempfile.gettempdir()) / f"dsalite-kernels-{os.getuid() if hasattr(os, 'getuid') else 0}"]
+    for cache in dirs:
+        lib = cache / f"dsa_select-{key}.so"
+        if lib.exists():
+            return lib
+    for i, cache in enumerate(dirs):
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+        except OSError:
+            if i == len(dirs) - 1:
+                raise
+            continue
+        os.close(fd)
+        try:
+            subprocess.run([cxx, *flags, str(_SRC), "-o", tmp], check=True, capture_output=True, text=True)
+            os.replace(tmp, cache / f"dsa_select-{key}.so")
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return cache / f"dsa_select-{key}.so"
+    raise OSError("no kernel cache directory")
 
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:

@@ -200,3 +200,21 @@ def test_sparse_attention_kernel_matches_the_gather_path(lib, monkeypatch, B, H,
     assert err_kernel < 1e-5 and err_kernel < 4 * err_torch + 1e-7, (err_kernel, err_torch)
     if not sinks:
         assert torch.equal(got[0, 5], torch.zeros(H, Dv))
+
+
+def test_fresh_build_into_an_empty_cache(tmp_path, monkeypatch):
+    """A machine without a cached build compiles the kernel (about a second) into DSALITE_KERNEL_CACHE and loads it;
+    an unwritable cache directory falls back to a temporary one."""
+    import shutil
+
+    cxx = shutil.which("c++") or shutil.which("g++")
+    monkeypatch.setenv("DSALITE_KERNEL_CACHE", str(tmp_path / "cache"))
+    built = kernels._build(cxx)
+    assert built.parent == tmp_path / "cache" and built.exists()
+    assert kernels._declare(ctypes.CDLL(str(built))).dsa_select is not None
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    monkeypatch.setenv("DSALITE_KERNEL_CACHE", str(blocked / "cache"))
+    monkeypatch.setattr(kernels.tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    assert kernels._build(cxx).parent.parent == tmp_path / "tmp"
