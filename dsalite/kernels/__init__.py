@@ -75,6 +75,12 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.dsa_select.restype = i64
     lib.dsa_sparse_attention.argtypes = [ptr, ptr, i64, i64, ptr, i64, i64, i32, i32, i32, ptr, ptr, i64, i64]
     lib.dsa_sparse_attention.restype = None
+    f32 = ctypes.c_float
+    lib.dsa_attn_fwd.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i32, i64, i32, i64, i32, i32, i64, f32, i64, i64]
+    lib.dsa_attn_fwd.restype = None
+    lib.dsa_attn_bwd.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32, i64, i32, i64, i32, i32, i64, f32,
+                                 i64, i64]
+    lib.dsa_attn_bwd.restype = None
     return lib
 
 

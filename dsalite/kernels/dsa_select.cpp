@@ -95,6 +95,25 @@ inline void dots(const float* q, const float* ka, const float* kb, int D, int nv
     }
 }
 
+// x . r[i] for four rows at once (independent accumulation chains; x's vectors loaded once)
+inline void dot4(const float* x, const float* const r[4], int D, float out[4]) {
+    const int nv = D / 16;
+    v16 a0 = {}, a1 = {}, a2 = {}, a3 = {};
+    for (int i = 0; i < nv; ++i) {
+        const v16 xv = load(x + 16 * i);
+        a0 += xv * load(r[0] + 16 * i);
+        a1 += xv * load(r[1] + 16 * i);
+        a2 += xv * load(r[2] + 16 * i);
+        a3 += xv * load(r[3] + 16 * i);
+    }
+    out[0] = hsum(a0);
+    out[1] = hsum(a1);
+    out[2] = hsum(a2);
+    out[3] = hsum(a3);
+    for (int d = 16 * nv; d < D; ++d)
+        for (int i = 0; i < 4; ++i) out[i] += x[d] * r[i][d];
+}
+
 // out[h * Dv + d] = sum_k p[h * ld + k] * rows[k][d] for the NH heads starting at p, d < Dv: 64 columns at a time
 // with the heads' sums in registers across all n rows
 template <int NH>
@@ -374,6 +393,118 @@ void dsa_sparse_attention(const float* q, const float* table, int64_t ld, int64_
         int h = 0;
         for (; h + HG <= H; h += HG) weighted_rows<HG>(rows.data(), n, logits.data() + h * Kp, Kp, Dv, orow + h * Dv);
         for (; h < H; ++h) weighted_rows<1>(rows.data(), n, logits.data() + h * Kp, Kp, Dv, orow + h * Dv);
+    }
+}
+
+// Trainable attention over selected keys with per-head keys (MLA expanded through kv_b_proj), one (sequence, head)
+// pair per unit so that threads never write the same key row. Shapes: q [B, S, H, D]; k [B, H, T, D]; v [B, H, T, Dv];
+// idx [B, S, K] (-1 = none); out [B, S, H, Dv]; p [B, S, H, K] keeps the softmax over the selection (0 on empty slots)
+// for the backward. Units u0..u1-1 of B * H.
+void dsa_attn_fwd(const float* q, const float* k, const float* v, const int64_t* idx, float* out, float* p, int B,
+                  int64_t S, int H, int64_t T, int D, int Dv, int64_t K, float scale, int64_t u0, int64_t u1) {
+    (void)B;
+    const int64_t Kp = (K + 15) / 16 * 16;
+    std::vector<float> lg(static_cast<size_t>(Kp));
+    for (int64_t u = u0; u < u1; ++u) {
+        const int64_t b = u / H, h = u % H;
+        const float* kb = k + (b * H + h) * T * D;
+        const float* vb = v + (b * H + h) * T * Dv;
+        for (int64_t s = 0; s < S; ++s) {
+            const float* qs = q + ((b * S + s) * H + h) * D;
+            const int64_t* is = idx + (b * S + s) * K;
+            float* ps = p + ((b * S + s) * H + h) * K;
+            float* os = out + ((b * S + s) * H + h) * Dv;
+            float mx = NEG_INF;
+            for (int64_t j = 0; j < K; j += 4) {  // four keys at a time; empty slots read row 0 and are dropped
+                const float* rows4[4];
+                for (int i = 0; i < 4; ++i) {
+                    const int64_t t = j + i < K ? is[j + i] : -1;
+                    rows4[i] = kb + (t < 0 ? 0 : t) * D;
+                }
+                float d4[4];
+                dot4(qs, rows4, D, d4);
+                for (int i = 0; i < 4 && j + i < K; ++i) {
+                    lg[j + i] = is[j + i] < 0 ? NEG_INF : d4[i] * scale;
+                    mx = std::max(mx, lg[j + i]);
+                }
+            }
+            std::fill(os, os + Dv, 0.f);
+            if (mx == NEG_INF) {
+                std::fill(ps, ps + K, 0.f);
+                continue;
+            }
+            std::fill(lg.begin() + K, lg.end(), NEG_INF);
+            v16 sum = {};
+            for (int64_t j = 0; j < Kp; j += 16) {
+                const v16 e = vexp(load(lg.data() + j) - mx);
+                __builtin_memcpy(lg.data() + j, &e, sizeof e);
+                sum += e;
+            }
+            const float inv = 1.f / hsum(sum);
+            for (int64_t j = 0; j < K; ++j) {
+                const float pj = lg[j] * inv;
+                ps[j] = pj;
+                if (is[j] < 0) continue;
+                const float* vr = vb + is[j] * Dv;
+                for (int d = 0; d < Dv; ++d) os[d] += pj * vr[d];
+            }
+        }
+    }
+}
+
+// Gradients of dsa_attn_fwd: dq [B, S, H, D] (written), dk [B, H, T, D] and dv [B, H, T, Dv] (accumulated; zero them
+// first) from dout [B, S, H, Dv] and the saved p. Softmax backward on the selection: ds = p * (dp - sum(p * dp)).
+void dsa_attn_bwd(const float* q, const float* k, const float* v, const int64_t* idx, const float* p,
+                  const float* dout, float* dq, float* dk, float* dv, int B, int64_t S, int H, int64_t T, int D,
+                  int Dv, int64_t K, float scale, int64_t u0, int64_t u1) {
+    (void)B;
+    std::vector<float> ds(static_cast<size_t>(K));
+    for (int64_t u = u0; u < u1; ++u) {
+        const int64_t b = u / H, h = u % H;
+        const float* kb = k + (b * H + h) * T * D;
+        const float* vb = v + (b * H + h) * T * Dv;
+        float* dkb = dk + (b * H + h) * T * D;
+        float* dvb = dv + (b * H + h) * T * Dv;
+        for (int64_t s = 0; s < S; ++s) {
+            const int64_t off = (b * S + s) * H + h;
+            const float* qs = q + off * D;
+            const float* ps = p + off * K;
+            const float* go = dout + off * Dv;
+            float* gq = dq + off * D;
+            const int64_t* is = idx + (b * S + s) * K;
+            float pdp = 0.f;
+            for (int64_t j = 0; j < K; j += 4) {  // dp_j = dout . v_j, four keys at a time
+                const float* rows4[4];
+                for (int i = 0; i < 4; ++i) {
+                    const int64_t t = j + i < K ? is[j + i] : -1;
+                    rows4[i] = vb + (t < 0 ? 0 : t) * Dv;
+                }
+                float d4[4];
+                dot4(go, rows4, Dv, d4);
+                for (int i = 0; i < 4 && j + i < K; ++i) {
+                    const bool live = is[j + i] >= 0 && ps[j + i] != 0.f;
+                    ds[j + i] = live ? d4[i] : 0.f;
+                    pdp += live ? ps[j + i] * d4[i] : 0.f;
+                }
+            }
+            for (int64_t j = 0; j < K; ++j) {
+                if (is[j] < 0 || ps[j] == 0.f) continue;
+                float* dvr = dvb + is[j] * Dv;
+                const float pj = ps[j];
+                for (int d = 0; d < Dv; ++d) dvr[d] += pj * go[d];
+            }
+            std::fill(gq, gq + D, 0.f);
+            for (int64_t j = 0; j < K; ++j) {
+                if (is[j] < 0 || ps[j] == 0.f) continue;
+                const float g = ps[j] * (ds[j] - pdp) * scale;
+                const float* kr = kb + is[j] * D;
+                float* dkr = dkb + is[j] * D;
+                for (int d = 0; d < D; ++d) {
+                    gq[d] += g * kr[d];
+                    dkr[d] += g * qs[d];
+                }
+            }
+        }
     }
 }
 
