@@ -115,7 +115,7 @@ inline void dot4(const float* x, const float* const r[4], int D, float out[4]) {
 }
 
 // out[h * Dv + d] = sum_k p[h * ld + k] * rows[k][d] for the NH heads starting at p, d < Dv: 64 columns at a time
-// with the heads' sums in registers across all n rows
+// (then 16, then single ones) with the heads' sums in registers across all n rows
 template <int NH>
 inline void weighted_rows(const float* const* rows, int64_t n, const float* p, int64_t ld, int Dv, float* out) {
     int d0 = 0;
@@ -134,6 +134,14 @@ inline void weighted_rows(const float* const* rows, int64_t n, const float* p, i
         }
         for (int h = 0; h < NH; ++h)
             for (int i = 0; i < 4; ++i) __builtin_memcpy(out + h * Dv + d0 + 16 * i, &acc[h][i], sizeof(v16));
+    }
+    for (; d0 + 16 <= Dv; d0 += 16) {
+        v16 acc[NH] = {};
+        for (int64_t k = 0; k < n; ++k) {
+            const v16 kv = load(rows[k] + d0);
+            for (int h = 0; h < NH; ++h) acc[h] += p[h * ld + k] * kv;
+        }
+        for (int h = 0; h < NH; ++h) __builtin_memcpy(out + h * Dv + d0, &acc[h], sizeof(v16));
     }
     for (int h = 0; h < NH; ++h)
         for (int d = d0; d < Dv; ++d) {
