@@ -1,4 +1,5 @@
-"""Trainable attention over selected keys, computed as masked GEMMs with a hand-written backward.
+"""Trainable attention over selected keys: on CPU with per-head keys the kernel of `kernels` (`KernelAttention`,
+S·K work), otherwise masked GEMMs with a hand-written backward (`MaskedAttention`, described below).
 
 Legend: B batch, S queries, T keys, H query heads, Hk key heads (H, or 1 for a latent shared by all heads),
 D key width, Dv value width, K selected keys per query.
