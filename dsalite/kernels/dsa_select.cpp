@@ -95,6 +95,27 @@ inline void dots(const float* q, const float* ka, const float* kb, int D, int nv
     }
 }
 
+// lg[0, n) <- its softmax, with an extra logit `sink` (-inf: none) joining the denominator; lg has room for n rounded
+// up to 16. A row of -inf only (no key, no sink) becomes zeros: it attends to nothing.
+inline void softmax_row(float* lg, int64_t n, float sink) {
+    const int64_t np = (n + 15) / 16 * 16;
+    std::fill(lg + n, lg + np, NEG_INF);
+    float mx = sink;
+    for (int64_t k = 0; k < n; ++k) mx = std::max(mx, lg[k]);
+    if (mx == NEG_INF) {
+        std::fill(lg, lg + n, 0.f);
+        return;
+    }
+    v16 sum = {};
+    for (int64_t k = 0; k < np; k += 16) {
+        const v16 e = vexp(load(lg + k) - mx);
+        __builtin_memcpy(lg + k, &e, sizeof e);
+        sum += e;
+    }
+    const float inv = 1.f / (hsum(sum) + (sink == NEG_INF ? 0.f : vexp(v16{} + (sink - mx))[0]));
+    for (int64_t k = 0; k < n; ++k) lg[k] *= inv;
+}
+
 // x . r[i] for four rows at once (independent accumulation chains; x's vectors loaded once)
 inline void dot4(const float* x, const float* const r[4], int D, float out[4]) {
     const int nv = D / 16;
@@ -378,26 +399,7 @@ void dsa_sparse_attention(const float* q, const float* table, int64_t ld, int64_
         }
         // softmax numerators in place, then every selected row is read once for all heads
         float* orow = out + r * H * Dv;
-        const int64_t np = (n + 15) / 16 * 16;
-        for (int h = 0; h < H; ++h) {
-            float* lh = logits.data() + h * Kp;
-            std::fill(lh + n, lh + np, NEG_INF);
-            float mx = sinks ? sinks[h] : NEG_INF;
-            for (int64_t k = 0; k < n; ++k) mx = std::max(mx, lh[k]);
-            if (mx == NEG_INF) {  // no key at all: the head attends to nothing
-                std::fill(lh, lh + n, 0.f);
-                continue;
-            }
-            v16 sum = {};
-            for (int64_t k = 0; k < np; k += 16) {
-                const v16 e = vexp(load(lh + k) - mx);
-                __builtin_memcpy(lh + k, &e, sizeof e);
-                sum += e;
-            }
-            const float denom = hsum(sum) + (sinks ? vexp(v16{} + (sinks[h] - mx))[0] : 0.f);
-            const float inv = 1.f / denom;
-            for (int64_t k = 0; k < n; ++k) lh[k] *= inv;
-        }
+        for (int h = 0; h < H; ++h) softmax_row(logits.data() + h * Kp, n, sinks ? sinks[h] : NEG_INF);
         int h = 0;
         for (; h + HG <= H; h += HG) weighted_rows<HG>(rows.data(), n, logits.data() + h * Kp, Kp, Dv, orow + h * Dv);
         for (; h < H; ++h) weighted_rows<1>(rows.data(), n, logits.data() + h * Kp, Kp, Dv, orow + h * Dv);
@@ -422,7 +424,6 @@ void dsa_attn_fwd(const float* q, const float* k, const float* v, const int64_t*
             const int64_t* is = idx + (b * S + s) * K;
             float* ps = p + ((b * S + s) * H + h) * K;
             float* os = out + ((b * S + s) * H + h) * Dv;
-            float mx = NEG_INF;
             for (int64_t j = 0; j < K; j += 4) {  // four keys at a time; empty slots read row 0 and are dropped
                 const float* rows4[4];
                 for (int i = 0; i < 4; ++i) {
@@ -431,28 +432,14 @@ void dsa_attn_fwd(const float* q, const float* k, const float* v, const int64_t*
                 }
                 float d4[4];
                 dot4(qs, rows4, D, d4);
-                for (int i = 0; i < 4 && j + i < K; ++i) {
-                    lg[j + i] = is[j + i] < 0 ? NEG_INF : d4[i] * scale;
-                    mx = std::max(mx, lg[j + i]);
-                }
+                for (int i = 0; i < 4 && j + i < K; ++i) lg[j + i] = is[j + i] < 0 ? NEG_INF : d4[i] * scale;
             }
             std::fill(os, os + Dv, 0.f);
-            if (mx == NEG_INF) {
-                std::fill(ps, ps + K, 0.f);
-                continue;
-            }
-            std::fill(lg.begin() + K, lg.end(), NEG_INF);
-            v16 sum = {};
-            for (int64_t j = 0; j < Kp; j += 16) {
-                const v16 e = vexp(load(lg.data() + j) - mx);
-                __builtin_memcpy(lg.data() + j, &e, sizeof e);
-                sum += e;
-            }
-            const float inv = 1.f / hsum(sum);
+            softmax_row(lg.data(), K, NEG_INF);
             for (int64_t j = 0; j < K; ++j) {
-                const float pj = lg[j] * inv;
+                const float pj = lg[j];
                 ps[j] = pj;
-                if (is[j] < 0) continue;
+                if (is[j] < 0 || pj == 0.f) continue;
                 const float* vr = vb + is[j] * Dv;
                 for (int d = 0; d < Dv; ++d) os[d] += pj * vr[d];
             }
