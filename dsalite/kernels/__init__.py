@@ -121,9 +121,9 @@ def split_rows(call, rows: int, threads: int, min_rows: int = 32) -> int:
     parts = max(1, min(threads, rows // min_rows))
     if parts == 1:
         return call(0, rows) or 0
-    if _pool is None or _pool._max_workers < parts:
+    if _pool is None or _pool[0] != os.getpid() or _pool[1]._max_workers < parts:  # a forked child has no workers
         from concurrent.futures import ThreadPoolExecutor
 
-        _pool = ThreadPoolExecutor(max_workers=parts, thread_name_prefix="dsalite-kernel")
+        _pool = (os.getpid(), ThreadPoolExecutor(max_workers=parts, thread_name_prefix="dsalite-kernel"))
     bounds = [rows * i // parts for i in range(parts + 1)]
-    return sum(f.result() or 0 for f in [_pool.submit(call, r0, r1) for r0, r1 in zip(bounds[:-1], bounds[1:])])
+    return sum(f.result() or 0 for f in [_pool[1].submit(call, r0, r1) for r0, r1 in zip(bounds[:-1], bounds[1:])])
