@@ -127,7 +127,13 @@ def tile_keys(k: torch.Tensor) -> torch.Tensor:
     return kt.view(B, tiles, TILE, Di).transpose(2, 3).contiguous()
 
 
-@torch.library.custom_op("dsalite::indexer_topk", mutates_args=())
+# The kernel as an operator, so a compiled graph can call it (opaque, shape from the fake); defined through
+# torch.library.Library: its dispatch costs ≈ 4 µs a call against ≈ 10 µs for a custom_op wrapper, once per layer and
+# decode step.
+_LIB = torch.library.Library("dsalite", "DEF")
+_LIB.define("indexer_topk(Tensor q, Tensor w, Tensor tiles, SymInt k0, SymInt k1, Tensor? mask, int K) -> Tensor")
+
+
 def indexer_topk(q: torch.Tensor, w: torch.Tensor, tiles: torch.Tensor, k0: int, k1: int,
                  mask: torch.Tensor | None, K: int) -> torch.Tensor:
     """The fused CPU kernel on one query block: q [B,s,Hi,Di] and w [B,s,Hi] (score scale folded in) fp32, keys
@@ -146,7 +152,10 @@ def indexer_topk(q: torch.Tensor, w: torch.Tensor, tiles: torch.Tensor, k0: int,
     return out
 
 
-@indexer_topk.register_fake
+_LIB.impl("indexer_topk", indexer_topk, "CPU")
+
+
+@torch.library.register_fake("dsalite::indexer_topk")
 def _(q, w, tiles, k0, k1, mask, K):
     return q.new_empty((q.shape[0], q.shape[1], K), dtype=torch.long)
 
