@@ -4,7 +4,8 @@ Legend: B batch, S queries, T keys, Hi indexer heads, Di indexer head dim, p rop
 score[b,s,t] = Σ_h w[b,s,h] · ReLU(q[b,s,h]·k[b,t] · Di^-0.5), w = weights_proj(x) · Hi^-0.5, all fp32, masked before
 top-k (HF `DeepseekV32Indexer`). Rope sits on the *leading* p dims of q and k (MLA puts it on the trailing dims):
 half-split for DeepSeek-V3.2, interleaved for GLM. Scoring is chunked over queries so [B,S,Hi,T] never exists at once;
-long rows are narrowed to a few candidates by an exact threshold before the top-k (`topk_set`).
+long rows are narrowed to a few candidates by an exact threshold before the top-k (`topk_set`). On CPU both run fused,
+one query row at a time, in the `kernels` C++ kernel (the `dsalite::indexer_topk` operator), which selects the same set.
 HF runs the indexer under no_grad; so does inference here. Training reads the scores through `index_scores`.
 """
 
