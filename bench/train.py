@@ -83,7 +83,7 @@ def one(which: str, config: str, S: int, batch: int, reps: int, threads: int) ->
         labels = torch.cat([ids[:, 1:], torch.full((batch, 1), IGNORE)], dim=1)
 
         def step():  # the trainer's loss: head and cross-entropy fused, no [S, V] logits
-            head_lm_loss(model.head, model(ids, compute_logits=False).last_hidden, labels).backward()
+            head_lm_loss(model, model(ids, compute_logits=False).last_hidden, labels).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
     t = step_time(step, reps, threads)

@@ -60,6 +60,10 @@ class Transformer(nn.Module):
             return linear(self.lm_head, h)
         return nn.functional.linear(h, self.model.embed_tokens.weight)
 
+    def head_weight(self) -> torch.Tensor:
+        """The [V, D] matrix `head` multiplies by (the embeddings when tied), for losses that fuse it."""
+        return self.lm_head.weight if hasattr(self, "lm_head") else self.model.embed_tokens.weight
+
     def rope(self, positions: torch.Tensor, dtype: torch.dtype):
         return cos_sin(self.inv_freq, positions, self.rope_scale, dtype)
 

@@ -39,15 +39,17 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 CE_BUDGET = 1 << 20
 
 
-def head_lm_loss(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """`lm_loss(head(hidden), labels)` without the [B, S, V] logits: the head and the cross-entropy run fused, a chunk of
-    rows at a time (with a real vocabulary the logits and their gradient are the largest tensors of a step). A head
-    that is not a plain bias-free fp32 Linear (LoRA, autocast, other dtypes) takes the unfused path."""
-    w = getattr(head, "weight", None)
-    plain = (type(head) is torch.nn.Linear and head.bias is None and w.dtype == hidden.dtype == torch.float32
+def head_lm_loss(model, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """`lm_loss(model.head(hidden), labels)` without the [B, S, V] logits: the head and the cross-entropy run fused, a
+    chunk of rows at a time (with a real vocabulary the logits and their gradient are the largest tensors of a step).
+    A head that is not a plain bias-free fp32 matrix (LoRA-wrapped, autocast, other dtypes) takes the unfused path."""
+    w = model.head_weight() if hasattr(model, "head_weight") else None
+    lm_head = getattr(model, "lm_head", None)
+    plain = (w is not None and (lm_head is None or type(lm_head) is torch.nn.Linear)
+             and w.dtype == hidden.dtype == torch.float32
              and not torch.is_autocast_enabled("cpu") and not torch.is_autocast_enabled(hidden.device.type))
     if not plain:
-        return lm_loss(head(hidden), labels)
+        return lm_loss(model.head(hidden), labels)
     n = (labels != IGNORE).sum()
     total = _LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), w, labels.reshape(-1))
     return total / n.clamp(min=1)

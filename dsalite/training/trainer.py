@@ -204,7 +204,7 @@ class Trainer:
         with amp, cached:
             out = m(ids, position_ids=pos, segment_ids=seg, dsa=dsa, compute_logits=False)
             labels = shifted_labels(b.tokens, b.segments, b.loss_mask, S, 1)
-            named = {"ce": head_lm_loss(m.head, out.last_hidden, labels)}  # no [B, S, V] logits kept
+            named = {"ce": head_lm_loss(m, out.last_hidden, labels)}  # no [B, S, V] logits kept
             if self.n_mtp:
                 mtp_logits = m.mtp_forward(out.last_hidden, b.tokens[:, 1:S + 1], pos, segment_ids=seg, dsa=dsa)
                 labels = [shifted_labels(b.tokens, b.segments, b.loss_mask, S, 2 + d) for d in range(self.n_mtp)]

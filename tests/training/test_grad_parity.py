@@ -25,7 +25,11 @@ def test_ce_gradients_match_transformers(tmp_path, monkeypatch, fused):
     labels = torch.cat([ids[:, 1:], torch.full((2, 1), IGNORE)], dim=1)
     if fused:
         monkeypatch.setattr(losses, "CE_BUDGET", 256 * 7)  # 7 rows per chunk: 12 chunks, the last one short
-        head_lm_loss(ours.head, out.last_hidden, labels).backward()
+        calls = []
+        fused_apply = losses._LinearCrossEntropy.apply
+        monkeypatch.setattr(losses._LinearCrossEntropy, "apply", lambda *a: calls.append(1) or fused_apply(*a))
+        head_lm_loss(ours, out.last_hidden, labels).backward()
+        assert calls, "the fused path did not run"
     else:
         lm_loss(out.logits, labels).backward()
 

@@ -118,29 +118,47 @@ def test_mtp_loss_needs_a_depth():
         mtp_loss([], [])
 
 
-def test_fused_head_loss_equals_head_then_loss(monkeypatch):
+class _Head(torch.nn.Module):
+    """The head interface head_lm_loss reads: `head`, `head_weight`, and `lm_head` unless tied to the embeddings."""
+
+    def __init__(self, D: int, V: int, tied: bool):
+        super().__init__()
+        self.embed = torch.nn.Embedding(V, D)
+        if not tied:
+            self.lm_head = torch.nn.Linear(D, V, bias=False)
+
+    def head_weight(self):
+        return self.lm_head.weight if hasattr(self, "lm_head") else self.embed.weight
+
+    def head(self, h):
+        return torch.nn.functional.linear(h, self.head_weight())
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_fused_head_loss_equals_head_then_loss(monkeypatch, tied):
     """head_lm_loss = lm_loss(head(h)) in value and in the gradients of h and of the head weight, with ignored labels,
-    chunks that do not divide the rows, and a head whose weight is shared with the embeddings."""
+    chunks that do not divide the rows, separate or tied head weights; LoRA-like heads take the unfused path."""
     from dsalite.training import losses
     from dsalite.training.losses import head_lm_loss
 
     g = torch.Generator().manual_seed(21)
     B, S, D, V = 2, 37, 16, 50
-    head = torch.nn.Linear(D, V, bias=False)
-    emb = torch.nn.Embedding(V, D)
-    head.weight = emb.weight  # tied
-    torch.nn.init.normal_(head.weight, generator=g)
+    model = _Head(D, V, tied)
+    torch.nn.init.normal_(model.head_weight(), generator=g)
     h = torch.randn(B, S, D, generator=g, requires_grad=True)
     labels = torch.randint(0, V, (B, S), generator=g)
     labels[:, -3:] = IGNORE
     labels[1, :5] = IGNORE
     monkeypatch.setattr(losses, "CE_BUDGET", V * 9)
-    want = lm_loss(head(h), labels)
-    gh_want, gw_want = torch.autograd.grad(want, [h, head.weight])
-    got = head_lm_loss(head, h, labels)
-    gh, gw = torch.autograd.grad(got, [h, head.weight])
+    want = lm_loss(model.head(h), labels)
+    gh_want, gw_want = torch.autograd.grad(want, [h, model.head_weight()])
+    calls = []
+    fused_apply = losses._LinearCrossEntropy.apply
+    monkeypatch.setattr(losses._LinearCrossEntropy, "apply", lambda *a: calls.append(1) or fused_apply(*a))
+    got = head_lm_loss(model, h, labels)
+    assert calls, "the fused path did not run"
+    gh, gw = torch.autograd.grad(got, [h, model.head_weight()])
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(gh, gh_want, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(gw, gw_want, rtol=1e-5, atol=1e-7)
-    all_ignored = torch.full_like(labels, IGNORE)
-    assert head_lm_loss(head, h, all_ignored).item() == 0.0
+    assert head_lm_loss(model, h, torch.full_like(labels, IGNORE)).item() == 0.0
