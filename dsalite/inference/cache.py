@@ -6,8 +6,7 @@ Storage is preallocated for B sequences of up to N tokens; sequences of differen
 Shared IndexShare layers store no indexer keys (they reuse a full layer's selection). On CPU, when the fused indexer
 kernel is available, the indexer keys are also kept in its tiled layout (`indexer.tile_keys`), so neither a prefill
 chunk nor a decode step re-lays the whole key history out; a compiled decode step can only use the kernel this way.
-`crop` rewinds after rejected
-speculative drafts: the storage past `seq_len` is simply overwritten later.
+`crop` rewinds after rejected speculative drafts: the storage past `seq_len` is simply overwritten later.
 The model only calls `update_latent`, `update_index_keys`, `seq_len` and `advance`; it never sees the storage.
 """
 

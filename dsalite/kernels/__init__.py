@@ -2,9 +2,11 @@
 
 PyTorch has no fused "score, then keep the K best" for the lightning indexer: its ops write the [rows, Hi, T] score
 block out to memory three times and rank every entry with `torch.topk`, which dominates a long CPU prefill. The kernel
-here does both per query row in cache. Likewise sparse attention in the absorbed (MQA) form: PyTorch gathers K latent
-rows per query into a buffer before two small batched GEMMs; the kernel reads each selected row once, in place. Every kernel has an exact pure-PyTorch twin that runs on other devices, under
-torch.compile, when no compiler is found, or when DSALITE_KERNELS=0; tests compare the two.
+here does both per query row in cache. Likewise sparse attention over the selected keys: PyTorch gathers K rows per
+query into a buffer before small batched GEMMs (or, for training, multiplies against every causal key); the kernels
+read each selected row once, in place, forward and backward. Every kernel has an exact pure-PyTorch twin that runs
+on other devices, in compiled graphs that lack the kernel's key layout, when no compiler is found, or when
+DSALITE_KERNELS=0; tests compare the two.
 
 Builds land in $DSALITE_KERNEL_CACHE (default ~/.cache/dsalite/kernels; a temporary directory if that cannot be
 written), keyed by the source, the compiler command and this CPU's feature flags (the build uses -march=native),
@@ -44,12 +46,12 @@ def _build(cxx: str, march: str = "native") -> Path:
     directory when the cache directory cannot be written)."""
     flags = [*_FLAGS, f"-march={march}"]
     key = hashlib.sha256(_SRC.read_bytes() + " ".join([cxx, *flags]).encode() + _cpu_flags().encode()).hexdigest()[:16]
+    name = f"dsa_select-{key}.so"
     dirs = [Path(os.environ.get("DSALITE_KERNEL_CACHE", Path.home() / ".cache" / "dsalite" / "kernels")),
             Path(tempfile.gettempdir()) / f"dsalite-kernels-{os.getuid() if hasattr(os, 'getuid') else 0}"]
-    for cache in dirs:
-        lib = cache / f"dsa_select-{key}.so"
-        if lib.exists():
-            return lib
+    for cache in dirs:  # an earlier build, in either place
+        if (cache / name).exists():
+            return cache / name
     for i, cache in enumerate(dirs):
         try:
             cache.mkdir(parents=True, exist_ok=True)
@@ -61,11 +63,11 @@ def _build(cxx: str, march: str = "native") -> Path:
         os.close(fd)
         try:
             subprocess.run([cxx, *flags, str(_SRC), "-o", tmp], check=True, capture_output=True, text=True)
-            os.replace(tmp, cache / f"dsa_select-{key}.so")
+            os.replace(tmp, cache / name)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-        return cache / f"dsa_select-{key}.so"
+        return cache / name
     raise OSError("no kernel cache directory")
 
 
@@ -101,7 +103,7 @@ def load() -> ctypes.CDLL | None:
                 _available = True
             except (OSError, subprocess.CalledProcessError) as e:
                 detail = getattr(e, "stderr", "") or str(e)
-                warnings.warn(f"dsalite: CPU indexer kernel unavailable, using the PyTorch path ({detail.strip()[:300]})",
+                warnings.warn(f"dsalite: CPU kernels unavailable, using the PyTorch paths ({detail.strip()[:300]})",
                               RuntimeWarning, stacklevel=2)
         _tried = True
     return _lib

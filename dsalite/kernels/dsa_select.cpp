@@ -1,10 +1,13 @@
-// Fused lightning-indexer scoring and top-k selection for CPU: one query row at a time, the row's scores live in a
-// small buffer (never an [S, Hi, T] block), and the K largest are found by an exact threshold filter plus a
-// selection on the few candidates. Built on first use by dsalite/kernels/__init__.py; plain C ABI for ctypes.
+// CPU kernels for DSA, plain C ABI for ctypes; built on first use by dsalite/kernels/__init__.py.
 //
-// score[j] = sum_h w[h] * max(q[h] . k[j], 0) over keys j < end (end = the row's last visible key + 1);
+// Indexer (dsa_select): scoring and top-k fused, one query row at a time; the row's scores live in a small buffer
+// (never an [S, Hi, T] block) and the K largest are found by an exact threshold filter plus a selection on the few
+// candidates. score[j] = sum_h w[h] * max(q[h] . k[j], 0) over keys j < end (end = the row's last visible key + 1);
 // keys k0..k1-1 are further masked by mask[r, j - k0] (0 = hidden). The output row holds the K selected key indices
-// in ascending order (ties at the boundary go to the lower index), then -1 where fewer than K keys are visible.
+// in ascending order, then -1 where fewer than K keys are visible; among equal scores the lower index is kept, except
+// where the tie sits at the K-th place: that row is ranked the way torch.topk ranks it (`rank_like_torch`).
+// Sparse attention over the selected keys: inference in the absorbed MQA form (dsa_sparse_attention) and training
+// over per-head keys with its backward (dsa_attn_fwd / dsa_attn_bwd), each reading the selected rows in place.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -116,6 +119,16 @@ inline void softmax_row(float* lg, int64_t n, float sink) {
     for (int64_t k = 0; k < n; ++k) lg[k] *= inv;
 }
 
+// 64 consecutive floats as four vectors
+inline void load64(const float* p, v16 (&k)[4]) {
+    for (int i = 0; i < 4; ++i) k[i] = load(p + 16 * i);
+}
+
+// acc += s * k, four vectors
+inline void add_scaled(v16 (&acc)[4], float s, const v16 (&k)[4]) {
+    for (int i = 0; i < 4; ++i) acc[i] += s * k[i];
+}
+
 // x . r[i] for four rows at once (independent accumulation chains; x's vectors loaded once)
 inline void dot4(const float* x, const float* const r[4], int D, float out[4]) {
     const int nv = D / 16;
@@ -143,15 +156,9 @@ inline void weighted_rows(const float* const* rows, int64_t n, const float* p, i
     for (; d0 + 64 <= Dv; d0 += 64) {
         v16 acc[NH][4] = {};
         for (int64_t k = 0; k < n; ++k) {
-            const float* kr = rows[k] + d0;
-            const v16 k0 = load(kr), k1 = load(kr + 16), k2 = load(kr + 32), k3 = load(kr + 48);
-            for (int h = 0; h < NH; ++h) {
-                const float w = p[h * ld + k];
-                acc[h][0] += w * k0;
-                acc[h][1] += w * k1;
-                acc[h][2] += w * k2;
-                acc[h][3] += w * k3;
-            }
+            v16 kv[4];
+            load64(rows[k] + d0, kv);
+            for (int h = 0; h < NH; ++h) add_scaled(acc[h], p[h * ld + k], kv);
         }
         for (int h = 0; h < NH; ++h)
             for (int i = 0; i < 4; ++i) __builtin_memcpy(out + h * Dv + d0 + 16 * i, &acc[h][i], sizeof(v16));
@@ -177,15 +184,9 @@ template <int NH>
 inline void heads(const float* q, const float* w, const float* tile, int D, v16 (&s)[4]) {
     v16 a[NH][4] = {};
     for (int d = 0; d < D; ++d) {
-        const float* kr = tile + d * TILE;
-        const v16 k0 = load(kr), k1 = load(kr + 16), k2 = load(kr + 32), k3 = load(kr + 48);
-        for (int h = 0; h < NH; ++h) {
-            const float qv = q[h * D + d];
-            a[h][0] += qv * k0;
-            a[h][1] += qv * k1;
-            a[h][2] += qv * k2;
-            a[h][3] += qv * k3;
-        }
+        v16 kv[4];
+        load64(tile + d * TILE, kv);
+        for (int h = 0; h < NH; ++h) add_scaled(a[h], q[h * D + d], kv);
     }
     const v16 zero = {};
     for (int h = 0; h < NH; ++h)

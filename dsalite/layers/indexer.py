@@ -80,28 +80,29 @@ def topk_indices(q, k, w, allowed, topk: int, scale: float, key_range=None, key_
             key_tiles is not None or not compiling):
         tiles = tile_keys(k) if key_tiles is None else key_tiles
         qf, wf = q.detach().float(), (w.detach().float() * scale)
-        blocks = [(0, S)] if S <= KERNEL_ROWS else [(s0, min(S, s0 + KERNEL_ROWS)) for s0 in range(0, S, KERNEL_ROWS)]
-        picks = []
-        for s0, s1 in blocks:
-            k0, k1 = (0, T) if key_range is None else key_range(s0, s1)
-            k1 = min(T, max(1, k1))
-            k0 = max(0, min(k0, k1))
-            mask = allowed(s0, s1, k0, k1) if k0 < k1 else None
-            picks.append(torch.ops.dsalite.indexer_topk(qf[:, s0:s1], wf[:, s0:s1], tiles, k0, k1, mask, K))
+        picks = [torch.ops.dsalite.indexer_topk(qf[:, s0:s1], wf[:, s0:s1], tiles, k0, k1, mask, K)
+                 for s0, s1, k0, k1, mask in _query_blocks(S, S if S <= KERNEL_ROWS else KERNEL_ROWS, T, allowed,
+                                                           key_range)]
         return picks[0] if len(picks) == 1 else torch.cat(picks, 1)
     out = torch.full((B, S, K), -1, dtype=torch.long, device=q.device)
     per_query = B * q.shape[2] * T
     # one block when it fits: a compiled decode step then sees a size test, not a chunk count that changes with T
     chunk = S if S * per_query <= SCORE_BUDGET else max(1, SCORE_BUDGET // per_query)
+    for s0, s1, k0, k1, mask in _query_blocks(S, chunk, T, allowed, key_range):
+        ids = _rank(q[:, s0:s1], k[:, :k1], w[:, s0:s1], scale, k0, mask, min(K, k1))
+        out[:, s0:s1, : ids.shape[-1]] = ids
+    return out
+
+
+def _query_blocks(S: int, chunk: int, T: int, allowed, key_range):
+    """(s0, s1, k0, k1, mask) for each block of `chunk` queries: the keys k1.. are invisible to the whole block, the
+    keys ..k0 visible to all of it, and mask ([B or 1, s1-s0, k1-k0] bool, None when k0 = k1) covers the rest."""
     for s0 in range(0, S, chunk):
         s1 = min(S, s0 + chunk)
         k0, k1 = (0, T) if key_range is None else key_range(s0, s1)
         k1 = min(T, max(1, k1))
         k0 = max(0, min(k0, k1))
-        mask = allowed(s0, s1, k0, k1) if k0 < k1 else None
-        ids = _rank(q[:, s0:s1], k[:, :k1], w[:, s0:s1], scale, k0, mask, min(K, k1))
-        out[:, s0:s1, : ids.shape[-1]] = ids
-    return out
+        yield s0, s1, k0, k1, (allowed(s0, s1, k0, k1) if k0 < k1 else None)
 
 
 def _rank(q, k, w, scale: float, k0: int, mask, K: int) -> torch.Tensor:
