@@ -38,6 +38,14 @@ def logits_and_mtp(model, ids):
         return out.logits, model.mtp_forward(out.last_hidden, torch.roll(ids, -1, dims=1))
 
 
+def assert_same_weights(src, back):
+    """Every tensor of src's state dict, bit for bit, and nothing else."""
+    sd_src, sd_back = src.state_dict(), back.state_dict()
+    assert sd_src.keys() == sd_back.keys()
+    bad = [k for k in sd_src if not torch.equal(sd_src[k], sd_back[k])]
+    assert not bad, f"tensors changed by the round trip: {bad[:5]}"
+
+
 def read(path):
     r = gguf.GGUFReader(path)
     return {k: f.contents() for k, f in r.fields.items()}, {t.name: t for t in r.tensors}
@@ -51,10 +59,7 @@ def test_f32_round_trip_is_exact_mtp_included(ckpts, tmp_path, mt):
     src = from_pretrained(ckpts[mt])
     back = dsalite.from_pretrained(str(out))
     assert back.cfg.num_nextn_predict_layers == 1 and back.cfg.indexer_types == src.cfg.indexer_types
-    sd_src, sd_back = src.state_dict(), back.state_dict()
-    assert sd_src.keys() == sd_back.keys()
-    bad = [k for k in sd_src if not torch.equal(sd_src[k], sd_back[k])]
-    assert not bad, f"tensors changed by the round trip: {bad[:5]}"
+    assert_same_weights(src, back)
     ids = torch.randint(0, src.cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
     (a, a_mtp), (b, b_mtp) = logits_and_mtp(src, ids), logits_and_mtp(back, ids)
     assert (a - b).abs().max() <= 1e-5
@@ -342,10 +347,7 @@ def test_v4_f32_round_trip_is_exact_mtp_in_its_draft_file(v4_ckpt, tmp_path):
     back = dsalite.from_pretrained(str(out))  # picks up mtp-v4.gguf beside it
     assert back.cfg.num_nextn_predict_layers == 1 and back.cfg.layer_types == src.cfg.layer_types
     assert back.cfg.mlp_types == src.cfg.mlp_types and back.cfg.compress_rope == src.cfg.compress_rope
-    sd_src, sd_back = src.state_dict(), back.state_dict()
-    assert sd_src.keys() == sd_back.keys()
-    bad = [k for k in sd_src if not torch.equal(sd_src[k], sd_back[k])]
-    assert not bad, f"tensors changed by the round trip: {bad[:5]}"
+    assert_same_weights(src, back)
     # longer than the window, two HCA entries (ratio 128), many more CSA entries than index_topk
     ids = torch.randint(0, src.cfg.vocab_size, (2, 300), generator=torch.Generator().manual_seed(0))
     (a, a_mtp), (b, b_mtp) = v4_logits(src, ids), v4_logits(back, ids)
