@@ -4,7 +4,7 @@ PyTorch has no fused "score, then keep the K best" for the lightning indexer: it
 block out to memory three times and rank every entry with `torch.topk`, which dominates a long CPU prefill. The kernel
 here does both per query row in cache. Likewise sparse attention over the selected keys: PyTorch gathers K rows per
 query into a buffer before small batched GEMMs (or, for training, multiplies against every causal key); the kernels
-read each selected row once, in place, forward and backward. Every kernel has an exact pure-PyTorch twin that runs
+read each selected latent row once for all heads, in place, forward and backward. Every kernel has an exact pure-PyTorch twin that runs
 on other devices, in compiled graphs that lack the kernel's key layout, when no compiler is found, or when
 DSALITE_KERNELS=0; tests compare the two.
 
@@ -75,14 +75,11 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
     lib.dsa_select.argtypes = [ptr, ptr, ptr, i64, i32, i64, i32, i32, i64, i64, ptr, i64, i64, i64, ptr, i64, i64, i64]
     lib.dsa_select.restype = i64
-    lib.dsa_sparse_attention.argtypes = [ptr, ptr, i64, i64, ptr, i64, i64, i32, i32, i32, ptr, ptr, i64, i64]
+    lib.dsa_sparse_attention.argtypes = [ptr, ptr, i64, i64, ptr, i64, i64, i32, i32, i32, ptr, ptr, ptr, i64, i64]
     lib.dsa_sparse_attention.restype = None
-    f32 = ctypes.c_float
-    lib.dsa_attn_fwd.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i32, i64, i32, i64, i32, i32, i64, f32, i64, i64]
-    lib.dsa_attn_fwd.restype = None
-    lib.dsa_attn_bwd.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32, i64, i32, i64, i32, i32, i64, f32,
-                                 i64, i64]
-    lib.dsa_attn_bwd.restype = None
+    lib.dsa_sparse_attention_bwd.argtypes = [ptr, ptr, i64, i64, ptr, i64, i64, i32, i32, i32, ptr, ptr, ptr, ptr, i64,
+                                             i64, i64]
+    lib.dsa_sparse_attention_bwd.restype = None
     return lib
 
 
@@ -117,15 +114,28 @@ def available() -> bool:
 _pool = None
 
 
-def split_rows(call, rows: int, threads: int, min_rows: int = 32) -> int:
-    """Sum of call(r0, r1) over rows 0..rows-1 split across up to `threads` threads (ctypes releases the GIL)."""
+def run_parts(call, bounds: list[int], threads: int) -> list:
+    """[call(i, bounds[i], bounds[i + 1]) for each part i], the parts run on up to `threads` threads (ctypes releases
+    the GIL)."""
     global _pool
-    parts = max(1, min(threads, rows // min_rows))
-    if parts == 1:
-        return call(0, rows) or 0
-    if _pool is None or _pool[0] != os.getpid() or _pool[1]._max_workers < parts:  # a forked child has no workers
+    parts = len(bounds) - 1
+    workers = min(threads, parts)
+    if workers <= 1:
+        return [call(i, r0, r1) for i, (r0, r1) in enumerate(zip(bounds[:-1], bounds[1:]))]
+    if _pool is None or _pool[0] != os.getpid() or _pool[1]._max_workers < workers:  # a forked child has no workers
         from concurrent.futures import ThreadPoolExecutor
 
-        _pool = (os.getpid(), ThreadPoolExecutor(max_workers=parts, thread_name_prefix="dsalite-kernel"))
-    bounds = [rows * i // parts for i in range(parts + 1)]
-    return sum(f.result() or 0 for f in [_pool[1].submit(call, r0, r1) for r0, r1 in zip(bounds[:-1], bounds[1:])])
+        _pool = (os.getpid(), ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dsalite-kernel"))
+    futures = [_pool[1].submit(call, i, r0, r1) for i, (r0, r1) in enumerate(zip(bounds[:-1], bounds[1:]))]
+    return [f.result() for f in futures]
+
+
+def even_bounds(rows: int, parts: int) -> list[int]:
+    """Part boundaries splitting rows 0..rows-1 into `parts` nearly equal consecutive ranges."""
+    return [rows * i // parts for i in range(parts + 1)]
+
+
+def split_rows(call, rows: int, threads: int, min_rows: int = 32) -> int:
+    """Sum of call(r0, r1) over rows 0..rows-1 split across up to `threads` threads."""
+    parts = max(1, min(threads, rows // min_rows))
+    return sum(r or 0 for r in run_parts(lambda _, r0, r1: call(r0, r1), even_bounds(rows, parts), threads))

@@ -6,8 +6,8 @@
 // keys k0..k1-1 are further masked by mask[r, j - k0] (0 = hidden). The output row holds the K selected key indices
 // in ascending order, then -1 where fewer than K keys are visible; among equal scores the lower index is kept, except
 // where the tie sits at the K-th place: that row is ranked the way torch.topk ranks it (`rank_like_torch`).
-// Sparse attention over the selected keys: inference in the absorbed MQA form (dsa_sparse_attention) and training
-// over per-head keys with its backward (dsa_attn_fwd / dsa_attn_bwd), each reading the selected rows in place.
+// Sparse attention over the selected keys in the absorbed MQA form (dsa_sparse_attention, for inference and training)
+// and its backward (dsa_sparse_attention_bwd), each reading the selected rows in place.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -127,25 +127,6 @@ inline void load64(const float* p, v16 (&k)[4]) {
 // acc += s * k, four vectors
 inline void add_scaled(v16 (&acc)[4], float s, const v16 (&k)[4]) {
     for (int i = 0; i < 4; ++i) acc[i] += s * k[i];
-}
-
-// x . r[i] for four rows at once (independent accumulation chains; x's vectors loaded once)
-inline void dot4(const float* x, const float* const r[4], int D, float out[4]) {
-    const int nv = D / 16;
-    v16 a0 = {}, a1 = {}, a2 = {}, a3 = {};
-    for (int i = 0; i < nv; ++i) {
-        const v16 xv = load(x + 16 * i);
-        a0 += xv * load(r[0] + 16 * i);
-        a1 += xv * load(r[1] + 16 * i);
-        a2 += xv * load(r[2] + 16 * i);
-        a3 += xv * load(r[3] + 16 * i);
-    }
-    out[0] = hsum(a0);
-    out[1] = hsum(a1);
-    out[2] = hsum(a2);
-    out[3] = hsum(a3);
-    for (int d = 16 * nv; d < D; ++d)
-        for (int i = 0; i < 4; ++i) out[i] += x[d] * r[i][d];
 }
 
 // out[h * Dv + d] = sum_k p[h * ld + k] * rows[k][d] for the NH heads starting at p, d < Dv: 64 columns at a time
@@ -331,6 +312,72 @@ int64_t masked_scores(const float* q, const float* w, const float* kt, int H, in
     return end;
 }
 
+// The selected key rows of one query row, in slot order (empty slots skipped); returns how many.
+inline int64_t selected(const int64_t* ir, int64_t K, const float* base, int64_t ld, const float** rows) {
+    int64_t n = 0;
+    for (int64_t k = 0; k < K; ++k)
+        if (ir[k] >= 0) rows[n++] = base + ir[k] * ld;
+    return n;
+}
+
+// out[h * ld + k] = x[h] . rows[k] for H vectors x (D apart) and n rows: two rows at a time share the loads of x (a
+// lone last row is taken twice), four heads' accumulators at a time
+inline void all_dots(const float* x, int H, int D, const float* const* rows, int64_t n, float* out, int64_t ld) {
+    const int nv = D / 16;
+    for (int64_t k = 0; k < n; k += 2) {
+        const float* second = rows[std::min(k + 1, n - 1)];
+        int h = 0;
+        for (; h + HG <= H; h += HG) dots<HG>(x + h * D, rows[k], second, D, nv, out + h * ld + k, ld);
+        for (; h < H; ++h) dots<1>(x + h * D, rows[k], second, D, nv, out + h * ld + k, ld);
+    }
+}
+
+// out[h] = sum_k w[h * ld + k] * rows[k][0, Dv) for all H heads
+inline void all_weighted_rows(const float* const* rows, int64_t n, const float* w, int64_t ld, int H, int Dv,
+                              float* out) {
+    int h = 0;
+    for (; h + HG <= H; h += HG) weighted_rows<HG>(rows, n, w + h * ld, ld, Dv, out + h * Dv);
+    for (; h < H; ++h) weighted_rows<1>(rows, n, w + h * ld, ld, Dv, out + h * Dv);
+}
+
+// grows[k][0, D) += sum_h a[h * ld + k] * x[h] and grows[k][0, Dv) += sum_h b[h * ld + k] * y[h], for the n rows:
+// x [H, D] and y [H, Dv] held in registers 16 channels and NH heads at a time, each row read and written once per
+// 16 channels and head group
+template <int NH>
+inline void add_outer_heads(float* const* grows, int64_t n, const float* a, const float* b, int64_t ld,
+                            const float* x, const float* y, int D, int Dv) {
+    int c = 0;
+    for (; c + 16 <= D; c += 16) {
+        v16 xv[NH], yv[NH];
+        const bool with_y = c + 16 <= Dv;
+        for (int h = 0; h < NH; ++h) {
+            xv[h] = load(x + h * D + c);
+            yv[h] = with_y ? load(y + h * Dv + c) : v16{};
+        }
+        for (int64_t k = 0; k < n; ++k) {
+            v16 g = load(grows[k] + c);
+            for (int h = 0; h < NH; ++h) g += a[h * ld + k] * xv[h] + b[h * ld + k] * yv[h];
+            __builtin_memcpy(grows[k] + c, &g, sizeof g);
+        }
+        if (!with_y && c < Dv)  // a block that straddles the end of the value channels
+            for (int64_t k = 0; k < n; ++k)
+                for (int h = 0; h < NH; ++h)
+                    for (int d = c; d < Dv; ++d) grows[k][d] += b[h * ld + k] * y[h * Dv + d];
+    }
+    for (int64_t k = 0; k < n; ++k)
+        for (int h = 0; h < NH; ++h)
+            for (int d = c; d < D; ++d)
+                grows[k][d] += a[h * ld + k] * x[h * D + d] + (d < Dv ? b[h * ld + k] * y[h * Dv + d] : 0.f);
+}
+
+inline void add_outer(float* const* grows, int64_t n, const float* a, const float* b, int64_t ld, const float* x,
+                      const float* y, int H, int D, int Dv) {
+    int h = 0;
+    for (; h + HG <= H; h += HG)
+        add_outer_heads<HG>(grows, n, a + h * ld, b + h * ld, ld, x + h * D, y + h * Dv, D, Dv);
+    for (; h < H; ++h) add_outer_heads<1>(grows, n, a + h * ld, b + h * ld, ld, x + h * D, y + h * Dv, D, Dv);
+}
+
 }  // namespace
 
 extern "C" {
@@ -376,131 +423,60 @@ int64_t dsa_select(const float* q, const float* w, const float* kt, int64_t kt_b
 // Attention of query rows r0..r1-1 over their selected keys (the absorbed MLA / MQA form: one key row per token shared
 // by all heads, values = its first Dv channels). q [rows, H, D] (softmax scale folded in); table rows ld floats apart,
 // sequence b's token t at row b * per_b + t; idx [rows, K] int64 key positions, -1 = none; S rows per sequence;
-// sinks [H] (a logit joining each head's softmax denominator) or null; out [rows, H, Dv]. A row with no key at all
-// gets zeros.
+// sinks [H] (a logit joining each head's softmax denominator) or null; out [rows, H, Dv]; probs [rows, H, K] or null:
+// receives the softmax over the row's selected keys (empty slots skipped, zeros after), for the backward. A row with
+// no key at all gets zeros.
 void dsa_sparse_attention(const float* q, const float* table, int64_t ld, int64_t per_b, const int64_t* idx,
-                          int64_t S, int64_t K, int H, int D, int Dv, const float* sinks, float* out, int64_t r0,
-                          int64_t r1) {
-    const int nv = D / 16;
+                          int64_t S, int64_t K, int H, int D, int Dv, const float* sinks, float* out, float* probs,
+                          int64_t r0, int64_t r1) {
     const int64_t Kp = (K + 15) / 16 * 16;  // logits rows padded to whole vectors
     std::vector<float> logits(static_cast<size_t>(H) * Kp);
     std::vector<const float*> rows(static_cast<size_t>(K));
     for (int64_t r = r0; r < r1; ++r) {
-        const float* qr = q + r * H * D;
-        const int64_t* ir = idx + r * K;
-        const float* base = table + (r / S) * per_b * ld;
-        int64_t n = 0;
-        for (int64_t k = 0; k < K; ++k)
-            if (ir[k] >= 0) rows[n++] = base + ir[k] * ld;
-        for (int64_t k = 0; k < n; k += 2) {  // two keys at a time share the query loads (a lone last key twice)
-            const float* k1r = rows[std::min(k + 1, n - 1)];
-            int h = 0;
-            for (; h + HG <= H; h += HG) dots<HG>(qr + h * D, rows[k], k1r, D, nv, logits.data() + h * Kp + k, Kp);
-            for (; h < H; ++h) dots<1>(qr + h * D, rows[k], k1r, D, nv, logits.data() + h * Kp + k, Kp);
-        }
+        const int64_t n = selected(idx + r * K, K, table + (r / S) * per_b * ld, ld, rows.data());
+        all_dots(q + r * H * D, H, D, rows.data(), n, logits.data(), Kp);
         // softmax numerators in place, then every selected row is read once for all heads
-        float* orow = out + r * H * Dv;
-        for (int h = 0; h < H; ++h) softmax_row(logits.data() + h * Kp, n, sinks ? sinks[h] : NEG_INF);
-        int h = 0;
-        for (; h + HG <= H; h += HG) weighted_rows<HG>(rows.data(), n, logits.data() + h * Kp, Kp, Dv, orow + h * Dv);
-        for (; h < H; ++h) weighted_rows<1>(rows.data(), n, logits.data() + h * Kp, Kp, Dv, orow + h * Dv);
+        for (int h = 0; h < H; ++h) {
+            float* ph = logits.data() + h * Kp;
+            softmax_row(ph, n, sinks ? sinks[h] : NEG_INF);
+            if (probs) {
+                std::copy(ph, ph + n, probs + (r * H + h) * K);
+                std::fill(probs + (r * H + h) * K + n, probs + (r * H + h + 1) * K, 0.f);
+            }
+        }
+        all_weighted_rows(rows.data(), n, logits.data(), Kp, H, Dv, out + r * H * Dv);
     }
 }
 
-// Trainable attention over selected keys with per-head keys (MLA expanded through kv_b_proj), one (sequence, head)
-// pair per unit so that threads never write the same key row. Shapes: q [B, S, H, D]; k [B, H, T, D]; v [B, H, T, Dv];
-// idx [B, S, K] (-1 = none); out [B, S, H, Dv]; p [B, S, H, K] keeps the softmax over the selection (0 on empty slots)
-// for the backward. Units u0..u1-1 of B * H.
-void dsa_attn_fwd(const float* q, const float* k, const float* v, const int64_t* idx, float* out, float* p, int B,
-                  int64_t S, int H, int64_t T, int D, int Dv, int64_t K, float scale, int64_t u0, int64_t u1) {
-    (void)B;
+// Gradients of dsa_sparse_attention without sinks, rows r0..r1-1, from dout [rows, H, Dv] and the forward's probs:
+// dq [rows, H, D] is written, the key rows' gradients are added into dtable (rows dld floats apart, same numbering
+// as table). Per row: dp = dout . v over the selection, ds = p * (dp - sum(p * dp)), dq = sum ds * k, and each
+// selected key row gets sum over heads of ds * q (all D channels) plus p * dout (its first Dv, the value part).
+void dsa_sparse_attention_bwd(const float* q, const float* table, int64_t ld, int64_t per_b, const int64_t* idx,
+                              int64_t S, int64_t K, int H, int D, int Dv, const float* probs, const float* dout,
+                              float* dq, float* dtable, int64_t dld, int64_t r0, int64_t r1) {
     const int64_t Kp = (K + 15) / 16 * 16;
-    std::vector<float> lg(static_cast<size_t>(Kp));
-    for (int64_t u = u0; u < u1; ++u) {
-        const int64_t b = u / H, h = u % H;
-        const float* kb = k + (b * H + h) * T * D;
-        const float* vb = v + (b * H + h) * T * Dv;
-        for (int64_t s = 0; s < S; ++s) {
-            const float* qs = q + ((b * S + s) * H + h) * D;
-            const int64_t* is = idx + (b * S + s) * K;
-            float* ps = p + ((b * S + s) * H + h) * K;
-            float* os = out + ((b * S + s) * H + h) * Dv;
-            for (int64_t j = 0; j < K; j += 4) {  // four keys at a time; empty slots read row 0 and are dropped
-                const float* rows4[4];
-                for (int i = 0; i < 4; ++i) {
-                    const int64_t t = j + i < K ? is[j + i] : -1;
-                    rows4[i] = kb + (t < 0 ? 0 : t) * D;
-                }
-                float d4[4];
-                dot4(qs, rows4, D, d4);
-                for (int i = 0; i < 4 && j + i < K; ++i) lg[j + i] = is[j + i] < 0 ? NEG_INF : d4[i] * scale;
-            }
-            std::fill(os, os + Dv, 0.f);
-            softmax_row(lg.data(), K, NEG_INF);
-            for (int64_t j = 0; j < K; ++j) {
-                const float pj = lg[j];
-                ps[j] = pj;
-                if (is[j] < 0 || pj == 0.f) continue;
-                const float* vr = vb + is[j] * Dv;
-                for (int d = 0; d < Dv; ++d) os[d] += pj * vr[d];
-            }
-        }
-    }
-}
-
-// Gradients of dsa_attn_fwd: dq [B, S, H, D] (written), dk [B, H, T, D] and dv [B, H, T, Dv] (accumulated; zero them
-// first) from dout [B, S, H, Dv] and the saved p. Softmax backward on the selection: ds = p * (dp - sum(p * dp)).
-void dsa_attn_bwd(const float* q, const float* k, const float* v, const int64_t* idx, const float* p,
-                  const float* dout, float* dq, float* dk, float* dv, int B, int64_t S, int H, int64_t T, int D,
-                  int Dv, int64_t K, float scale, int64_t u0, int64_t u1) {
-    (void)B;
-    std::vector<float> ds(static_cast<size_t>(K));
-    for (int64_t u = u0; u < u1; ++u) {
-        const int64_t b = u / H, h = u % H;
-        const float* kb = k + (b * H + h) * T * D;
-        const float* vb = v + (b * H + h) * T * Dv;
-        float* dkb = dk + (b * H + h) * T * D;
-        float* dvb = dv + (b * H + h) * T * Dv;
-        for (int64_t s = 0; s < S; ++s) {
-            const int64_t off = (b * S + s) * H + h;
-            const float* qs = q + off * D;
-            const float* ps = p + off * K;
-            const float* go = dout + off * Dv;
-            float* gq = dq + off * D;
-            const int64_t* is = idx + (b * S + s) * K;
+    std::vector<float> ds(static_cast<size_t>(H) * Kp), p(static_cast<size_t>(H) * Kp);
+    std::vector<const float*> rows(static_cast<size_t>(K));
+    std::vector<float*> grows(static_cast<size_t>(K));
+    for (int64_t r = r0; r < r1; ++r) {
+        const int64_t n = selected(idx + r * K, K, table + (r / S) * per_b * ld, ld, rows.data());
+        const int64_t* ir = idx + r * K;
+        float* gbase = dtable + (r / S) * per_b * dld;
+        for (int64_t k = 0, o = 0; k < K; ++k)
+            if (ir[k] >= 0) grows[o++] = gbase + ir[k] * dld;
+        const float* go = dout + r * H * Dv;
+        all_dots(go, H, Dv, rows.data(), n, ds.data(), Kp);  // dp
+        for (int h = 0; h < H; ++h) {
+            const float* ph = probs + (r * H + h) * K;
+            float* dh = ds.data() + h * Kp;
             float pdp = 0.f;
-            for (int64_t j = 0; j < K; j += 4) {  // dp_j = dout . v_j, four keys at a time
-                const float* rows4[4];
-                for (int i = 0; i < 4; ++i) {
-                    const int64_t t = j + i < K ? is[j + i] : -1;
-                    rows4[i] = vb + (t < 0 ? 0 : t) * Dv;
-                }
-                float d4[4];
-                dot4(go, rows4, Dv, d4);
-                for (int i = 0; i < 4 && j + i < K; ++i) {
-                    const bool live = is[j + i] >= 0 && ps[j + i] != 0.f;
-                    ds[j + i] = live ? d4[i] : 0.f;
-                    pdp += live ? ps[j + i] * d4[i] : 0.f;
-                }
-            }
-            for (int64_t j = 0; j < K; ++j) {
-                if (is[j] < 0 || ps[j] == 0.f) continue;
-                float* dvr = dvb + is[j] * Dv;
-                const float pj = ps[j];
-                for (int d = 0; d < Dv; ++d) dvr[d] += pj * go[d];
-            }
-            std::fill(gq, gq + D, 0.f);
-            for (int64_t j = 0; j < K; ++j) {
-                if (is[j] < 0 || ps[j] == 0.f) continue;
-                const float g = ps[j] * (ds[j] - pdp) * scale;
-                const float* kr = kb + is[j] * D;
-                float* dkr = dkb + is[j] * D;
-                for (int d = 0; d < D; ++d) {
-                    gq[d] += g * kr[d];
-                    dkr[d] += g * qs[d];
-                }
-            }
+            for (int64_t k = 0; k < n; ++k) pdp += ph[k] * dh[k];
+            for (int64_t k = 0; k < n; ++k) dh[k] = ph[k] * (dh[k] - pdp);
+            std::copy(ph, ph + n, p.data() + h * Kp);
         }
+        all_weighted_rows(rows.data(), n, ds.data(), Kp, H, D, dq + r * H * D);
+        add_outer(grows.data(), n, ds.data(), p.data(), Kp, q + r * H * D, go, H, D, Dv);
     }
 }
 

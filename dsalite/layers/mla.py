@@ -17,7 +17,7 @@ from dsalite.layers.indexer import Indexer
 from dsalite.layers.mask import Visibility
 from dsalite.layers.norm import RMSNorm
 from dsalite.layers.rope import apply_rope
-from dsalite.layers.sparse_attention import dense_attention, sparse_attention
+from dsalite.layers.sparse_attention import dense_attention, kernel_ready, sparse_attention
 from dsalite.layers.sparse_train import masked_attention
 
 
@@ -107,7 +107,8 @@ class MLA(nn.Module):
         """Selected keys only, in the absorbed (MQA) form: kv_b_proj's key half is folded into the query and its
         value half applied after the weighted sum, so only the [r+p] latents of the K chosen tokens are gathered
         (one copy for all heads) instead of K expanded keys per head."""
-        if torch.is_grad_enabled():  # training: expanded keys, masked GEMMs (cheaper per query-key; sparse_train.py)
+        if torch.is_grad_enabled() and not kernel_ready(q_nope, latent[:, :, None], self.rank):
+            # training without the CPU kernel (GPU, bf16 autocast): expanded keys, masked GEMMs (sparse_train.py)
             k, v = self._expand(latent)
             return masked_attention(torch.cat([q_nope, q_r], dim=-1), k, v, topk, self.scale)
         H, n, r = self.n_heads, self.nope, self.rank

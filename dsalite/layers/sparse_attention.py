@@ -31,9 +31,9 @@ def sparse_attention(
     K = idx.shape[-1]
     Hk = k.shape[2]
     Dv = v if isinstance(v, int) else v.shape[-1]
-    if (isinstance(v, int) and Hk == 1 and q.device.type == "cpu" and q.dtype == k.dtype == torch.float32
-            and not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad))
-            and kernels.load() is not None):
+    if kernel_ready(q, k, v, sinks):
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+            return LatentKernelAttention.apply(q, k, Dv, idx, scale)
         return _kernel_attention(q, k, Dv, idx, scale, sinks)
     out = q.new_empty(B, S, H, Dv)
     per_query = K * Hk * (D + (0 if isinstance(v, int) else Dv))
@@ -82,22 +82,80 @@ def sparse_attention(
     return out
 
 
+def kernel_ready(q, k, v, sinks=None) -> bool:
+    """Whether `sparse_attention` runs on the CPU kernel: shared key rows whose first channels are the values (MLA's
+    latent), fp32 outside autocast and compiled graphs; under autograd only without sinks."""
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+    return (isinstance(v, int) and k.shape[2] == 1 and q.device.type == "cpu" and q.dtype == k.dtype == torch.float32
+            and not torch.compiler.is_compiling() and not (grad and (sinks is not None
+                                                                      or torch.is_autocast_enabled("cpu")))
+            and kernels.load() is not None)
+
+
+def _kernel_args(q, k, idx, scale: float):
+    """The kernel's view of one call: the scaled queries, the key row table, its row distance between sequences and
+    the selection, all contiguous."""
+    table, per_b = _row_table(k)
+    if table.stride(1) != 1:
+        table = table.contiguous()
+    return (q * scale).contiguous(), table, per_b, idx.long().contiguous()
+
+
 def _kernel_attention(q, k, Dv: int, idx, scale: float, sinks) -> torch.Tensor:
     """`sparse_attention` by the CPU kernel (inference, shared key rows, values = their first Dv channels): each query
     reads its selected rows in place, no gathered copy."""
     B, S, H, D = q.shape
-    table, per_b = _row_table(k)
-    if table.stride(1) != 1:
-        table = table.contiguous()
-    q = (q * scale).contiguous()
-    idx = idx.long().contiguous()
+    q, table, per_b, idx = _kernel_args(q, k, idx, scale)
     sinks = None if sinks is None else sinks.detach().float().contiguous()
     out = q.new_empty(B, S, H, Dv)
     lib = kernels.load()
     args = (q.data_ptr(), table.data_ptr(), table.stride(0), per_b, idx.data_ptr(), S, idx.shape[-1], H, D, Dv,
-            None if sinks is None else sinks.data_ptr(), out.data_ptr())
+            None if sinks is None else sinks.data_ptr(), out.data_ptr(), None)
     kernels.split_rows(lambda r0, r1: lib.dsa_sparse_attention(*args, r0, r1), B * S, torch.get_num_threads())
     return out
+
+
+class LatentKernelAttention(torch.autograd.Function):
+    """`sparse_attention` over shared latent rows under autograd, by the CPU kernels: the forward keeps the softmax
+    over each query's selection ([B, S, H, K]); the backward reads the same rows again and adds every selected row's
+    gradient (from all heads at once) into a buffer per thread, summed in thread order at the end (so, as with the
+    GEMMs, the rounding depends on the thread count)."""
+
+    @staticmethod
+    def forward(ctx, q, k, Dv: int, idx, scale: float):
+        """q [B,S,H,D], k [B,T,1,D] (values = first Dv channels), idx [B,S,K] → [B,S,H,Dv]."""
+        B, S, H, D = q.shape
+        qs, table, per_b, idx = _kernel_args(q, k, idx, scale)
+        K = idx.shape[-1]
+        out, probs = q.new_empty(B, S, H, Dv), q.new_empty(B, S, H, K)
+        lib = kernels.load()
+        args = (qs.data_ptr(), table.data_ptr(), table.stride(0), per_b, idx.data_ptr(), S, K, H, D, Dv, None,
+                out.data_ptr(), probs.data_ptr())
+        kernels.split_rows(lambda r0, r1: lib.dsa_sparse_attention(*args, r0, r1), B * S, torch.get_num_threads())
+        ctx.save_for_backward(qs, table, idx, probs)
+        ctx.meta = (k.shape, per_b, Dv, scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        qs, table, idx, probs = ctx.saved_tensors
+        k_shape, per_b, Dv, scale = ctx.meta
+        B, S, H, D = qs.shape
+        K = idx.shape[-1]
+        dout = dout.contiguous()
+        dq = torch.empty_like(qs)
+        threads = max(1, min(B * S, torch.get_num_threads()))
+        bounds = kernels.even_bounds(B * S, threads)  # one part per thread, each with its own key-gradient buffer
+        grads = table.new_zeros(threads, *table.shape)
+        lib = kernels.load()
+        args = (qs.data_ptr(), table.data_ptr(), table.stride(0), per_b, idx.data_ptr(), S, K, H, D, Dv,
+                probs.data_ptr(), dout.data_ptr(), dq.data_ptr())
+        kernels.run_parts(lambda i, r0, r1: lib.dsa_sparse_attention_bwd(*args, grads[i].data_ptr(), D, r0, r1),
+                          bounds, threads)
+        dk = grads[0]
+        for g in grads[1:]:
+            dk += g
+        return dq.mul_(scale), _unrow_table(dk, k_shape, per_b), None, None, None
 
 
 def _row_table(x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -109,6 +167,12 @@ def _row_table(x: torch.Tensor) -> tuple[torch.Tensor, int]:
         per_b = x.stride(0) // w if B > 1 else T
         return x.as_strided(((B - 1) * per_b + T, w), (w, 1)), per_b
     return x.reshape(B * T, w), T
+
+
+def _unrow_table(rows: torch.Tensor, shape, per_b: int) -> torch.Tensor:
+    """A gradient laid out as `_row_table`'s table back in the shape [B, T, Hk, D] of the tensor it came from."""
+    B, T = shape[0], shape[1]
+    return rows.as_strided((B, T, rows.shape[1]), (per_b * rows.shape[1], rows.shape[1], 1)).reshape(shape)
 
 
 def dense_attention(

@@ -1,5 +1,5 @@
-"""Trainable attention over selected keys: on CPU with per-head keys the kernel of `kernels` (`KernelAttention`,
-S·K work), otherwise masked GEMMs with a hand-written backward (`MaskedAttention`, described below).
+"""Trainable attention over selected keys where the CPU kernel (`sparse_attention.LatentKernelAttention`) does not
+run (other devices, bf16 autocast, no compiler): masked GEMMs with a hand-written backward (`MaskedAttention`).
 
 Legend: B batch, S queries, T keys, H query heads, Hk key heads (H, or 1 for a latent shared by all heads),
 D key width, Dv value width, K selected keys per query.
@@ -11,15 +11,15 @@ are scattered back into the block for the other GEMMs. The forward keeps only th
 ([B, S·H, K], the size of one gathered selection), so the backward neither stores nor recomputes the logits. The
 cost is that of the causal keys (like the indexer's scoring), at GEMM speed, with two full-block element-wise passes
 (zeroing) instead of a masked softmax and its backward; memory stays one [H, s, t] block.
-Training uses it with per-head keys (MLA expanded through kv_b_proj), which costs fewer FLOPs per query-key pair
-than the absorbed form whenever n + p + v < 2r + p (true for every released GLM / DeepSeek shape).
+MLA uses it with per-head keys (expanded through kv_b_proj), which costs fewer FLOPs per query-key pair than the
+absorbed form whenever n + p + v < 2r + p (true for every released GLM / DeepSeek shape). The kernel instead reads
+each selected latent row once for all heads (S·K rows, not the causal S·T/2 per head at GEMM speed), which is what
+wins on a CPU.
 """
 
 from __future__ import annotations
 
 import torch
-
-from dsalite import kernels
 
 # 64 queries per block measured fastest at S = 2048 for 4 and 8 heads (more spill the block's element-wise passes out
 # of cache, fewer make the GEMMs too thin); many heads or keys shrink the block so one [H, s, t] probability block
@@ -120,50 +120,9 @@ def masked_attention(q, k, v, idx, scale: float) -> torch.Tensor:
     """q [B,S,H,D]; k [B,T,Hk,D]; v [B,T,Hk,Dv], or an int Dv when the values are the first Dv channels of k
     (MLA's latent); idx [B,S,K] (-1 = none) → [B,S,H,Dv]."""
     kh = k.transpose(1, 2).contiguous()  # [B, Hk, T, D]
-    if (not isinstance(v, int) and k.shape[2] == q.shape[2] and q.device.type == "cpu"
-            and q.dtype == k.dtype == v.dtype == torch.float32 and not torch.compiler.is_compiling()
-            and kernels.load() is not None):
-        return KernelAttention.apply(q, kh, v.transpose(1, 2).contiguous(), idx, scale)
     if isinstance(v, int):
         dv = v
         vh = kh[..., :dv]
     else:
         vh = v.transpose(1, 2).contiguous()
     return MaskedAttention.apply(q, kh, vh, idx, scale)
-
-
-class KernelAttention(torch.autograd.Function):
-    """The same attention by the CPU kernel (per-head keys only): each query reads its K selected key and value rows
-    in place, so forward and backward cost S·K per head instead of the causal keys' S·T at GEMM speed. The forward
-    keeps the selected probabilities [B, S, H, K]; the backward scatter-adds into the key and value rows one
-    (sequence, head) pair per thread, so no two threads write the same row."""
-
-    @staticmethod
-    def forward(ctx, q, kh, vh, idx, scale: float):
-        B, S, H, D = q.shape
-        T, Dv = kh.shape[2], vh.shape[-1]
-        q, idx = q.contiguous(), idx.long().contiguous()
-        K = idx.shape[-1]
-        out = q.new_empty(B, S, H, Dv)
-        p = q.new_empty(B, S, H, K)
-        lib = kernels.load()
-        args = (q.data_ptr(), kh.data_ptr(), vh.data_ptr(), idx.data_ptr(), out.data_ptr(), p.data_ptr(), B, S, H, T,
-                D, Dv, K, scale)
-        kernels.split_rows(lambda u0, u1: lib.dsa_attn_fwd(*args, u0, u1), B * H, torch.get_num_threads(), min_rows=1)
-        ctx.save_for_backward(q, kh, vh, idx, p)
-        ctx.scale = scale
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, kh, vh, idx, p = ctx.saved_tensors
-        B, S, H, D = q.shape
-        T, Dv, K = kh.shape[2], vh.shape[-1], idx.shape[-1]
-        dout = dout.contiguous()
-        dq = torch.empty_like(q)
-        dk, dv = torch.zeros_like(kh), torch.zeros_like(vh)
-        lib = kernels.load()
-        args = (q.data_ptr(), kh.data_ptr(), vh.data_ptr(), idx.data_ptr(), p.data_ptr(), dout.data_ptr(),
-                dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), B, S, H, T, D, Dv, K, ctx.scale)
-        kernels.split_rows(lambda u0, u1: lib.dsa_attn_bwd(*args, u0, u1), B * H, torch.get_num_threads(), min_rows=1)
-        return dq, dk, dv, None, None

@@ -3,7 +3,7 @@
 Indexer: same top-k sets on rows whose K-th score is clear of the next one, torch.topk's own choice on rows whose
 boundary is an exact tie, every visibility form (causal prefix, padding, packed documents), odd head counts and widths,
 threads, a portable build, the cache's tiled keys. Sparse attention: the gather path's output with empty slots,
-queries with no key, sinks, widths that are not whole vectors, batches."""
+queries with no key, sinks, widths that are not whole vectors, batches; under autograd its gradients too."""
 
 import ctypes
 import platform
@@ -200,6 +200,41 @@ def test_sparse_attention_kernel_matches_the_gather_path(lib, monkeypatch, B, H,
     assert err_kernel < 1e-5 and err_kernel < 4 * err_torch + 1e-7, (err_kernel, err_torch)
     if not sinks:
         assert torch.equal(got[0, 5], torch.zeros(H, Dv))
+
+
+@pytest.mark.parametrize("B,H,D,Dv,K", [(1, 4, 80, 64, 48), (2, 6, 37, 21, 33), (2, 5, 144, 128, 16)])
+def test_trainable_kernel_attention_gradients(lib, B, H, D, Dv, K):
+    """Under autograd the kernel path (forward keeping the probabilities, backward adding every selected row's gradient
+    from all heads) gives the float64 gather path's output and gradients: -1 slots, a query with no key, a key listed
+    twice, heads not a multiple of 4, widths not whole vectors (values ending inside a vector), a batch; the threads
+    split the query rows without changing the result beyond rounding."""
+    g = torch.Generator().manual_seed(17)
+    S, T = 70, 90
+    q = torch.randn(B, S, H, D, generator=g, requires_grad=True)
+    kv = torch.randn(B, T, D, generator=g, requires_grad=True)
+    idx = torch.stack([torch.stack([torch.randperm(T, generator=g)[:K] for _ in range(S)]) for _ in range(B)])
+    idx[:, ::3, K // 2 :] = -1
+    idx[0, 5] = -1
+    idx[-1, 7, 1] = idx[-1, 7, 0]  # counted twice, as in the gather path
+    dout = torch.randn(B, S, H, Dv, generator=g)
+    got = sa.sparse_attention(q, kv[:, :, None], Dv, idx, 0.3)
+    assert type(got.grad_fn).__name__ == "LatentKernelAttentionBackward"
+    grads = torch.autograd.grad(got, (q, kv), dout)
+    q64, kv64 = q.detach().double().requires_grad_(), kv.detach().double().requires_grad_()
+    exact = sa.sparse_attention(q64, kv64[:, :, None], Dv, idx, 0.3)
+    exact_grads = torch.autograd.grad(exact, (q64, kv64), dout.double())
+    torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got[0, 5].detach(), torch.zeros(H, Dv)) and grads[0][0, 5].abs().max() == 0
+    for a, b in zip(grads, exact_grads):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = torch.autograd.grad(sa.sparse_attention(q, kv[:, :, None], Dv, idx, 0.3), (q, kv), dout)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(grads, two):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_fresh_build_into_an_empty_cache(tmp_path, monkeypatch):

@@ -1,29 +1,18 @@
-"""The trainable sparse attention equals the gather path in values and gradients: the masked-GEMM path and, for
-per-head keys on CPU, the kernel path (`kernels`, run with and without it)."""
+"""The masked-GEMM trainable sparse attention (the path without the CPU kernel) equals the gather path in values and
+gradients; the kernel's own gradients are tested in test_kernels.py."""
 
 import torch
 
 import pytest
 
-from dsalite import kernels
 from dsalite.layers import sparse_train
 from dsalite.layers.sparse_attention import sparse_attention
 from dsalite.layers.sparse_train import masked_attention
 
 
-@pytest.fixture(params=["kernel", "pytorch"])
-def path(request, monkeypatch):
-    """Which implementation per-head keys take: the CPU kernel or the masked GEMMs."""
-    if request.param == "kernel":
-        assert kernels.load() is not None, "the CPU kernel did not build"
-    else:
-        monkeypatch.setattr(kernels, "load", lambda: None)
-    return request.param
-
-
 @pytest.mark.parametrize("block_budget", [None, 400])  # 400: blocks of 1-3 queries, some seeing no key at all
 @pytest.mark.parametrize("shared_latent", [True, False])
-def test_masked_attention_matches_gather_path_with_grads(shared_latent, block_budget, monkeypatch, path):
+def test_masked_attention_matches_gather_path_with_grads(shared_latent, block_budget, monkeypatch):
     if block_budget is not None:
         monkeypatch.setattr(sparse_train, "BLOCK_BUDGET", block_budget)
     g = torch.Generator().manual_seed(0)
@@ -75,7 +64,7 @@ def _test_per_head(g, idx):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_masked_attention_counts_a_repeated_key_like_the_gather_path(path):
+def test_masked_attention_counts_a_repeated_key_like_the_gather_path():
     """A key listed twice in a row weighs twice in both paths (values and gradients agree)."""
     g = torch.Generator().manual_seed(1)
     B, S, H, D, dv = 1, 9, 2, 6, 4
@@ -90,28 +79,3 @@ def test_masked_attention_counts_a_repeated_key_like_the_gather_path(path):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     for a, b in zip(grads, torch.autograd.grad(want, (q, k, v), dout)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-
-
-def test_kernel_threads_give_the_same_gradients(monkeypatch):
-    """The kernel's backward splits (sequence, head) pairs over threads; each owns its key rows, so 1 and 2 threads
-    give bit-identical gradients."""
-    assert kernels.load() is not None
-    g = torch.Generator().manual_seed(2)
-    B, S, H, D, dv, K = 2, 50, 4, 20, 12, 8
-    q, k = torch.randn(B, S, H, D, generator=g), torch.randn(B, S, H, D, generator=g)
-    v, dout = torch.randn(B, S, H, dv, generator=g), torch.randn(B, S, H, dv, generator=g)
-    idx = torch.stack([torch.stack([torch.randint(0, s + 1, (K,), generator=g) for s in range(S)]) for _ in range(B)])
-
-    def grads():
-        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        return torch.autograd.grad(masked_attention(*leaves, idx, 0.3), leaves, dout)
-
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = grads()
-        torch.set_num_threads(2)
-        two = grads()
-    finally:
-        torch.set_num_threads(threads)
-    assert all(torch.equal(a, b) for a, b in zip(one, two))
