@@ -16,7 +16,7 @@ from torch import nn
 
 from dsalite.config import ModelConfig
 from dsalite.layers.block import Block
-from dsalite.layers.linear import linear
+from dsalite.layers.linear import Linear, linear
 from dsalite.layers.mask import Visibility
 from dsalite.layers.mtp import MTPLayer
 from dsalite.layers.norm import RMSNorm
@@ -45,7 +45,7 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.model = Backbone(cfg)
         if not cfg.tie_word_embeddings:
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.mtp = nn.ModuleList(
             [MTPLayer(cfg, k, mtp_own_embeddings) for k in range(cfg.num_nextn_predict_layers)]
         )

@@ -15,6 +15,7 @@ from torch import nn
 
 from dsalite.config import ModelConfig
 from dsalite.layers.hyper import HyperHead
+from dsalite.layers.linear import Linear
 from dsalite.layers.mask import Visibility
 from dsalite.layers.norm import RMSNormF32
 from dsalite.layers.rope import cos_sin, inv_freq_and_scale
@@ -43,7 +44,7 @@ class HyperTransformer(Transformer):
         self.cfg = cfg
         self.model = HyperBackbone(cfg)
         if not cfg.tie_word_embeddings:
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.mtp = nn.ModuleList([HyperMTPLayer(cfg, k) for k in range(cfg.num_nextn_predict_layers)])
         with torch.device("cpu"):
             p, n = cfg.qk_rope_head_dim, cfg.max_position_embeddings

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from dsalite.layers.indexer import topk_indices
+from dsalite.layers.linear import Linear
 from dsalite.layers.norm import RMSNormF32
 from dsalite.layers.rope import apply_rope_trailing, cos_sin
 
@@ -28,8 +29,8 @@ class Compressor(nn.Module):
         super().__init__()
         self.width, self.ratio, self.overlap = width, ratio, overlap
         series = 2 if overlap else 1
-        self.kv_proj = nn.Linear(dim, series * width, bias=False)
-        self.gate_proj = nn.Linear(dim, series * width, bias=False)
+        self.kv_proj = Linear(dim, series * width, bias=False)
+        self.gate_proj = Linear(dim, series * width, bias=False)
         self.position_bias = nn.Parameter(torch.empty(ratio, series * width))
         self.kv_norm = RMSNormF32(width, eps)
 
@@ -80,7 +81,7 @@ class Scorer(nn.Module):
 
     def __init__(self, dim: int, n_heads: int):
         super().__init__()
-        self.weights_proj = nn.Linear(dim, n_heads, bias=False)
+        self.weights_proj = Linear(dim, n_heads, bias=False)
 
 
 class CSAIndexer(Compressor):
@@ -92,7 +93,7 @@ class CSAIndexer(Compressor):
     def __init__(self, dim: int, q_lora_rank: int, n_heads: int, head_dim: int, ratio: int, topk: int, eps: float):
         super().__init__(dim, head_dim, ratio, overlap=True, eps=eps)
         self.n_heads, self.topk = n_heads, topk
-        self.q_b_proj = nn.Linear(q_lora_rank, n_heads * head_dim, bias=False)
+        self.q_b_proj = Linear(q_lora_rank, n_heads * head_dim, bias=False)
         self.scorer = Scorer(dim, n_heads)
 
     def queries(self, x, q_resid, cos, sin):

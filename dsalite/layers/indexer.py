@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from dsalite import kernels
+from dsalite.layers.linear import Linear
 from dsalite.layers.rope import apply_rope
 
 # Queries per chunk are chosen so one chunk's [B, s, Hi, T] score block stays near this many fp32 elements.
@@ -34,10 +35,10 @@ class Indexer(nn.Module):
         super().__init__()
         self.n_heads, self.head_dim, self.rope_dim, self.topk = n_heads, head_dim, rope_dim, topk
         self.rope_interleaved = rope_interleaved
-        self.wq_b = nn.Linear(q_lora_rank, n_heads * head_dim, bias=False)
-        self.wk = nn.Linear(dim, head_dim, bias=False)
+        self.wq_b = Linear(q_lora_rank, n_heads * head_dim, bias=False)
+        self.wk = Linear(dim, head_dim, bias=False)
         self.k_norm = nn.LayerNorm(head_dim, eps=1e-6)  # with bias, eps fixed (HF)
-        self.weights_proj = nn.Linear(dim, n_heads, bias=False)
+        self.weights_proj = Linear(dim, n_heads, bias=False)
 
     def project(self, x: torch.Tensor, q_resid: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """q [B,S,Hi,Di], k [B,S,Di], w [B,S,Hi] (fp32, with Hi^-0.5) for the new tokens."""

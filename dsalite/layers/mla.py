@@ -14,6 +14,7 @@ from torch import nn
 
 from dsalite.config import ModelConfig
 from dsalite.layers.indexer import Indexer
+from dsalite.layers.linear import Linear
 from dsalite.layers.mask import Visibility
 from dsalite.layers.norm import RMSNorm
 from dsalite.layers.rope import apply_rope
@@ -32,15 +33,15 @@ class MLA(nn.Module):
         self.rope_interleaved = cfg.rope_interleave
         bias = cfg.attention_bias
         if cfg.q_lora_rank is None:
-            self.q_proj = nn.Linear(D, H * cfg.qk_head_dim, bias=False)
+            self.q_proj = Linear(D, H * cfg.qk_head_dim, bias=False)
         else:
-            self.q_a_proj = nn.Linear(D, cfg.q_lora_rank, bias=bias)
+            self.q_a_proj = Linear(D, cfg.q_lora_rank, bias=bias)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, eps=1e-6)  # eps fixed at 1e-6 in HF, whatever rms_norm_eps
-            self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * cfg.qk_head_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(D, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=bias)
+            self.q_b_proj = Linear(cfg.q_lora_rank, H * cfg.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = Linear(D, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, eps=1e-6)
-        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
-        self.o_proj = nn.Linear(H * cfg.v_head_dim, D, bias=bias)
+        self.kv_b_proj = Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.o_proj = Linear(H * cfg.v_head_dim, D, bias=bias)
         self.indexer_type = cfg.layer_indexer_type(layer_idx)  # None (no DSA) | "full" | "shared"
         self.index_topk = cfg.index_topk
         if self.indexer_type == "full":

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsalite.config import ModelConfig
-from dsalite.layers.linear import linear
+from dsalite.layers.linear import Linear, dense, linear
 
 # At most this many (token, expert) pairs take the per-pair path instead of the sort-by-expert loop.
 SMALL_BATCH = 16
@@ -36,9 +36,9 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int, inter: int, limit: float | None = None):
         super().__init__()
-        self.gate_proj = nn.Linear(dim, inter, bias=False)
-        self.up_proj = nn.Linear(dim, inter, bias=False)
-        self.down_proj = nn.Linear(inter, dim, bias=False)
+        self.gate_proj = Linear(dim, inter, bias=False)
+        self.up_proj = Linear(dim, inter, bias=False)
+        self.down_proj = Linear(inter, dim, bias=False)
         self.limit = limit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -138,7 +138,7 @@ class Experts(nn.Module):
         # a slice's backward zero-fills a full-size gradient for every expert
         xs = x.index_select(0, order // k).split(counts)
         gate_up, down = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
-        ys = torch.cat([F.linear(swiglu(*F.linear(xs[e], gate_up[e]).chunk(2, dim=-1), limit=self.limit), down[e])
+        ys = torch.cat([dense(swiglu(*dense(xs[e], gate_up[e]).chunk(2, dim=-1), limit=self.limit), down[e])
                         for e, cnt in enumerate(counts) if cnt])
         ys = ys * w.reshape(-1)[order, None].to(ys.dtype)
         slot_of = torch.empty_like(order)

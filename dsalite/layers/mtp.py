@@ -14,6 +14,7 @@ from torch import nn
 
 from dsalite.config import ModelConfig
 from dsalite.layers.block import Block
+from dsalite.layers.linear import Linear
 from dsalite.layers.norm import RMSNorm
 
 
@@ -22,7 +23,7 @@ class SharedHead(nn.Module):
         super().__init__()
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         if own_head:
-            self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            self.head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
 
 class MTPLayer(Block):
@@ -31,7 +32,7 @@ class MTPLayer(Block):
         D = cfg.hidden_size
         self.enorm = RMSNorm(D, cfg.rms_norm_eps)
         self.hnorm = RMSNorm(D, cfg.rms_norm_eps)
-        self.eh_proj = nn.Linear(2 * D, D, bias=False)
+        self.eh_proj = Linear(2 * D, D, bias=False)
         self.shared_head = SharedHead(cfg, own_embeddings)
         if own_embeddings:
             self.embed_tokens = nn.Embedding(cfg.vocab_size, D)

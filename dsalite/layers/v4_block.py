@@ -22,6 +22,7 @@ from dsalite.config import ModelConfig
 from dsalite.config_v4 import CSA, HCA
 from dsalite.layers.compressor import CSACompressor, HCACompressor
 from dsalite.layers.hyper import HyperConnection, HyperHead, expand
+from dsalite.layers.linear import Linear
 from dsalite.layers.mask import Visibility
 from dsalite.layers.moe import MoE
 from dsalite.layers.norm import RMSNormF32, unweighted_rms_norm
@@ -62,14 +63,14 @@ class V4Attention(nn.Module):
         self.layer_idx = layer_idx
         self.kind = cfg.layer_attention_type(layer_idx)
         self.rope_label = "main" if self.kind not in (CSA, HCA) else "compress"
-        self.q_a_proj = nn.Linear(D, cfg.q_lora_rank, bias=False)
+        self.q_a_proj = Linear(D, cfg.q_lora_rank, bias=False)
         self.q_a_norm = RMSNormF32(cfg.q_lora_rank, eps)
-        self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * c, bias=False)
-        self.kv_proj = nn.Linear(D, c, bias=False)
+        self.q_b_proj = Linear(cfg.q_lora_rank, H * c, bias=False)
+        self.kv_proj = Linear(D, c, bias=False)
         self.kv_norm = RMSNormF32(c, eps)
         G = cfg.o_groups
         self.o_a_proj = GroupedLinear(H * c // G, G * cfg.o_lora_rank, G)
-        self.o_b_proj = nn.Linear(G * cfg.o_lora_rank, D, bias=False)
+        self.o_b_proj = Linear(G * cfg.o_lora_rank, D, bias=False)
         self.sinks = nn.Parameter(torch.empty(H))
         if self.kind == CSA:
             self.compressor = CSACompressor(D, c, cfg.compress_rates[CSA], eps, cfg.q_lora_rank, cfg.index_n_heads,
@@ -137,8 +138,8 @@ class HyperMTPLayer(HyperBlock):
     def __init__(self, cfg: ModelConfig, depth: int):
         super().__init__(cfg, cfg.num_hidden_layers + depth)
         D, eps = cfg.hidden_size, cfg.rms_norm_eps
-        self.e_proj = nn.Linear(D, D, bias=False)
-        self.h_proj = nn.Linear(D, D, bias=False)
+        self.e_proj = Linear(D, D, bias=False)
+        self.h_proj = Linear(D, D, bias=False)
         self.enorm = RMSNormF32(D, eps)
         self.hnorm = RMSNormF32(D, eps)
         self.norm = RMSNormF32(D, eps)

@@ -16,10 +16,10 @@ import math
 import os
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from dsalite.layers.linear import Linear, dense
 from dsalite.layers.moe import Experts
 
 GROUPS = {
@@ -45,10 +45,10 @@ class LoRALinear(nn.Linear):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias) + self.scale * F.linear(F.linear(x, self.lora_A), self.lora_B)
+        return dense(x, self.weight, self.bias) + self.scale * dense(dense(x, self.lora_A), self.lora_B)
 
     def merged(self) -> nn.Linear:
-        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=self.weight.device,
+        out = Linear(self.in_features, self.out_features, bias=self.bias is not None, device=self.weight.device,
                         dtype=self.weight.dtype)
         with torch.no_grad():
             out.weight.copy_(self.weight + self.scale * self.lora_B @ self.lora_A)

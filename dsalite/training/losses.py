@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from dsalite.kernels import blas
 from dsalite.layers.indexer import SCORE_BUDGET, index_scores
+from dsalite.layers.linear import Linear
 
 IGNORE = -100
 
@@ -45,7 +47,7 @@ def head_lm_loss(model, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     A head that is not a plain bias-free fp32 matrix (LoRA-wrapped, autocast, other dtypes) takes the unfused path."""
     w = model.head_weight() if hasattr(model, "head_weight") else None
     lm_head = getattr(model, "lm_head", None)
-    plain = (w is not None and (lm_head is None or type(lm_head) is torch.nn.Linear)
+    plain = (w is not None and (lm_head is None or type(lm_head) in (torch.nn.Linear, Linear))
              and w.dtype == hidden.dtype == torch.float32
              and not torch.is_autocast_enabled("cpu") and not torch.is_autocast_enabled(hidden.device.type))
     if not plain:
@@ -69,7 +71,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         chunk = max(1, CE_BUDGET // V)
         for c0 in range(0, N, chunk):
             hc, lab = h[c0 : c0 + chunk], labels[c0 : c0 + chunk]
-            logits = hc @ w.t()  # [c, V]
+            logits = blas.mm(hc, w.t())  # [c, V]
             valid = lab != IGNORE
             safe = lab.clamp(min=0)
             lse = torch.logsumexp(logits, -1)
@@ -79,9 +81,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 g[torch.arange(g.shape[0]), safe] -= 1.0
                 g.mul_(valid[:, None])
                 if need_h:
-                    torch.mm(g, w, out=grad_h[c0 : c0 + chunk])
+                    blas.mm(g, w, out=grad_h[c0 : c0 + chunk])
                 if need_w:
-                    grad_w.addmm_(g.t(), hc)
+                    blas.mm(g.t(), hc, out=grad_w, accumulate=True)
         ctx.save_for_backward(grad_h, grad_w)
         return total
 
