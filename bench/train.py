@@ -1,7 +1,9 @@
 """Training throughput: tokens/s of one full step (forward + backward + AdamW) for dsalite vs HF transformers on the
 same model, batch and sequence length, and dsalite's model-FLOPs utilisation against the fp32 GEMM peak measured in
-the same subprocess right after the steps and against the idle-machine reference of the env notes (175 GFLOP/s per
-core): on a shared machine the in-run peak drops with the load, so both are printed.
+the same subprocess right after the steps (the faster of torch's BLAS and dsalite's) and against the idle-machine
+reference of the env notes (175 GFLOP/s per core, an Intel Xeon with MKL): on a shared machine the in-run peak drops
+with the load, so both are printed. On a non-Intel x86 CPU dsalite's products run on OpenBLAS (`kernels.blas`) while
+HF's run on torch's MKL; `--dsalite-blas torch` measures dsalite on torch's BLAS too.
 
 Both sides train with the plain causal-LM loss, each through its own training path (HF's `labels=`; dsalite's
 trainer's fused head + cross-entropy, `head_lm_loss`), and the same optimizer (fused AdamW, as dsalite's trainer
@@ -54,11 +56,15 @@ def step_time(fn, reps: int, threads: int, warmup: int = 1) -> float:
 
 
 def gemm_peak(threads: int, n: int = 2048, reps: int = 5) -> float:
-    """Measured fp32 matmul GFLOP/s (median), the hardware reference for MFU."""
+    """Measured fp32 matmul GFLOP/s (median), the hardware reference for MFU: the faster of torch's BLAS and the one
+    dsalite uses (`dsalite.kernels.blas`, OpenBLAS on non-Intel x86), so MFU is against the best GEMM at hand."""
+    from dsalite.kernels import blas
+
     torch.set_num_threads(threads)
     a, b = torch.randn(n, n), torch.randn(n, n)
     c = torch.empty(n, n)
-    t = step_time(lambda: torch.matmul(a, b, out=c), reps, threads, warmup=2)
+    t = min(step_time(lambda: torch.matmul(a, b, out=c), reps, threads, warmup=2),
+            step_time(lambda: blas.mm(a, b, out=c), reps, threads, warmup=2))
     return 2 * n**3 / t / 1e9
 
 
@@ -89,6 +95,9 @@ def one(which: str, config: str, S: int, batch: int, reps: int, threads: int) ->
     t = step_time(step, reps, threads)
     rec = {"which": which, "config": config, "S": S, "tok_s": batch * S / t}
     if which != "hf":
+        from dsalite.kernels import blas
+
+        rec["blas"] = "OpenBLAS" if blas.library() is not None else "torch"
         rec["flops_per_token"] = model.flops_per_token(S, training=True, mtp=False)
         rec["gemm_peak"] = gemm_peak(threads)  # right after the steps, under the same load
     return rec
@@ -102,6 +111,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3, help="timed steps per subprocess, median taken (default 3)")
     ap.add_argument("--rounds", type=int, default=3, help="HF/dsalite subprocess pairs per config (default 3)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--dsalite-blas", choices=["auto", "torch", "openblas"], default="auto",
+                    help="DSALITE_BLAS for the dsalite side: auto (OpenBLAS on non-Intel x86, as the library "
+                         "decides), torch (torch's own BLAS, as HF uses), openblas (default auto)")
     ap.add_argument("--one", nargs=2, metavar=("WHICH", "CONFIG"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.one:
@@ -110,7 +122,7 @@ def main() -> None:
     print(f"training step (fwd + bwd + AdamW), fp32, batch {a.batch} x S {a.seq}, {a.threads} thread(s); "
           f"{a.rounds} rounds of HF then dsalite subprocesses, {a.reps} steps each; medians over rounds")
     ref = REFERENCE_PEAK * a.threads
-    print(f"{'config':>8} {'HF tok/s':>9} {'dsalite tok/s':>14} {'speedup':>8} {'GFLOP/tok':>10} {'GFLOP/s':>8} "
+    print(f"{'config':>8} {'BLAS':>9} {'HF tok/s':>9} {'dsalite tok/s':>14} {'speedup':>8} {'GFLOP/tok':>10} {'GFLOP/s':>8} "
           f"{'GEMM peak':>10} {'MFU (measured peak)':>20} {f'MFU ({ref:.0f} GFLOP/s)':>17}")
     for config in a.configs.split(","):
         rounds = []
@@ -119,7 +131,8 @@ def main() -> None:
             for which in ("hf", "dsalite"):
                 out = subprocess.run([sys.executable, __file__, "--one", which, config, "--seq", str(a.seq),
                                       "--batch", str(a.batch), "--reps", str(a.reps), "--threads", str(a.threads)],
-                                     capture_output=True, text=True, check=True)
+                                     capture_output=True, text=True, check=True,
+                                     env=dict(os.environ, DSALITE_BLAS=a.dsalite_blas))
                 r[which] = json.loads(out.stdout.strip().splitlines()[-1])
             rounds.append(r)
         hf = statistics.median(r["hf"]["tok_s"] for r in rounds)
@@ -128,7 +141,7 @@ def main() -> None:
         peak = statistics.median(r["dsalite"]["gemm_peak"] for r in rounds)
         fpt = rounds[0]["dsalite"]["flops_per_token"]
         gflops = fpt * ds / 1e9
-        print(f"{config:>8} {hf:>9.0f} {ds:>14.0f} {speedup:>7.2f}x {fpt / 1e9:>10.3f} {gflops:>8.1f} {peak:>10.0f} "
+        print(f"{config:>8} {rounds[0]['dsalite']['blas']:>9} {hf:>9.0f} {ds:>14.0f} {speedup:>7.2f}x {fpt / 1e9:>10.3f} {gflops:>8.1f} {peak:>10.0f} "
               f"{gflops / peak:>20.1%} {gflops / ref:>17.1%}", flush=True)
 
 if __name__ == "__main__":

@@ -115,19 +115,21 @@ _pool = None
 
 
 def run_parts(call, bounds: list[int], threads: int) -> list:
-    """[call(i, bounds[i], bounds[i + 1]) for each part i], the parts run on up to `threads` threads (ctypes releases
-    the GIL)."""
+    """[call(i, bounds[i], bounds[i + 1]) for each part i], the parts run on up to `threads` threads, the calling
+    thread one of them (ctypes releases the GIL)."""
     global _pool
     parts = len(bounds) - 1
     workers = min(threads, parts)
     if workers <= 1:
         return [call(i, r0, r1) for i, (r0, r1) in enumerate(zip(bounds[:-1], bounds[1:]))]
-    if _pool is None or _pool[0] != os.getpid() or _pool[1]._max_workers < workers:  # a forked child has no workers
+    if _pool is None or _pool[0] != os.getpid() or _pool[1]._max_workers < workers - 1:  # a forked child has no workers
         from concurrent.futures import ThreadPoolExecutor
 
-        _pool = (os.getpid(), ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dsalite-kernel"))
-    futures = [_pool[1].submit(call, i, r0, r1) for i, (r0, r1) in enumerate(zip(bounds[:-1], bounds[1:]))]
-    return [f.result() for f in futures]
+        _pool = (os.getpid(), ThreadPoolExecutor(max_workers=workers - 1, thread_name_prefix="dsalite-kernel"))
+    spans = list(enumerate(zip(bounds[:-1], bounds[1:])))
+    futures = [_pool[1].submit(call, i, r0, r1) for i, (r0, r1) in spans[1:]]
+    first = call(0, *spans[0][1])  # the calling thread takes a part too instead of waiting idle
+    return [first] + [f.result() for f in futures]
 
 
 def even_bounds(rows: int, parts: int) -> list[int]:

@@ -19,6 +19,8 @@ import threading
 
 import torch
 
+from dsalite import kernels
+
 MIN_WORK = 1 << 21  # multiply-adds (M·N·K) from which a product goes to OpenBLAS
 MIN_ROWS = 32
 
@@ -107,16 +109,26 @@ def _operand(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
 
 
 def _sgemm(lib, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, beta: float = 0.0) -> torch.Tensor:
+    """out = a @ b + beta * out. OpenBLAS itself runs single-threaded (its spinning workers and torch's OpenMP ones
+    would fight over the cores); with torch.get_num_threads() > 1 the rows of out are split over dsalite's kernel
+    threads instead, each a plain sgemm."""
     global _threads
-    threads = torch.get_num_threads()
-    if threads != _threads:
-        lib.scipy_openblas_set_num_threads(threads)
-        _threads = threads
+    if _threads != 1:
+        lib.scipy_openblas_set_num_threads(1)
+        _threads = 1
     (M, K), N = a.shape, b.shape[1]
     a, ta, lda = _operand(a)
     b, tb, ldb = _operand(b)
-    lib.scipy_cblas_sgemm(_ROW_MAJOR, ta, tb, M, N, K, 1.0, a.data_ptr(), lda, b.data_ptr(), ldb, beta,
-                          out.data_ptr(), out.stride(0))
+    fsize = a.element_size()
+    a_ptr, b_ptr, c_ptr, ldc = a.data_ptr(), b.data_ptr(), out.data_ptr(), out.stride(0)
+
+    def rows(_, r0, r1):  # rows r0..r1-1 of out: the same rows of op(a)
+        a_rows = a_ptr + r0 * (1 if ta == _TRANS else lda) * fsize
+        lib.scipy_cblas_sgemm(_ROW_MAJOR, ta, tb, r1 - r0, N, K, 1.0, a_rows, lda, b_ptr, ldb, beta,
+                              c_ptr + r0 * ldc * fsize, ldc)
+
+    parts = max(1, min(torch.get_num_threads(), M // MIN_ROWS))
+    kernels.run_parts(rows, kernels.even_bounds(M, parts), parts)
     return out
 
 
