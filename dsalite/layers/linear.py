@@ -54,6 +54,45 @@ class Linear(nn.Linear):
         return dense(x, self.weight, self.bias)
 
 
+class _HeadMatmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w):
+        H, a, b = w.shape
+        x2 = x.reshape(-1, H, a)
+        out = x.new_empty(x2.shape[0], H, b)
+        for h in range(H):
+            blas.mm(x2[:, h], w[h], out=out[:, h])
+        ctx.save_for_backward(x2, w)
+        return out.view(*x.shape[:-1], b)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, w = ctx.saved_tensors
+        H, a, b = w.shape
+        dy2 = dy.reshape(-1, H, b)
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = dy.new_empty(dy2.shape[0], H, a)
+            for h in range(H):
+                blas.mm(dy2[:, h], w[h].t(), out=dx[:, h])
+            dx = dx.view(*dy.shape[:-1], a)
+        if ctx.needs_input_grad[1]:
+            dw = w.new_empty(H, a, b)
+            for h in range(H):
+                blas.mm(x2[:, h].t(), dy2[:, h], out=dw[h])
+        return dx, dw
+
+
+def head_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [..., H, a] times one matrix per head, w [H, a, b] (any strides) → [..., H, b]: MLA's absorbed query and
+    output maps. One `kernels.blas` product per head on strided views (no transposed copies) where it qualifies, else
+    einsum."""
+    rows = x.numel() // max(1, x.shape[-1] * x.shape[-2])
+    if rows < blas.MIN_ROWS or not blas.usable(x, w):
+        return torch.einsum("...ha,hab->...hb", x, w)
+    return _HeadMatmul.apply(x, w)
+
+
 def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if torch.compiler.is_compiling() and type(layer) in (nn.Linear, Linear) and layer.bias is None \
             and x.shape[:-1].numel() == 1:

@@ -14,7 +14,7 @@ from torch import nn
 
 from dsalite.config import ModelConfig
 from dsalite.layers.indexer import Indexer
-from dsalite.layers.linear import Linear
+from dsalite.layers.linear import Linear, head_matmul
 from dsalite.layers.mask import Visibility
 from dsalite.layers.norm import RMSNorm
 from dsalite.layers.rope import apply_rope
@@ -98,9 +98,9 @@ class MLA(nn.Module):
         mask = None if vis.plain_causal else vis.full()
         if S * (2 * r - n - v) < r * (n + v):  # absorbed costs S·T·H·(2r+p), expanded T·r·H·(n+v) + S·T·H·(n+p+v)
             w = self.kv_b_proj.weight.view(H, n + v, r)
-            q = torch.cat([torch.einsum("bshn,hnr->bshr", q_nope, w[:, :n]), q_r], dim=-1)  # [B, S, H, r+p]
+            q = torch.cat([head_matmul(q_nope, w[:, :n]), q_r], dim=-1)  # [B, S, H, r+p]
             o_lat = dense_attention(q, latent[:, :, None], latent[:, :, None, :r], mask, self.scale)  # [B, S, H, r]
-            return torch.einsum("bshr,hvr->bshv", o_lat, w[:, n:])
+            return head_matmul(o_lat, w[:, n:].transpose(1, 2))
         k, vv = self._expand(latent)
         return dense_attention(torch.cat([q_nope, q_r], dim=-1), k, vv, mask, self.scale)
 
@@ -114,9 +114,9 @@ class MLA(nn.Module):
             return masked_attention(torch.cat([q_nope, q_r], dim=-1), k, v, topk, self.scale)
         H, n, r = self.n_heads, self.nope, self.rank
         w = self.kv_b_proj.weight.view(H, n + self.v_dim, r)
-        q_lat = torch.einsum("bshn,hnr->bshr", q_nope, w[:, :n])
+        q_lat = head_matmul(q_nope, w[:, :n])
         o_lat = sparse_attention(torch.cat([q_lat, q_r], dim=-1), latent[:, :, None], r, topk, self.scale)  # [B,S,H,r]
-        return torch.einsum("bshr,hvr->bshv", o_lat, w[:, n:])
+        return head_matmul(o_lat, w[:, n:].transpose(1, 2))
 
     def _select(self, x, q_resid, cos, sin, vis, topk_in, cache, T, dsa=None):
         """Top-k for this layer (None means every visible key: no DSA, index_topk >= T, or dense warm-up), and the

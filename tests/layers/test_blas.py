@@ -88,3 +88,21 @@ def test_environment_forces_the_choice(monkeypatch):
         monkeypatch.setattr(blas, "_decided", False)
         monkeypatch.setattr(blas, "_lib", None)
         assert (blas.library() is not None) == expect
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_head_matmul_equals_einsum_with_gradients(openblas, transposed):
+    """One product per head on strided views: MLA's absorbed query map (w = rows of kv_b_proj's weight) and output map
+    (a transposed view of them)."""
+    g = torch.Generator().manual_seed(2)
+    H, a, b = 4, 48, 80
+    weight = torch.randn(H, a + b, max(a, b), generator=g)
+    w = (weight[:, a:, :a].transpose(1, 2) if transposed else weight[:, :a, :b]).requires_grad_()
+    x = torch.randn(2, 70, H, a, generator=g, requires_grad=True)
+    dy = torch.randn(2, 70, H, b, generator=g)
+    y = lin.head_matmul(x, w)
+    assert type(y.grad_fn).__name__ == "_HeadMatmulBackward"
+    want = torch.einsum("...ha,hab->...hb", x, w)
+    close(y, want)
+    for got, exp in zip(torch.autograd.grad(y, (x, w), dy), torch.autograd.grad(want, (x, w), dy)):
+        close(got, exp)
