@@ -98,6 +98,43 @@ inline void dots(const float* q, const float* ka, const float* kb, int D, int nv
     }
 }
 
+// One step of a transpose-reduction: lanes are groups of w, the first w/2 of each group take x's pairwise sums
+// (lane j + lane j + w/2 of that group), the last w/2 take y's. Four steps (w = 2, 4, 8, 16) turn 16 vectors into
+// one whose lane i is the sum of vector i: 15 such steps instead of 16 horizontal sums.
+template <int W>
+inline v16 fold(v16 x, v16 y) {
+    v16i lo, hi;
+    for (int l = 0; l < 16; ++l) {
+        const int g = l / W * W, j = l % W;
+        lo[l] = j < W / 2 ? g + j : 16 + g + j - W / 2;
+        hi[l] = j < W / 2 ? g + j + W / 2 : 16 + g + j;
+    }
+    return __builtin_shuffle(x, y, lo) + __builtin_shuffle(x, y, hi);
+}
+
+// out[4 * i + j] = q[i] . r[j] for four query vectors (D apart) and four rows: 16 accumulation chains, then one
+// transpose-reduction instead of 16 horizontal sums (with 16-wide rows of 5 vectors, the sums cost as much as the dots)
+inline void dots4x4(const float* q, const float* const r[4], int D, int nv, float out[16]) {
+    v16 a[16] = {};
+    for (int v = 0; v < nv; ++v) {
+        v16 kv[4];
+        for (int j = 0; j < 4; ++j) kv[j] = load(r[j] + 16 * v);
+        for (int i = 0; i < 4; ++i) {
+            const v16 qv = load(q + i * D + 16 * v);
+            for (int j = 0; j < 4; ++j) a[4 * i + j] += qv * kv[j];
+        }
+    }
+    v16 b[8], c[4], e[2];
+    for (int i = 0; i < 8; ++i) b[i] = fold<2>(a[2 * i], a[2 * i + 1]);
+    for (int i = 0; i < 4; ++i) c[i] = fold<4>(b[2 * i], b[2 * i + 1]);
+    for (int i = 0; i < 2; ++i) e[i] = fold<8>(c[2 * i], c[2 * i + 1]);
+    const v16 sum = fold<16>(e[0], e[1]);
+    __builtin_memcpy(out, &sum, sizeof sum);
+    for (int d = 16 * nv; d < D; ++d)
+        for (int i = 0; i < 4; ++i)
+            for (int j = 0; j < 4; ++j) out[4 * i + j] += q[i * D + d] * r[j][d];
+}
+
 // lg[0, n) <- its softmax, with an extra logit `sink` (-inf: none) joining the denominator; lg has room for n rounded
 // up to 16. A row of -inf only (no key, no sink) becomes zeros: it attends to nothing.
 inline void softmax_row(float* lg, int64_t n, float sink) {
@@ -324,12 +361,19 @@ inline int64_t selected(const int64_t* ir, int64_t K, const float* base, int64_t
 // lone last row is taken twice), four heads' accumulators at a time
 inline void all_dots(const float* x, int H, int D, const float* const* rows, int64_t n, float* out, int64_t ld) {
     const int nv = D / 16;
-    for (int64_t k = 0; k < n; k += 2) {
-        const float* second = rows[std::min(k + 1, n - 1)];
-        int h = 0;
-        for (; h + HG <= H; h += HG) dots<HG>(x + h * D, rows[k], second, D, nv, out + h * ld + k, ld);
-        for (; h < H; ++h) dots<1>(x + h * D, rows[k], second, D, nv, out + h * ld + k, ld);
-    }
+    int h = 0;
+    for (; h + 4 <= H; h += 4)  // four heads by four rows, summed by one transpose-reduction
+        for (int64_t k = 0; k < n; k += 4) {
+            const float* r4[4];
+            for (int j = 0; j < 4; ++j) r4[j] = rows[std::min(k + j, n - 1)];  // a short last group repeats a row
+            float d[16];
+            dots4x4(x + h * D, r4, D, nv, d);
+            for (int i = 0; i < 4; ++i)
+                for (int j = 0; j < 4 && k + j < n; ++j) out[(h + i) * ld + k + j] = d[4 * i + j];
+        }
+    for (; h < H; ++h)
+        for (int64_t k = 0; k < n; k += 2)
+            dots<1>(x + h * D, rows[k], rows[std::min(k + 1, n - 1)], D, nv, out + h * ld + k, ld);
 }
 
 // out[h] = sum_k w[h * ld + k] * rows[k][0, Dv) for all H heads
