@@ -2,10 +2,10 @@
 
 torch's x86 CPU wheels multiply fp32 matrices with MKL, which runs generic code on CPUs that are not Intel's: on an
 AMD EPYC with AVX-512 it reaches ≈ 96 GFLOP/s per core where OpenBLAS's AVX-512 kernels reach ≈ 215. So on x86 CPUs
-from other vendors dsalite's large fp32 products go to its own copy of OpenBLAS, loaded with the AVX-512 kernels
-when the CPU has the instructions (OpenBLAS's automatic choice, or an OPENBLAS_CORETYPE set for other libraries, may
-map such CPUs to the AVX2 kernels). The rule is fixed, not timed, so every process of a run rounds the same way (a
-resumed run reproduces the uninterrupted one). DSALITE_BLAS=torch or =openblas forces the choice. Small products (decode rows)
+from other vendors dsalite's large fp32 products go to its own copy of OpenBLAS, loaded with the AVX-512 kernels when
+the CPU has the instructions (OpenBLAS's automatic choice, or an OPENBLAS_CORETYPE set for other libraries, may map
+such CPUs to the AVX2 kernels). The rule is fixed, not timed, so every process of a run rounds the same way (a resumed
+run reproduces the uninterrupted one). DSALITE_BLAS=torch or =openblas forces the choice. Small products (decode rows)
 stay with torch: below `MIN_WORK` multiply-adds the call overhead wins.
 """
 
