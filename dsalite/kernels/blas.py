@@ -28,7 +28,6 @@ _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 _lock = threading.Lock()
 _lib = None
 _decided = False
-_threads = 0
 
 
 def _cpu_has_avx512() -> bool:
@@ -63,6 +62,9 @@ def _load():
     lib.scipy_cblas_sgemm.argtypes = [i, i, i, i, i, i, f, p, i, p, i, f, p, i]
     lib.scipy_cblas_sgemm.restype = None
     lib.scipy_openblas_set_num_threads.argtypes = [i]
+    # single-threaded: its spinning workers and torch's OpenMP ones would fight over the cores (`_sgemm` splits rows
+    # over dsalite's kernel threads instead)
+    lib.scipy_openblas_set_num_threads(1)
     return lib
 
 
@@ -109,13 +111,8 @@ def _operand(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
 
 
 def _sgemm(lib, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, beta: float = 0.0) -> torch.Tensor:
-    """out = a @ b + beta * out. OpenBLAS itself runs single-threaded (its spinning workers and torch's OpenMP ones
-    would fight over the cores); with torch.get_num_threads() > 1 the rows of out are split over dsalite's kernel
-    threads instead, each a plain sgemm."""
-    global _threads
-    if _threads != 1:
-        lib.scipy_openblas_set_num_threads(1)
-        _threads = 1
+    """out = a @ b + beta * out; with torch.get_num_threads() > 1 the rows of out are split over dsalite's kernel
+    threads, each part a single-threaded sgemm."""
     (M, K), N = a.shape, b.shape[1]
     a, ta, lda = _operand(a)
     b, tb, ldb = _operand(b)

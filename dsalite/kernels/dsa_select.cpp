@@ -349,16 +349,18 @@ int64_t masked_scores(const float* q, const float* w, const float* kt, int H, in
     return end;
 }
 
-// The selected key rows of one query row, in slot order (empty slots skipped); returns how many.
-inline int64_t selected(const int64_t* ir, int64_t K, const float* base, int64_t ld, const float** rows) {
+// The selected key rows of one query row (in `base`, rows ld apart), in slot order, empty slots skipped; returns how
+// many. Used for the key table and, in the backward, for its gradient.
+template <typename T>
+inline int64_t selected(const int64_t* ir, int64_t K, T* base, int64_t ld, T** rows) {
     int64_t n = 0;
     for (int64_t k = 0; k < K; ++k)
         if (ir[k] >= 0) rows[n++] = base + ir[k] * ld;
     return n;
 }
 
-// out[h * ld + k] = x[h] . rows[k] for H vectors x (D apart) and n rows: two rows at a time share the loads of x (a
-// lone last row is taken twice), four heads' accumulators at a time
+// out[h * ld + k] = x[h] . rows[k] for H vectors x (D apart) and n rows: four heads by four rows at a time (`dots4x4`;
+// a short last group repeats a row), leftover heads two rows at a time
 inline void all_dots(const float* x, int H, int D, const float* const* rows, int64_t n, float* out, int64_t ld) {
     const int nv = D / 16;
     int h = 0;
@@ -384,11 +386,11 @@ inline void all_weighted_rows(const float* const* rows, int64_t n, const float* 
     for (; h < H; ++h) weighted_rows<1>(rows, n, w + h * ld, ld, Dv, out + h * Dv);
 }
 
-// grows[k][0, D) += sum_h a[h * ld + k] * x[h] and grows[k][0, Dv) += sum_h b[h * ld + k] * y[h], for the n rows:
+// grows[k][0, D) += sum_h a[h * lda + k] * x[h] and grows[k][0, Dv) += sum_h b[h * ldb + k] * y[h], for the n rows:
 // x [H, D] and y [H, Dv] held in registers 16 channels and NH heads at a time, each row read and written once per
 // 16 channels and head group
 template <int NH>
-inline void add_outer_heads(float* const* grows, int64_t n, const float* a, const float* b, int64_t ld,
+inline void add_outer_heads(float* const* grows, int64_t n, const float* a, int64_t lda, const float* b, int64_t ldb,
                             const float* x, const float* y, int D, int Dv) {
     int c = 0;
     for (; c + 16 <= D; c += 16) {
@@ -400,26 +402,26 @@ inline void add_outer_heads(float* const* grows, int64_t n, const float* a, cons
         }
         for (int64_t k = 0; k < n; ++k) {
             v16 g = load(grows[k] + c);
-            for (int h = 0; h < NH; ++h) g += a[h * ld + k] * xv[h] + b[h * ld + k] * yv[h];
+            for (int h = 0; h < NH; ++h) g += a[h * lda + k] * xv[h] + b[h * ldb + k] * yv[h];
             __builtin_memcpy(grows[k] + c, &g, sizeof g);
         }
         if (!with_y && c < Dv)  // a block that straddles the end of the value channels
             for (int64_t k = 0; k < n; ++k)
                 for (int h = 0; h < NH; ++h)
-                    for (int d = c; d < Dv; ++d) grows[k][d] += b[h * ld + k] * y[h * Dv + d];
+                    for (int d = c; d < Dv; ++d) grows[k][d] += b[h * ldb + k] * y[h * Dv + d];
     }
     for (int64_t k = 0; k < n; ++k)
         for (int h = 0; h < NH; ++h)
             for (int d = c; d < D; ++d)
-                grows[k][d] += a[h * ld + k] * x[h * D + d] + (d < Dv ? b[h * ld + k] * y[h * Dv + d] : 0.f);
+                grows[k][d] += a[h * lda + k] * x[h * D + d] + (d < Dv ? b[h * ldb + k] * y[h * Dv + d] : 0.f);
 }
 
-inline void add_outer(float* const* grows, int64_t n, const float* a, const float* b, int64_t ld, const float* x,
-                      const float* y, int H, int D, int Dv) {
+inline void add_outer(float* const* grows, int64_t n, const float* a, int64_t lda, const float* b, int64_t ldb,
+                      const float* x, const float* y, int H, int D, int Dv) {
     int h = 0;
     for (; h + HG <= H; h += HG)
-        add_outer_heads<HG>(grows, n, a + h * ld, b + h * ld, ld, x + h * D, y + h * Dv, D, Dv);
-    for (; h < H; ++h) add_outer_heads<1>(grows, n, a + h * ld, b + h * ld, ld, x + h * D, y + h * Dv, D, Dv);
+        add_outer_heads<HG>(grows, n, a + h * lda, lda, b + h * ldb, ldb, x + h * D, y + h * Dv, D, Dv);
+    for (; h < H; ++h) add_outer_heads<1>(grows, n, a + h * lda, lda, b + h * ldb, ldb, x + h * D, y + h * Dv, D, Dv);
 }
 
 }  // namespace
@@ -500,15 +502,12 @@ void dsa_sparse_attention_bwd(const float* q, const float* table, int64_t ld, in
                               int64_t S, int64_t K, int H, int D, int Dv, const float* probs, const float* dout,
                               float* dq, float* dtable, int64_t dld, int64_t r0, int64_t r1) {
     const int64_t Kp = (K + 15) / 16 * 16;
-    std::vector<float> ds(static_cast<size_t>(H) * Kp), p(static_cast<size_t>(H) * Kp);
+    std::vector<float> ds(static_cast<size_t>(H) * Kp);
     std::vector<const float*> rows(static_cast<size_t>(K));
     std::vector<float*> grows(static_cast<size_t>(K));
     for (int64_t r = r0; r < r1; ++r) {
         const int64_t n = selected(idx + r * K, K, table + (r / S) * per_b * ld, ld, rows.data());
-        const int64_t* ir = idx + r * K;
-        float* gbase = dtable + (r / S) * per_b * dld;
-        for (int64_t k = 0, o = 0; k < K; ++k)
-            if (ir[k] >= 0) grows[o++] = gbase + ir[k] * dld;
+        selected(idx + r * K, K, dtable + (r / S) * per_b * dld, dld, grows.data());
         const float* go = dout + r * H * Dv;
         all_dots(go, H, Dv, rows.data(), n, ds.data(), Kp);  // dp
         for (int h = 0; h < H; ++h) {
@@ -517,10 +516,9 @@ void dsa_sparse_attention_bwd(const float* q, const float* table, int64_t ld, in
             float pdp = 0.f;
             for (int64_t k = 0; k < n; ++k) pdp += ph[k] * dh[k];
             for (int64_t k = 0; k < n; ++k) dh[k] = ph[k] * (dh[k] - pdp);
-            std::copy(ph, ph + n, p.data() + h * Kp);
         }
         all_weighted_rows(rows.data(), n, ds.data(), Kp, H, D, dq + r * H * D);
-        add_outer(grows.data(), n, ds.data(), p.data(), Kp, q + r * H * D, go, H, D, Dv);
+        add_outer(grows.data(), n, ds.data(), Kp, probs + r * H * K, K, q + r * H * D, go, H, D, Dv);
     }
 }
 

@@ -1,9 +1,9 @@
 """Linear layers: fp32 CPU products on the faster BLAS (`kernels.blas`), and the one-row case written as a
 multiply-reduce when torch.compile traces it.
 
-`Linear` is nn.Linear (same parameters, names and isinstance) whose forward calls `dense`: under autograd the
-products of the forward and of both gradients go through `kernels.blas.mm` (OpenBLAS where it beats torch's MKL on
-this CPU), otherwise F.linear. Outside that case (GPU, bf16/autocast, compiled graphs, decode rows) it is F.linear.
+`Linear` is nn.Linear (same parameters, names and isinstance) whose forward calls `dense`: the forward product and,
+under autograd, both gradient products go through `kernels.blas.mm` (OpenBLAS on x86 CPUs that are not Intel's,
+where torch's MKL runs generic code). Elsewhere (GPU, bf16/autocast, compiled graphs, decode rows) it is F.linear.
 
 A decode step's products have one row: they only stream the weight. Inductor turns `(x * W).sum(-1)` into a fused
 loop that streams fp32 weights about twice as fast as the library GEMV on this kind of CPU; its own decomposition

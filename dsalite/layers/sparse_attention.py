@@ -92,27 +92,29 @@ def kernel_ready(q, k, v, sinks=None) -> bool:
             and kernels.load() is not None)
 
 
-def _kernel_args(q, k, idx, scale: float):
-    """The kernel's view of one call: the scaled queries, the key row table, its row distance between sequences and
-    the selection, all contiguous."""
+def _kernel_forward(q, k, Dv: int, idx, scale: float, sinks=None, keep_probs: bool = False):
+    """The CPU kernel's forward over shared key rows (values = their first Dv channels), each query reading its
+    selected rows in place, no gathered copy: (out [B,S,H,Dv], the softmax over each selection [B,S,H,K] or None,
+    and the scaled queries, key row table, its row distance between sequences and selection it ran on)."""
+    B, S, H, D = q.shape
     table, per_b = _row_table(k)
     if table.stride(1) != 1:
         table = table.contiguous()
-    return (q * scale).contiguous(), table, per_b, idx.long().contiguous()
+    q, idx = (q * scale).contiguous(), idx.long().contiguous()
+    K = idx.shape[-1]
+    sinks = None if sinks is None else sinks.detach().float().contiguous()
+    out = q.new_empty(B, S, H, Dv)
+    probs = q.new_empty(B, S, H, K) if keep_probs else None
+    lib = kernels.load()
+    args = (q.data_ptr(), table.data_ptr(), table.stride(0), per_b, idx.data_ptr(), S, K, H, D, Dv,
+            None if sinks is None else sinks.data_ptr(), out.data_ptr(), None if probs is None else probs.data_ptr())
+    kernels.split_rows(lambda r0, r1: lib.dsa_sparse_attention(*args, r0, r1), B * S, torch.get_num_threads())
+    return out, probs, (q, table, per_b, idx)
 
 
 def _kernel_attention(q, k, Dv: int, idx, scale: float, sinks) -> torch.Tensor:
-    """`sparse_attention` by the CPU kernel (inference, shared key rows, values = their first Dv channels): each query
-    reads its selected rows in place, no gathered copy."""
-    B, S, H, D = q.shape
-    q, table, per_b, idx = _kernel_args(q, k, idx, scale)
-    sinks = None if sinks is None else sinks.detach().float().contiguous()
-    out = q.new_empty(B, S, H, Dv)
-    lib = kernels.load()
-    args = (q.data_ptr(), table.data_ptr(), table.stride(0), per_b, idx.data_ptr(), S, idx.shape[-1], H, D, Dv,
-            None if sinks is None else sinks.data_ptr(), out.data_ptr(), None)
-    kernels.split_rows(lambda r0, r1: lib.dsa_sparse_attention(*args, r0, r1), B * S, torch.get_num_threads())
-    return out
+    """`sparse_attention` by the CPU kernel for inference (sinks allowed)."""
+    return _kernel_forward(q, k, Dv, idx, scale, sinks)[0]
 
 
 class LatentKernelAttention(torch.autograd.Function):
@@ -124,14 +126,7 @@ class LatentKernelAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, Dv: int, idx, scale: float):
         """q [B,S,H,D], k [B,T,1,D] (values = first Dv channels), idx [B,S,K] → [B,S,H,Dv]."""
-        B, S, H, D = q.shape
-        qs, table, per_b, idx = _kernel_args(q, k, idx, scale)
-        K = idx.shape[-1]
-        out, probs = q.new_empty(B, S, H, Dv), q.new_empty(B, S, H, K)
-        lib = kernels.load()
-        args = (qs.data_ptr(), table.data_ptr(), table.stride(0), per_b, idx.data_ptr(), S, K, H, D, Dv, None,
-                out.data_ptr(), probs.data_ptr())
-        kernels.split_rows(lambda r0, r1: lib.dsa_sparse_attention(*args, r0, r1), B * S, torch.get_num_threads())
+        out, probs, (qs, table, per_b, idx) = _kernel_forward(q, k, Dv, idx, scale, keep_probs=True)
         ctx.save_for_backward(qs, table, idx, probs)
         ctx.meta = (k.shape, per_b, Dv, scale)
         return out
