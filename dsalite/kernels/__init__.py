@@ -6,20 +6,33 @@ here does both per query row in cache. Likewise sparse attention over the select
 query into a buffer before small batched GEMMs (or, for training, multiplies against every causal key); the kernels
 read each selected latent row once for all heads, in place, forward and backward. Every kernel has an exact
 pure-PyTorch twin that runs on other devices, in compiled graphs that lack the kernel's key layout, when no compiler is
-found, or when DSALITE_KERNELS=0; tests compare the two.
+found, or when the twin is faster on this CPU; tests compare the two.
 
-Builds land in $DSALITE_KERNEL_CACHE (default ~/.cache/dsalite/kernels; a temporary directory if that cannot be
-written), keyed by the source, the compiler command and this CPU's feature flags (the build uses -march=native),
-written under a temporary name and renamed.
+One source, built for one of three targets (`ISAS`): avx512 (-march=x86-64-v4), avx2 (-march=x86-64-v3: AVX2 + FMA)
+or portable (no SIMD intrinsics, 4-float vectors; any other CPU, aarch64 included). The register blocking of each
+target is chosen in the source for its register file. By default the best target this CPU runs is built;
+DSALITE_KERNEL_ISA=avx512|avx2|portable picks one (it must be one the CPU runs, `cpu_isas()`).
+
+Whether the kernels run at all is decided per machine, not assumed: DSALITE_KERNELS=0 turns them off, =1 on, and by
+default (auto) a short calibration (`kernels.calibrate`: each kernel against its PyTorch twin, one thread, a few
+seconds in a subprocess) runs once per CPU model and kernel build and is cached on disk, like FFTW's wisdom, so every
+process of a run on this machine takes the same path. `decision()` says what was chosen and why.
+
+Builds and measurements land in $DSALITE_KERNEL_CACHE (default ~/.cache/dsalite/kernels; a temporary directory if
+that cannot be written), keyed by the source, the compiler command and this CPU's feature flags, written under a
+temporary name and renamed.
 """
 
 from __future__ import annotations
 
 import ctypes
 import hashlib
+import json
 import os
+import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import warnings
@@ -27,42 +40,79 @@ from pathlib import Path
 
 _SRC = Path(__file__).with_name("dsa_select.cpp")
 _FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-Wno-psabi"]
-_lock = threading.Lock()
+ISAS = ("avx512", "avx2", "portable")  # best first
+_X86 = platform.machine().lower() in ("x86_64", "amd64")
+# compiler flags per target, alternatives in order (older compilers lack the x86-64-vN names)
+_TARGET_FLAGS = {
+    "avx512": [["-march=x86-64-v4", "-mtune=native"],
+               ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512cd", "-mavx2", "-mfma", "-mbmi2"]],
+    "avx2": [["-march=x86-64-v3", "-mtune=native"], ["-mavx2", "-mfma", "-mbmi", "-mbmi2", "-mf16c"]],
+    "portable": [["-march=x86-64", "-mtune=native"], []] if _X86 else [[]],
+}
+# the /proc/cpuinfo flags each x86 target needs (x86-64-v4 and v3; lzcnt shows as abm)
+_NEEDS = {
+    "avx512": {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"},
+    "avx2": {"avx", "avx2", "fma", "bmi1", "bmi2", "f16c", "abm", "movbe", "xsave"},
+}
+_lock = threading.RLock()
+_libs: dict[str, ctypes.CDLL] = {}
 _lib: ctypes.CDLL | None = None
 _tried = False
 _available = False  # a plain bool, so torch.compile reads it without tracing `load`
+_decision: dict = {}
 
 
-def _cpu_flags() -> str:
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags (/proc/cpuinfo; empty where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+            line = next((line for line in f if line.startswith(("flags", "Features"))), "")
     except OSError:
-        return ""
+        return set()
+    return set(line.split(":", 1)[1].split()) if ":" in line else set()
 
 
-def _build(cxx: str, march: str = "native") -> Path:
-    """The shared library for this source, compiler and target (-march), built once into the cache (a temporary
-    directory when the cache directory cannot be written)."""
-    flags = [*_FLAGS, f"-march={march}"]
-    key = hashlib.sha256(_SRC.read_bytes() + " ".join([cxx, *flags]).encode() + _cpu_flags().encode()).hexdigest()[:16]
-    name = f"dsa_select-{key}.so"
-    dirs = [Path(os.environ.get("DSALITE_KERNEL_CACHE", Path.home() / ".cache" / "dsalite" / "kernels")),
+def cpu_isas() -> list[str]:
+    """The build targets this CPU runs, best first (portable always)."""
+    flags = cpu_flags()
+    ok = [isa for isa in ("avx512", "avx2") if _X86 and all(_NEEDS[i] <= flags for i in ISAS[ISAS.index(isa):2])]
+    return ok + ["portable"]
+
+
+def requested_isa() -> str:
+    """The target to build: DSALITE_KERNEL_ISA, or the best this CPU runs."""
+    isa = os.environ.get("DSALITE_KERNEL_ISA", "").strip().lower() or cpu_isas()[0]
+    if isa not in ISAS:
+        raise ValueError(f"DSALITE_KERNEL_ISA={isa!r}: expected one of {', '.join(ISAS)}")
+    if isa not in cpu_isas():
+        raise ValueError(f"DSALITE_KERNEL_ISA={isa!r}: this CPU lacks the instructions "
+                         f"({', '.join(sorted(_NEEDS[isa] - cpu_flags()))}); it runs {', '.join(cpu_isas())}")
+    return isa
+
+
+def compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+
+
+def _cache_dirs() -> list[Path]:
+    return [Path(os.environ.get("DSALITE_KERNEL_CACHE", Path.home() / ".cache" / "dsalite" / "kernels")),
             Path(tempfile.gettempdir()) / f"dsalite-kernels-{os.getuid() if hasattr(os, 'getuid') else 0}"]
-    for cache in dirs:  # an earlier build, in either place
-        if (cache / name).exists():
-            return cache / name
+
+
+def write_atomic(name: str, write) -> Path:
+    """write(tmp_path) into a temporary file of the first writable cache directory, renamed to `name` there."""
+    dirs = _cache_dirs()
     for i, cache in enumerate(dirs):
         try:
             cache.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+            fd, tmp = tempfile.mkstemp(suffix=Path(name).suffix, dir=cache)
         except OSError:
             if i == len(dirs) - 1:
                 raise
             continue
         os.close(fd)
         try:
-            subprocess.run([cxx, *flags, str(_SRC), "-o", tmp], check=True, capture_output=True, text=True)
+            write(tmp)
             os.replace(tmp, cache / name)
         finally:
             if os.path.exists(tmp):
@@ -71,8 +121,39 @@ def _build(cxx: str, march: str = "native") -> Path:
     raise OSError("no kernel cache directory")
 
 
+def find_cached(name: str) -> Path | None:
+    return next((c / name for c in _cache_dirs() if (c / name).exists()), None)
+
+
+def build_key(cxx: str, flags: list[str]) -> str:
+    flag_line = " ".join(sorted(cpu_flags()))
+    return hashlib.sha256(_SRC.read_bytes() + " ".join([cxx, *flags]).encode() + flag_line.encode()).hexdigest()[:16]
+
+
+def _build(cxx: str, isa: str = "native", extra: tuple[str, ...] = ()) -> Path:
+    """The shared library for this source, compiler and target, built once into the cache (a temporary directory
+    when the cache directory cannot be written). isa: one of ISAS, or "native" for the best this CPU runs; extra:
+    further flags (-D overrides of the blocking, for tuning)."""
+    isa = cpu_isas()[0] if isa == "native" else isa
+    errors = []
+    for target in _TARGET_FLAGS[isa]:
+        flags = [*_FLAGS, *target, *extra]
+        name = f"dsa_select-{isa}-{build_key(cxx, flags)}.so"
+        found = find_cached(name)
+        if found:
+            return found
+        try:
+            return write_atomic(name, lambda tmp: subprocess.run([cxx, *flags, str(_SRC), "-o", tmp], check=True,
+                                                                 capture_output=True, text=True))
+        except subprocess.CalledProcessError as e:
+            errors.append(e)
+    raise errors[0]
+
+
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+    lib.dsa_build_info.argtypes = []
+    lib.dsa_build_info.restype = ctypes.c_char_p
     lib.dsa_select.argtypes = [ptr, ptr, ptr, i64, i32, i64, i32, i32, i64, i64, ptr, i64, i64, i64, ptr, i64, i64, i64]
     lib.dsa_select.restype = i64
     lib.dsa_sparse_attention.argtypes = [ptr, ptr, i64, i64, ptr, i64, i64, i32, i32, i32, ptr, ptr, ptr, i64, i64]
@@ -83,25 +164,86 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     return lib
 
 
+def build_info(lib: ctypes.CDLL) -> str:
+    """The target and register blocking a loaded library was built with, e.g. "avx2 vw=8 score=32x3 ..."."""
+    return lib.dsa_build_info().decode()
+
+
+def library(isa: str | None = None) -> ctypes.CDLL:
+    """The kernels built for `isa` (default `requested_isa()`), loaded once per process, whatever the calibration
+    says (tests and benches use this). Raises OSError / CalledProcessError when no compiler builds them."""
+    isa = isa or requested_isa()
+    with _lock:
+        if isa not in _libs:
+            if isa not in cpu_isas():
+                raise ValueError(f"kernel target {isa!r}: this CPU runs only {', '.join(cpu_isas())}")
+            cxx = compiler()
+            if cxx is None:
+                raise FileNotFoundError("no C++ compiler on PATH (set CXX)")
+            lib = _declare(ctypes.CDLL(str(_build(cxx, isa))))
+            if build_info(lib).split()[0] != isa:
+                raise OSError(f"kernel build for {isa} reports {build_info(lib)!r}")
+            _libs[isa] = lib
+        return _libs[isa]
+
+
+def _measure(lib: ctypes.CDLL) -> dict:
+    """`kernels.calibrate` of this build, in a subprocess (nothing of this process's state is touched)."""
+    env = dict(os.environ, DSALITE_KERNELS="1", DSALITE_KERNEL_ISA=build_info(lib).split()[0], OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-m", "dsalite.kernels.calibrate"], env=env, capture_output=True, text=True,
+                         check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _calibration(lib: ctypes.CDLL) -> dict:
+    """The cached kernel-vs-PyTorch measurements of this CPU model and kernel build, measured now (under a file lock,
+    so processes started together measure once and agree) when there are none."""
+    from dsalite.kernels import wisdom
+
+    key = {"cpu": wisdom.cpu_key(), "build": build_info(lib), "source": build_key("", []), "torch": _torch_version()}
+    return wisdom.cached("kernels", key, lambda: _measure(lib))
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
 def load() -> ctypes.CDLL | None:
-    """The compiled kernels, or None (disabled, or no working C++ compiler: warned once, the PyTorch path runs)."""
-    global _lib, _tried, _available
+    """The compiled kernels when they are this machine's faster path, else None (the PyTorch paths run): disabled
+    (DSALITE_KERNELS=0), no working C++ compiler (warned once), or slower than the PyTorch twins in this CPU's
+    calibration. DSALITE_KERNELS=1 uses them without calibrating."""
+    global _lib, _tried, _available, _decision
     if _tried:
         return _lib
     with _lock:
         if _tried:
             return _lib
-        if os.environ.get("DSALITE_KERNELS", "1") != "0":
-            cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+        mode = os.environ.get("DSALITE_KERNELS", "auto").strip().lower()
+        if mode == "0":
+            _decision = {"use": False, "why": "DSALITE_KERNELS=0"}
+        else:
             try:
-                if cxx is None:
-                    raise FileNotFoundError("no C++ compiler on PATH (set CXX)")
-                _lib = _declare(ctypes.CDLL(str(_build(cxx))))
-                _available = True
-            except (OSError, subprocess.CalledProcessError) as e:
-                detail = getattr(e, "stderr", "") or str(e)
-                warnings.warn(f"dsalite: CPU kernels unavailable, using the PyTorch paths ({detail.strip()[:300]})",
+                lib = library()
+                _decision = {"isa": build_info(lib).split()[0], "build": build_info(lib)}
+                if mode == "1":
+                    _decision.update(use=True, why="DSALITE_KERNELS=1")
+                else:
+                    cal = _calibration(lib)
+                    use = cal["kernel_faster"]
+                    _decision.update(use=use, calibration=cal, why=(
+                        "calibrated on this CPU: " + ("the kernels are" if use else "the PyTorch paths are")
+                        + " faster (" + ", ".join(f"{k} {v['speedup']:.2f}x" for k, v in cal["kernels"].items())
+                        + ")"))
+                if _decision["use"]:
+                    _lib = lib
+            except (OSError, ValueError, subprocess.CalledProcessError) as e:
+                detail = (getattr(e, "stderr", "") or str(e)).strip()[-300:]
+                _decision = {"use": False, "why": f"kernels unavailable: {detail}"}
+                warnings.warn(f"dsalite: CPU kernels unavailable, using the PyTorch paths ({detail})",
                               RuntimeWarning, stacklevel=2)
+        _available = _lib is not None
         _tried = True
     return _lib
 
@@ -109,6 +251,12 @@ def load() -> ctypes.CDLL | None:
 def available() -> bool:
     """Whether `load` has found the kernels (False before its first call); safe inside a compiled function."""
     return _available
+
+
+def decision() -> dict:
+    """What `load` chose and why: use (bool), why, isa and build (when built), calibration (when measured)."""
+    load()
+    return dict(_decision)
 
 
 _pool = None

@@ -1,4 +1,4 @@
-// CPU kernels for DSA, plain C ABI for ctypes; built on first use by dsalite/kernels/__init__.py.
+// CPU kernels for DSA, plain C ABI for ctypes; built on first use by dsalite/kernels/__init__.py, once per target.
 //
 // Indexer (dsa_select): scoring and top-k fused, one query row at a time; the row's scores live in a small buffer
 // (never an [S, Hi, T] block) and the K largest are found by an exact threshold filter plus a selection on the few
@@ -8,58 +8,118 @@
 // where the tie sits at the K-th place: that row is ranked the way torch.topk ranks it (`rank_like_torch`).
 // Sparse attention over the selected keys in the absorbed MQA form (dsa_sparse_attention, for inference and training)
 // and its backward (dsa_sparse_attention_bwd), each reading the selected rows in place.
+//
+// One source, three targets, picked by the compiler's predefined macros (the build passes -march): AVX-512 (32
+// registers of 16 floats), AVX2 + FMA (16 registers of 8) and a portable build (4-float vectors, no intrinsics: any
+// GCC or Clang target, aarch64 included). What changes per target is the vector width VW and the register blocking:
+// how many accumulators each inner loop keeps live is sized to the register file, because a blocking that fits
+// AVX-512's 32 registers spills on AVX2's 16 and runs slower than the PyTorch path (measured, dsalite issue 13).
+// The results do not depend on the blocking beyond the summation order of the dot products.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstring>
 #include <functional>
 #include <limits>
+#include <type_traits>
+#include <utility>
 #include <vector>
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
+#endif
+
+// Per target: VW floats per vector and the register blocking, in this order: indexer scoring blocks of SCORE_KEYS keys
+// x SCORE_HEADS heads (SCORE_KEYS / VW * SCORE_HEADS accumulators sharing each key load); dot products in blocks of
+// DOT_ACC (head, row) pairs, DOT_HEADS heads each, summed by one transpose-reduction; weighted row sums over ROW_VECS
+// vectors of columns x ROW_HEADS heads; the backward's outer products OUTER_HEADS heads at a time. Chosen by timing
+// the alternatives on each build (bench/kernels.py --sweep); -DDSA_<NAME>=n overrides one.
+#if defined(__AVX512F__)  // 32 registers: 16 + 4 live in scoring, 16 + 4 + 4 in the dots
+#define DSA_ISA "avx512"
+#define DSA_VW 16
+#define DSA_DEFAULTS 64, 4, 16, 4, 4, 4, 4
+#elif defined(__AVX2__) && defined(__FMA__)  // 16 registers: 12 + 4 in scoring, 8 + 4 + 2 in the dots
+#define DSA_ISA "avx2"
+#define DSA_VW 8
+#define DSA_DEFAULTS 32, 3, 8, 4, 2, 4, 4
+#else
+#define DSA_ISA "portable"
+#define DSA_VW 4
+#if defined(__aarch64__)  // 32 NEON registers
+#define DSA_DEFAULTS 16, 4, 16, 4, 4, 4, 4
+#else  // 16 SSE registers (the x86-64 baseline, no FMA), or whatever the target lowers the vectors to
+#define DSA_DEFAULTS 16, 3, 8, 2, 4, 2, 4
+#endif
 #endif
 
 namespace {
 
-constexpr int64_t TILE = 64;  // keys scored together: four 16-float vectors
-constexpr int HG = 4;          // heads accumulated together: 16 vector accumulators share each key load
+constexpr int DEFAULTS[7] = {DSA_DEFAULTS};
+#ifndef DSA_SCORE_KEYS
+#define DSA_SCORE_KEYS DEFAULTS[0]
+#endif
+#ifndef DSA_SCORE_HEADS
+#define DSA_SCORE_HEADS DEFAULTS[1]
+#endif
+#ifndef DSA_DOT_ACC
+#define DSA_DOT_ACC DEFAULTS[2]
+#endif
+#ifndef DSA_DOT_HEADS
+#define DSA_DOT_HEADS DEFAULTS[3]
+#endif
+#ifndef DSA_ROW_VECS
+#define DSA_ROW_VECS DEFAULTS[4]
+#endif
+#ifndef DSA_ROW_HEADS
+#define DSA_ROW_HEADS DEFAULTS[5]
+#endif
+#ifndef DSA_OUTER_HEADS
+#define DSA_OUTER_HEADS DEFAULTS[6]
+#endif
+
+constexpr int VW = DSA_VW;
+constexpr int64_t TILE = 64;  // keys per tile of the key layout (`indexer.tile_keys`): [D, 64] contiguous
+constexpr int SCORE_KEYS = DSA_SCORE_KEYS, SCORE_HEADS = DSA_SCORE_HEADS, DOT_ACC = DSA_DOT_ACC;
+constexpr int DOT_HEADS = DSA_DOT_HEADS;
+constexpr int ROW_VECS = DSA_ROW_VECS, ROW_HEADS = DSA_ROW_HEADS, OUTER_HEADS = DSA_OUTER_HEADS;
+static_assert(TILE % SCORE_KEYS == 0 && SCORE_KEYS % VW == 0, "a scoring block is whole vectors within one tile");
+static_assert(DOT_HEADS >= 1 && DOT_HEADS <= DOT_ACC && ROW_VECS >= 1 && SCORE_HEADS >= 1 && ROW_HEADS >= 1 && OUTER_HEADS >= 1, "blocking");
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
-typedef float v16 __attribute__((vector_size(64)));
-typedef float v8 __attribute__((vector_size(32)));
-typedef float v4 __attribute__((vector_size(16)));
-typedef int32_t v16i __attribute__((vector_size(64)));
+typedef float vf __attribute__((vector_size(4 * VW)));
+typedef int32_t vi __attribute__((vector_size(4 * VW)));
 
-inline v16 load(const float* p) {
-    v16 v;
-    __builtin_memcpy(&v, p, sizeof v);
+inline vf load(const float* p) {
+    vf v;
+    std::memcpy(&v, p, sizeof v);
     return v;
 }
 
-// the sum of a's lanes as a tree (a left-to-right sum would chain 16 dependent adds)
-inline float hsum(v16 a) {
-    v8 lo, hi;
-    __builtin_memcpy(&lo, &a, sizeof lo);
-    __builtin_memcpy(&hi, reinterpret_cast<const char*>(&a) + sizeof lo, sizeof hi);
-    const v8 s8 = lo + hi;
-    v4 l4, h4;
-    __builtin_memcpy(&l4, &s8, sizeof l4);
-    __builtin_memcpy(&h4, reinterpret_cast<const char*>(&s8) + sizeof l4, sizeof h4);
-    const v4 s4 = l4 + h4;
-    return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+
+inline vf splat(float x) { return vf{} + x; }
+
+// the sum of a's lanes as a tree (a left-to-right sum would chain VW dependent adds)
+inline float hsum(vf a) {
+    float t[VW];
+    std::memcpy(t, &a, sizeof a);
+    for (int w = VW / 2; w >= 1; w /= 2)
+        for (int i = 0; i < w; ++i) t[i] += t[i + w];
+    return t[0];
 }
 
 // e^x lane by lane, within about 1 ulp of expf: x = n·ln2 + r (Cody-Waite, |r| <= ln2/2), e^r by its degree-7
 // Taylor polynomial (truncation error < 1e-8), times 2^n through the exponent bits. Below -87.3 (where expf goes
 // subnormal, and for -inf) the result is 0.
-inline v16 vexp(v16 x) {
-    const v16 lo = v16{} - 87.3f;
+inline vf vexp(vf x) {
+    const vf lo = splat(-87.3f);
     const auto under = x < lo;
     x = under ? lo : x;
-    x = x > 88.7f ? v16{} + 88.7f : x;
-    const v16 shift = v16{} + 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
-    const v16 n = (x * 1.44269504f + shift) - shift;
-    const v16 r = (x - n * 0.693145752f) - n * 1.42860677e-6f;
-    v16 p = v16{} + (1.f / 5040);
+    x = x > 88.7f ? splat(88.7f) : x;
+    const vf shift = splat(12582912.f);  // 1.5 * 2^23: adding it rounds to an integer
+    const vf n = (x * 1.44269504f + shift) - shift;
+    const vf r = (x - n * 0.693145752f) - n * 1.42860677e-6f;
+    vf p = splat(1.f / 5040);
     p = p * r + (1.f / 720);
     p = p * r + (1.f / 120);
     p = p * r + (1.f / 24);
@@ -67,162 +127,112 @@ inline v16 vexp(v16 x) {
     p = p * r + 0.5f;
     p = p * r + 1.f;
     p = p * r + 1.f;
-    const v16i bits = (__builtin_convertvector(n, v16i) + 127) << 23;
-    v16 scale;
-    __builtin_memcpy(&scale, &bits, sizeof scale);
-    const v16 y = p * scale;
-    return under ? v16{} : y;
+    const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+    vf scale;
+    std::memcpy(&scale, &bits, sizeof scale);
+    const vf y = p * scale;
+    return under ? vf{} : y;
 }
 
-// out[h * ld] = q[h] . ka and out[h * ld + 1] = q[h] . kb for the NH heads starting at q (rows D apart): the
-// accumulation chains of all heads and both keys interleave, and each query vector is loaded once for two keys
-template <int NH>
-inline void dots(const float* q, const float* ka, const float* kb, int D, int nv, float* out, int64_t ld) {
-    v16 a[NH] = {}, b[NH] = {};
-    for (int i = 0; i < nv; ++i) {
-        const v16 kva = load(ka + 16 * i), kvb = load(kb + 16 * i);
-        for (int h = 0; h < NH; ++h) {
-            const v16 qv = load(q + h * D + 16 * i);
-            a[h] += qv * kva;
-            b[h] += qv * kvb;
-        }
-    }
-    for (int h = 0; h < NH; ++h) {
-        float da = hsum(a[h]), db = hsum(b[h]);
-        for (int d = 16 * nv; d < D; ++d) {
-            da += q[h * D + d] * ka[d];
-            db += q[h * D + d] * kb[d];
-        }
-        out[h * ld] = da;
-        out[h * ld + 1] = db;
+// Calls f(std::integral_constant<int, n>) for the runtime n in 1..MAX: a kernel templated on its head count runs the
+// last, smaller head group with all its accumulators in registers too.
+template <int MAX, typename F>
+inline void dispatch(int n, F&& f) {
+    if constexpr (MAX >= 1) {
+        if (n == MAX)
+            f(std::integral_constant<int, MAX>{});
+        else
+            dispatch<MAX - 1>(n, f);
     }
 }
 
-// One step of a transpose-reduction: lanes are groups of w, the first w/2 of each group take x's pairwise sums
-// (lane j + lane j + w/2 of that group), the last w/2 take y's. Four steps (w = 2, 4, 8, 16) turn 16 vectors into
-// one whose lane i is the sum of vector i: 15 such steps instead of 16 horizontal sums.
+// The heads 0..H-1 in groups of at most G, sizes as equal as possible (H = 4, G = 3: 2 + 2, not 3 + 1, so no group
+// is left with too few accumulation chains to hide the FMA latency): f(h0, nh) for each.
+template <typename F>
+inline void head_groups(int H, int G, F&& f) {
+    const int groups = (H + G - 1) / G;
+    for (int g = 0; g < groups; ++g) {
+        const int h0 = H * g / groups, h1 = H * (g + 1) / groups;
+        f(h0, h1 - h0);
+    }
+}
+
+// ---- transpose-reduction: N vectors -> lane sums ----
+
+// Lane l of fold<W>(x, y): lanes are groups of W, the first W/2 of each group take x's pairwise sums (lane j + lane
+// j + W/2 of that group), the last W/2 take y's. Folding pairs with W = 2, 4, ..., VW turns VW vectors into one whose
+// lane i is the sum of vector i: VW - 1 shuffle-adds instead of VW horizontal sums.
+constexpr int fold_lane(int W, int l, bool hi) {
+    const int g = l / W * W, j = l % W;
+    return j < W / 2 ? g + j + (hi ? W / 2 : 0) : VW + g + j - W / 2 + (hi ? W / 2 : 0);
+}
+
+template <int W, int... L>
+inline vf fold_impl(vf x, vf y, std::integer_sequence<int, L...>) {
+#if defined(__clang__) || __GNUC__ >= 12
+    return __builtin_shufflevector(x, y, fold_lane(W, L, false)...) +
+           __builtin_shufflevector(x, y, fold_lane(W, L, true)...);
+#else
+    return __builtin_shuffle(x, y, vi{fold_lane(W, L, false)...}) + __builtin_shuffle(x, y, vi{fold_lane(W, L, true)...});
+#endif
+}
+
 template <int W>
-inline v16 fold(v16 x, v16 y) {
-    v16i lo, hi;
-    for (int l = 0; l < 16; ++l) {
-        const int g = l / W * W, j = l % W;
-        lo[l] = j < W / 2 ? g + j : 16 + g + j - W / 2;
-        hi[l] = j < W / 2 ? g + j + W / 2 : 16 + g + j;
-    }
-    return __builtin_shuffle(x, y, lo) + __builtin_shuffle(x, y, hi);
+inline vf fold(vf x, vf y) {
+    return fold_impl<W>(x, y, std::make_integer_sequence<int, VW>{});
 }
 
-// out[4 * i + j] = q[i] . r[j] for four query vectors (D apart) and four rows: 16 accumulation chains, then one
-// transpose-reduction instead of 16 horizontal sums (with 16-wide rows of 5 vectors, the sums cost as much as the dots)
-inline void dots4x4(const float* q, const float* const r[4], int D, int nv, float out[16]) {
-    v16 a[16] = {};
-    for (int v = 0; v < nv; ++v) {
-        v16 kv[4];
-        for (int j = 0; j < 4; ++j) kv[j] = load(r[j] + 16 * v);
-        for (int i = 0; i < 4; ++i) {
-            const v16 qv = load(q + i * D + 16 * v);
-            for (int j = 0; j < 4; ++j) a[4 * i + j] += qv * kv[j];
-        }
-    }
-    v16 b[8], c[4], e[2];
-    for (int i = 0; i < 8; ++i) b[i] = fold<2>(a[2 * i], a[2 * i + 1]);
-    for (int i = 0; i < 4; ++i) c[i] = fold<4>(b[2 * i], b[2 * i + 1]);
-    for (int i = 0; i < 2; ++i) e[i] = fold<8>(c[2 * i], c[2 * i + 1]);
-    const v16 sum = fold<16>(e[0], e[1]);
-    __builtin_memcpy(out, &sum, sizeof sum);
-    for (int d = 16 * nv; d < D; ++d)
-        for (int i = 0; i < 4; ++i)
-            for (int j = 0; j < 4; ++j) out[4 * i + j] += q[i * D + d] * r[j][d];
+// a[0, N) folded pairwise with widths W, 2W, ..., VW: N / (VW / W * 2) vectors remain at the front
+template <int W, int N>
+inline void fold_all(vf* a) {
+    for (int i = 0; i < N / 2; ++i) a[i] = fold<W>(a[2 * i], a[2 * i + 1]);
+    if constexpr (W < VW) fold_all<2 * W, N / 2>(a);
 }
 
-// lg[0, n) <- its softmax, with an extra logit `sink` (-inf: none) joining the denominator; lg has room for n rounded
-// up to 16. A row of -inf only (no key, no sink) becomes zeros: it attends to nothing.
-inline void softmax_row(float* lg, int64_t n, float sink) {
-    const int64_t np = (n + 15) / 16 * 16;
-    std::fill(lg + n, lg + np, NEG_INF);
-    float mx = sink;
-    for (int64_t k = 0; k < n; ++k) mx = std::max(mx, lg[k]);
-    if (mx == NEG_INF) {
-        std::fill(lg, lg + n, 0.f);
-        return;
-    }
-    v16 sum = {};
-    for (int64_t k = 0; k < np; k += 16) {
-        const v16 e = vexp(load(lg + k) - mx);
-        __builtin_memcpy(lg + k, &e, sizeof e);
-        sum += e;
-    }
-    const float inv = 1.f / (hsum(sum) + (sink == NEG_INF ? 0.f : vexp(v16{} + (sink - mx))[0]));
-    for (int64_t k = 0; k < n; ++k) lg[k] *= inv;
+// out[i] = the sum of a[i]'s lanes for i < P, P = N rounded up to VW (a[N, P) are zeroed here)
+template <int N>
+inline void lane_sums(vf* a, float* out) {
+    constexpr int P = (N + VW - 1) / VW * VW;
+    for (int i = N; i < P; ++i) a[i] = vf{};
+    if constexpr (VW > 1) fold_all<2, P>(a);
+    std::memcpy(out, a, P * sizeof(float));
 }
 
-// 64 consecutive floats as four vectors
-inline void load64(const float* p, v16 (&k)[4]) {
-    for (int i = 0; i < 4; ++i) k[i] = load(p + 16 * i);
-}
+// ---- indexer scoring ----
 
-// acc += s * k, four vectors
-inline void add_scaled(v16 (&acc)[4], float s, const v16 (&k)[4]) {
-    for (int i = 0; i < 4; ++i) acc[i] += s * k[i];
-}
-
-// out[h * Dv + d] = sum_k p[h * ld + k] * rows[k][d] for the NH heads starting at p, d < Dv: 64 columns at a time
-// (then 16, then single ones) with the heads' sums in registers across all n rows
+// add sum_h w[h] * max(q[h] . k[j], 0) over the NH heads starting at q, w to s (the SCORE_KEYS keys of the block
+// starting at `keys`, rows TILE floats apart)
 template <int NH>
-inline void weighted_rows(const float* const* rows, int64_t n, const float* p, int64_t ld, int Dv, float* out) {
-    int d0 = 0;
-    for (; d0 + 64 <= Dv; d0 += 64) {
-        v16 acc[NH][4] = {};
-        for (int64_t k = 0; k < n; ++k) {
-            v16 kv[4];
-            load64(rows[k] + d0, kv);
-            for (int h = 0; h < NH; ++h) add_scaled(acc[h], p[h * ld + k], kv);
-        }
-        for (int h = 0; h < NH; ++h)
-            for (int i = 0; i < 4; ++i) __builtin_memcpy(out + h * Dv + d0 + 16 * i, &acc[h][i], sizeof(v16));
-    }
-    for (; d0 + 16 <= Dv; d0 += 16) {
-        v16 acc[NH] = {};
-        for (int64_t k = 0; k < n; ++k) {
-            const v16 kv = load(rows[k] + d0);
-            for (int h = 0; h < NH; ++h) acc[h] += p[h * ld + k] * kv;
-        }
-        for (int h = 0; h < NH; ++h) __builtin_memcpy(out + h * Dv + d0, &acc[h], sizeof(v16));
-    }
-    for (int h = 0; h < NH; ++h)
-        for (int d = d0; d < Dv; ++d) {
-            float a = 0.f;
-            for (int64_t k = 0; k < n; ++k) a += p[h * ld + k] * rows[k][d];
-            out[h * Dv + d] = a;
-        }
-}
-
-// add sum_h w[h] * max(q[h] . k[j], 0) over the NH heads starting at q, w to s (keys j0..j0+63)
-template <int NH>
-inline void heads(const float* q, const float* w, const float* tile, int D, v16 (&s)[4]) {
-    v16 a[NH][4] = {};
+inline void score_heads(const float* q, const float* w, const float* keys, int D, vf (&s)[SCORE_KEYS / VW]) {
+    constexpr int NV = SCORE_KEYS / VW;
+    vf a[NH][NV] = {};
     for (int d = 0; d < D; ++d) {
-        v16 kv[4];
-        load64(tile + d * TILE, kv);
-        for (int h = 0; h < NH; ++h) add_scaled(a[h], q[h * D + d], kv);
+        vf kv[NV];
+        for (int i = 0; i < NV; ++i) kv[i] = load(keys + d * TILE + VW * i);
+        for (int h = 0; h < NH; ++h) {
+            const float qh = q[h * D + d];
+            for (int i = 0; i < NV; ++i) a[h][i] += qh * kv[i];
+        }
     }
-    const v16 zero = {};
+    const vf zero = {};
     for (int h = 0; h < NH; ++h)
-        for (int i = 0; i < 4; ++i) s[i] += w[h] * (a[h][i] > zero ? a[h][i] : zero);
+        for (int i = 0; i < NV; ++i) s[i] += w[h] * (a[h][i] > zero ? a[h][i] : zero);
 }
 
-// scores of one query row against keys [0, end), written to out[0, round_up(end, TILE)); kt holds the keys tile by
-// tile, [ceil(T / TILE), D, TILE] (one tile is one contiguous block: no cache-set conflicts between its rows)
+// scores of one query row against keys [0, end), written to out[0, round_up(end, SCORE_KEYS)); kt holds the keys tile
+// by tile, [ceil(T / TILE), D, TILE] (one tile is one contiguous block: no cache-set conflicts between its rows)
 void score_row(const float* q, const float* w, const float* kt, int H, int D, int64_t end, float* out) {
-    for (int64_t j0 = 0; j0 < end; j0 += TILE) {
-        v16 s[4] = {};
-        const float* tile = kt + j0 * D;
-        int h = 0;
-        for (; h + HG <= H; h += HG) heads<HG>(q + h * D, w + h, tile, D, s);
-        for (; h < H; ++h) heads<1>(q + h * D, w + h, tile, D, s);
-        for (int i = 0; i < 4; ++i) __builtin_memcpy(out + j0 + 16 * i, &s[i], sizeof s[i]);
+    for (int64_t j0 = 0; j0 < end; j0 += SCORE_KEYS) {
+        vf s[SCORE_KEYS / VW] = {};
+        const float* keys = kt + (j0 / TILE) * TILE * D + j0 % TILE;
+        head_groups(H, SCORE_HEADS, [&](int h0, int nh) {
+            dispatch<SCORE_HEADS>(nh, [&](auto nh_c) { score_heads<decltype(nh_c)::value>(q + h0 * D, w + h0, keys, D, s); });
+        });
+        for (int i = 0; i < SCORE_KEYS / VW; ++i) store(out + j0 + VW * i, s[i]);
     }
 }
+
+// ---- top-k selection ----
 
 // The k-th largest (k >= 1) of x[0, n), destroying x; spare holds n floats. Quickselect whose partition is written
 // without branches (each value is stored to both sides, the counters advance by the comparison), so unlike
@@ -253,23 +263,59 @@ float kth_largest(float* x, int64_t n, int64_t k, float* spare) {
     return x[k - 1];
 }
 
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// For each 8-bit mask, the lanes of its set bits in order, 4 bits each: the permutation that packs them to the front
+struct PackTable {
+    uint32_t v[256];
+    constexpr PackTable() : v() {
+        for (int m = 0; m < 256; ++m) {
+            uint32_t p = 0;
+            int c = 0;
+            for (int l = 0; l < 8; ++l)
+                if (m >> l & 1) p |= uint32_t(l) << (4 * c++);
+            v[m] = p;
+        }
+    }
+};
+constexpr PackTable PACK;
+#endif
+
 // Entries of v[0, n) that are >= tau and finite: their values to val and indices to idx, in index order; the count.
+// val and idx have room for n + 16 entries (the vector paths store whole vectors past the count).
 int64_t gather_at_least(const float* v, int64_t n, float tau, float* val, int32_t* idx) {
     int64_t c = 0, j = 0;
-#ifdef __AVX512F__
+#if defined(__AVX512F__)
+    // compress in registers, then a plain store: the memory form of vcompressps is microcoded on AMD Zen 4
     const __m512 t = _mm512_set1_ps(tau), ninf = _mm512_set1_ps(NEG_INF);
     const __m512i step = _mm512_set1_epi32(16);
     __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     for (; j + 16 <= n; j += 16) {
         const __m512 x = _mm512_loadu_ps(v + j);
         const __mmask16 m = _mm512_cmp_ps_mask(x, t, _CMP_GE_OQ) & _mm512_cmp_ps_mask(x, ninf, _CMP_GT_OQ);
-        _mm512_mask_compressstoreu_ps(val + c, m, x);
-        _mm512_mask_compressstoreu_epi32(idx + c, m, iota);
+        _mm512_storeu_ps(val + c, _mm512_maskz_compress_ps(m, x));
+        _mm512_storeu_si512(idx + c, _mm512_maskz_compress_epi32(m, iota));
         c += __builtin_popcount(m);
         iota = _mm512_add_epi32(iota, step);
     }
+#elif defined(__AVX2__)
+    // AVX2 has no compress: the mask's packing permutation comes from a table
+    const __m256 t = _mm256_set1_ps(tau), ninf = _mm256_set1_ps(NEG_INF);
+    const __m256i step = _mm256_set1_epi32(8), shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28),
+                  low3 = _mm256_set1_epi32(7);
+    __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (; j + 8 <= n; j += 8) {
+        const __m256 x = _mm256_loadu_ps(v + j);
+        const int m = _mm256_movemask_ps(
+            _mm256_and_ps(_mm256_cmp_ps(x, t, _CMP_GE_OQ), _mm256_cmp_ps(x, ninf, _CMP_GT_OQ)));
+        const __m256i perm =
+            _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(PACK.v[m])), shifts), low3);
+        _mm256_storeu_ps(val + c, _mm256_permutevar8x32_ps(x, perm));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(idx + c), _mm256_permutevar8x32_epi32(iota, perm));
+        c += __builtin_popcount(m);
+        iota = _mm256_add_epi32(iota, step);
+    }
 #endif
-    for (; j < n; ++j) {
+    for (; j < n; ++j) {  // branch-free: every entry is written, the count advances by the test
         val[c] = v[j];
         idx[c] = static_cast<int32_t>(j);
         c += (v[j] >= tau) & (v[j] > NEG_INF);
@@ -277,16 +323,16 @@ int64_t gather_at_least(const float* v, int64_t n, float tau, float* val, int32_
     return c;
 }
 
-// The K largest of v[0, n) (K < number of finite entries), their indices ascending into out; work holds 3n floats.
-// Returns whether the K-th largest value is tied with an entry left out (which of them is kept is then a convention),
-// or the row holds NaN scores; out is then incomplete and the caller re-ranks the row.
+// The K largest of v[0, n) (K < number of finite entries), their indices ascending into out; work holds 3n + 16
+// floats, cand n + 16. Returns whether the K-th largest value is tied with an entry left out (which of them is kept is
+// then a convention), or the row holds NaN scores; out is then incomplete and the caller re-ranks the row.
 bool select_row(const float* v, int64_t n, int64_t K, float* work, int32_t* cand, int64_t* out) {
     // exact lower bound tau: with G = 2K strided groups, K group maxima are >= the K-th largest group maximum, so the
     // row's K-th largest entry is >= tau and every selected entry passes the filter
     float tau = NEG_INF;
     const int64_t G = 2 * K, m = n / G;
     float* val = work;
-    float* scratch = work + n;
+    float* scratch = work + n + 16;
     if (m >= 2) {
         std::copy(v, v + G, scratch);
         for (int64_t i = 1; i < m; ++i) {
@@ -349,6 +395,8 @@ int64_t masked_scores(const float* q, const float* w, const float* kt, int H, in
     return end;
 }
 
+// ---- sparse attention ----
+
 // The selected key rows of one query row (in `base`, rows ld apart), in slot order, empty slots skipped; returns how
 // many. Used for the key table and, in the backward, for its gradient.
 template <typename T>
@@ -359,51 +407,128 @@ inline int64_t selected(const int64_t* ir, int64_t K, T* base, int64_t ld, T** r
     return n;
 }
 
-// out[h * ld + k] = x[h] . rows[k] for H vectors x (D apart) and n rows: four heads by four rows at a time (`dots4x4`;
-// a short last group repeats a row), leftover heads two rows at a time
-inline void all_dots(const float* x, int H, int D, const float* const* rows, int64_t n, float* out, int64_t ld) {
-    const int nv = D / 16;
-    int h = 0;
-    for (; h + 4 <= H; h += 4)  // four heads by four rows, summed by one transpose-reduction
-        for (int64_t k = 0; k < n; k += 4) {
-            const float* r4[4];
-            for (int j = 0; j < 4; ++j) r4[j] = rows[std::min(k + j, n - 1)];  // a short last group repeats a row
-            float d[16];
-            dots4x4(x + h * D, r4, D, nv, d);
-            for (int i = 0; i < 4; ++i)
-                for (int j = 0; j < 4 && k + j < n; ++j) out[(h + i) * ld + k + j] = d[4 * i + j];
+// out[i * ld + k + j] = x[i] . rows[k + j] for the NH vectors x (D apart) and the rows k .. k + NR - 1 (fewer at the
+// end: a short last block repeats a row), NR = DOT_ACC / NH: NH * NR accumulation chains, then one
+// transpose-reduction instead of NH * NR horizontal sums (with rows of a few vectors the sums cost as much as the dots)
+template <int NH>
+inline void dots_block(const float* x, const float* const* rows, int64_t k, int64_t n, int D, float* out,
+                       int64_t ld) {
+    constexpr int NR = DOT_ACC / NH > 0 ? DOT_ACC / NH : 1;
+    const float* r[NR];
+    for (int j = 0; j < NR; ++j) r[j] = rows[std::min<int64_t>(k + j, n - 1)];
+    constexpr int P = (NH * NR + VW - 1) / VW * VW;
+    vf a[P] = {};
+    const int nv = D / VW;
+    for (int v = 0; v < nv; ++v) {
+        vf rv[NR];
+        for (int j = 0; j < NR; ++j) rv[j] = load(r[j] + VW * v);
+        for (int i = 0; i < NH; ++i) {
+            const vf xv = load(x + i * D + VW * v);
+            for (int j = 0; j < NR; ++j) a[NR * i + j] += xv * rv[j];
         }
-    for (; h < H; ++h)
-        for (int64_t k = 0; k < n; k += 2)
-            dots<1>(x + h * D, rows[k], rows[std::min(k + 1, n - 1)], D, nv, out + h * ld + k, ld);
+    }
+    float d[P];
+    lane_sums<NH * NR>(a, d);
+    for (int e = VW * nv; e < D; ++e)
+        for (int i = 0; i < NH; ++i)
+            for (int j = 0; j < NR; ++j) d[NR * i + j] += x[i * D + e] * r[j][e];
+    for (int i = 0; i < NH; ++i)
+        for (int j = 0; j < NR && k + j < n; ++j) out[i * ld + k + j] = d[NR * i + j];
+}
+
+// out[h * ld + k] = x[h] . rows[k] for H vectors x (D apart) and n rows, in head groups of at most DOT_HEADS
+// (DOT_ACC / DOT_HEADS rows per block) or fewer heads with more rows each
+inline void all_dots(const float* x, int H, int D, const float* const* rows, int64_t n, float* out, int64_t ld) {
+    constexpr int G = DOT_HEADS;
+    head_groups(H, G, [&](int h0, int nh) {
+        dispatch<G>(nh, [&](auto nh_c) {
+            constexpr int NH = decltype(nh_c)::value;
+            constexpr int NR = DOT_ACC / NH > 0 ? DOT_ACC / NH : 1;
+            for (int64_t k = 0; k < n; k += NR) dots_block<NH>(x + h0 * D, rows, k, n, D, out + h0 * ld, ld);
+        });
+    });
+}
+
+// lg[0, n) <- its softmax, with an extra logit `sink` (-inf: none) joining the denominator; lg has room for n rounded
+// up to VW. A row of -inf only (no key, no sink) becomes zeros: it attends to nothing.
+inline void softmax_row(float* lg, int64_t n, float sink) {
+    const int64_t np = (n + VW - 1) / VW * VW;
+    std::fill(lg + n, lg + np, NEG_INF);
+    float mx = sink;
+    for (int64_t k = 0; k < n; ++k) mx = std::max(mx, lg[k]);
+    if (mx == NEG_INF) {
+        std::fill(lg, lg + n, 0.f);
+        return;
+    }
+    vf sum = {};
+    for (int64_t k = 0; k < np; k += VW) {
+        const vf e = vexp(load(lg + k) - mx);
+        store(lg + k, e);
+        sum += e;
+    }
+    const float inv = 1.f / (hsum(sum) + (sink == NEG_INF ? 0.f : vexp(splat(sink - mx))[0]));
+    for (int64_t k = 0; k < n; ++k) lg[k] *= inv;
+}
+
+// out[h * Dv + d] = sum_k p[h * ld + k] * rows[k][d] for the NH heads starting at p, d < Dv: NV vectors of columns at a
+// time (then single vectors, then single columns) with the heads' sums in registers across all n rows
+template <int NH, int NV>
+inline void weighted_rows(const float* const* rows, int64_t n, const float* p, int64_t ld, int Dv, float* out,
+                          int& d0) {
+    for (; d0 + NV * VW <= Dv; d0 += NV * VW) {
+        vf acc[NH][NV] = {};
+        for (int64_t k = 0; k < n; ++k) {
+            vf kv[NV];
+            for (int i = 0; i < NV; ++i) kv[i] = load(rows[k] + d0 + VW * i);
+            for (int h = 0; h < NH; ++h) {
+                const float ph = p[h * ld + k];
+                for (int i = 0; i < NV; ++i) acc[h][i] += ph * kv[i];
+            }
+        }
+        for (int h = 0; h < NH; ++h)
+            for (int i = 0; i < NV; ++i) store(out + h * Dv + d0 + VW * i, acc[h][i]);
+    }
+}
+
+template <int NH>
+inline void weighted_rows_all(const float* const* rows, int64_t n, const float* p, int64_t ld, int Dv, float* out) {
+    int d0 = 0;
+    weighted_rows<NH, ROW_VECS>(rows, n, p, ld, Dv, out, d0);
+    weighted_rows<NH, 1>(rows, n, p, ld, Dv, out, d0);
+    for (int h = 0; h < NH; ++h)
+        for (int d = d0; d < Dv; ++d) {
+            float a = 0.f;
+            for (int64_t k = 0; k < n; ++k) a += p[h * ld + k] * rows[k][d];
+            out[h * Dv + d] = a;
+        }
 }
 
 // out[h] = sum_k w[h * ld + k] * rows[k][0, Dv) for all H heads
 inline void all_weighted_rows(const float* const* rows, int64_t n, const float* w, int64_t ld, int H, int Dv,
                               float* out) {
-    int h = 0;
-    for (; h + HG <= H; h += HG) weighted_rows<HG>(rows, n, w + h * ld, ld, Dv, out + h * Dv);
-    for (; h < H; ++h) weighted_rows<1>(rows, n, w + h * ld, ld, Dv, out + h * Dv);
+    head_groups(H, ROW_HEADS, [&](int h0, int nh) {
+        dispatch<ROW_HEADS>(nh, [&](auto nh_c) { weighted_rows_all<decltype(nh_c)::value>(rows, n, w + h0 * ld, ld, Dv, out + h0 * Dv); });
+    });
 }
 
 // grows[k][0, D) += sum_h a[h * lda + k] * x[h] and grows[k][0, Dv) += sum_h b[h * ldb + k] * y[h], for the n rows:
-// x [H, D] and y [H, Dv] held in registers 16 channels and NH heads at a time, each row read and written once per
-// 16 channels and head group
+// x [H, D] and y [H, Dv] held in registers one vector of channels and NH heads at a time, each row read and written
+// once per vector of channels and head group
 template <int NH>
 inline void add_outer_heads(float* const* grows, int64_t n, const float* a, int64_t lda, const float* b, int64_t ldb,
                             const float* x, const float* y, int D, int Dv) {
     int c = 0;
-    for (; c + 16 <= D; c += 16) {
-        v16 xv[NH], yv[NH];
-        const bool with_y = c + 16 <= Dv;
+    for (; c + VW <= D; c += VW) {
+        vf xv[NH], yv[NH];
+        const bool with_y = c + VW <= Dv;
         for (int h = 0; h < NH; ++h) {
             xv[h] = load(x + h * D + c);
-            yv[h] = with_y ? load(y + h * Dv + c) : v16{};
+            yv[h] = with_y ? load(y + h * Dv + c) : vf{};
         }
         for (int64_t k = 0; k < n; ++k) {
-            v16 g = load(grows[k] + c);
+            vf g = load(grows[k] + c);
             for (int h = 0; h < NH; ++h) g += a[h * lda + k] * xv[h] + b[h * ldb + k] * yv[h];
-            __builtin_memcpy(grows[k] + c, &g, sizeof g);
+            store(grows[k] + c, g);
         }
         if (!with_y && c < Dv)  // a block that straddles the end of the value channels
             for (int64_t k = 0; k < n; ++k)
@@ -418,15 +543,24 @@ inline void add_outer_heads(float* const* grows, int64_t n, const float* a, int6
 
 inline void add_outer(float* const* grows, int64_t n, const float* a, int64_t lda, const float* b, int64_t ldb,
                       const float* x, const float* y, int H, int D, int Dv) {
-    int h = 0;
-    for (; h + HG <= H; h += HG)
-        add_outer_heads<HG>(grows, n, a + h * lda, lda, b + h * ldb, ldb, x + h * D, y + h * Dv, D, Dv);
-    for (; h < H; ++h) add_outer_heads<1>(grows, n, a + h * lda, lda, b + h * ldb, ldb, x + h * D, y + h * Dv, D, Dv);
+    head_groups(H, OUTER_HEADS, [&](int h0, int nh) {
+        dispatch<OUTER_HEADS>(nh, [&](auto nh_c) {
+            add_outer_heads<decltype(nh_c)::value>(grows, n, a + h0 * lda, lda, b + h0 * ldb, ldb, x + h0 * D, y + h0 * Dv, D, Dv);
+        });
+    });
 }
 
 }  // namespace
 
 extern "C" {
+
+// Which target this library was built for and its blocking, e.g. "avx512 vw=16 score=64x4 dot=16 rows=4x4 outer=4".
+const char* dsa_build_info() {
+    static char info[128];
+    std::snprintf(info, sizeof info, "%s vw=%d score=%dx%d dot=%dx%d rows=%dx%d outer=%d", DSA_ISA, VW, SCORE_KEYS,
+                  SCORE_HEADS, DOT_HEADS, DOT_ACC / DOT_HEADS, ROW_VECS, ROW_HEADS, OUTER_HEADS);
+    return info;
+}
 
 // Rows r0..r1-1 of each of B sequences. Per sequence: q [R, H, D], w [R, H] (the score scale folded in), the keys as
 // tiles [ceil(k1 / 64), D, 64] (zero-padded, kt_bstride floats apart), mask [R, mask_ld] uint8 for keys k0..k1-1 (null:
@@ -436,8 +570,8 @@ extern "C" {
 int64_t dsa_select(const float* q, const float* w, const float* kt, int64_t kt_bstride, int B, int64_t R, int H,
                    int D, int64_t k0, int64_t k1, const uint8_t* mask, int64_t mask_bstride, int64_t mask_ld,
                    int64_t K, int64_t* idx, int64_t ldo, int64_t r0, int64_t r1) {
-    std::vector<float> buf(static_cast<size_t>((k1 + TILE - 1) / TILE * TILE)), work(3 * static_cast<size_t>(k1));
-    std::vector<int32_t> cand(static_cast<size_t>(k1));
+    std::vector<float> buf(static_cast<size_t>((k1 + TILE - 1) / TILE * TILE)), work(3 * static_cast<size_t>(k1) + 32);
+    std::vector<int32_t> cand(static_cast<size_t>(k1) + 16);
     int64_t n_tied = 0;
     for (int b = 0; b < B; ++b) {
         for (int64_t r = r0; r < r1; ++r) {
@@ -475,7 +609,7 @@ int64_t dsa_select(const float* q, const float* w, const float* kt, int64_t kt_b
 void dsa_sparse_attention(const float* q, const float* table, int64_t ld, int64_t per_b, const int64_t* idx,
                           int64_t S, int64_t K, int H, int D, int Dv, const float* sinks, float* out, float* probs,
                           int64_t r0, int64_t r1) {
-    const int64_t Kp = (K + 15) / 16 * 16;  // logits rows padded to whole vectors
+    const int64_t Kp = (K + VW - 1) / VW * VW;  // logits rows padded to whole vectors
     std::vector<float> logits(static_cast<size_t>(H) * Kp);
     std::vector<const float*> rows(static_cast<size_t>(K));
     for (int64_t r = r0; r < r1; ++r) {
@@ -501,7 +635,7 @@ void dsa_sparse_attention(const float* q, const float* table, int64_t ld, int64_
 void dsa_sparse_attention_bwd(const float* q, const float* table, int64_t ld, int64_t per_b, const int64_t* idx,
                               int64_t S, int64_t K, int H, int D, int Dv, const float* probs, const float* dout,
                               float* dq, float* dtable, int64_t dld, int64_t r0, int64_t r1) {
-    const int64_t Kp = (K + 15) / 16 * 16;
+    const int64_t Kp = (K + VW - 1) / VW * VW;
     std::vector<float> ds(static_cast<size_t>(H) * Kp);
     std::vector<const float*> rows(static_cast<size_t>(K));
     std::vector<float*> grows(static_cast<size_t>(K));

@@ -1,17 +1,23 @@
-"""The CPU kernels (`dsalite.kernels`) against the PyTorch paths they replace.
+"""The CPU kernels (`dsalite.kernels`) against the PyTorch paths they replace, in every build this CPU runs
+(avx512, avx2, portable: `kernels.cpu_isas()`; each has its own register blocking).
 
 Indexer: same top-k sets on rows whose K-th score is clear of the next one, torch.topk's own choice on rows whose
 boundary is an exact tie, every visibility form (causal prefix, padding, packed documents), odd head counts and widths,
-threads, a portable build, the cache's tiled keys. Sparse attention: the gather path's output with empty slots,
-queries with no key, sinks, widths that are not whole vectors, batches; under autograd its gradients too."""
+threads, the cache's tiled keys. Sparse attention: the gather path's output with empty slots, queries with no key,
+sinks, widths that are not whole vectors, batches; under autograd its gradients too. The build: the target reported
+by the library, the choice of target and of the kernel path (DSALITE_KERNEL_ISA, DSALITE_KERNELS, the calibration)."""
 
 import ctypes
-import platform
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from dsalite import kernels
+from dsalite.kernels import wisdom
 from dsalite.layers import indexer as ix
 from dsalite.layers import sparse_attention as sa
 from dsalite.layers.mask import Visibility
@@ -19,11 +25,16 @@ from dsalite.layers.mask import Visibility
 SCALE = 0.2
 
 
+@pytest.fixture(scope="module", params=kernels.cpu_isas())
+def lib(request):
+    """The kernels built for each target this CPU runs."""
+    return kernels.library(request.param)
+
+
 @pytest.fixture(scope="module")
-def lib():
-    lib = kernels.load()
-    assert lib is not None, "the C++ indexer kernel did not build (a C++ compiler must be on PATH)"
-    return lib
+def best_lib():
+    """The build `load` uses by default (the best target), for the tests that need only one."""
+    return kernels.library()
 
 
 def select(q, k, w, vis, K, kernel_lib, monkeypatch):
@@ -114,47 +125,119 @@ def test_tied_boundaries_take_torch_topk_over_the_whole_row(lib, monkeypatch):
     assert torch.equal(got.sort(-1).values, want.sort(-1).values)
 
 
-def test_threads_split_rows_without_changing_the_result(lib, monkeypatch):
+def test_threads_split_rows_without_changing_the_result(best_lib, monkeypatch):
     g = torch.Generator().manual_seed(13)
     q, k, w, vis, K = case("causal_chunk", g)
-    one = select(q, k, w, vis, K, lib, monkeypatch)
+    one = select(q, k, w, vis, K, best_lib, monkeypatch)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        two = select(q, k, w, vis, K, lib, monkeypatch)
+        two = select(q, k, w, vis, K, best_lib, monkeypatch)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, two)
 
 
-@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 baseline build")
-def test_portable_build_matches_the_native_one(lib, monkeypatch):
-    """The build without AVX-512 (generic vectors, scalar candidate gather) selects exactly what the native one does."""
-    import shutil
-
-    cxx = shutil.which("c++") or shutil.which("g++")
-    portable = kernels._declare(ctypes.CDLL(str(kernels._build(cxx, "x86-64-v2"))))
+def test_every_build_selects_exactly_what_the_best_one_does(best_lib, monkeypatch):
+    """Scores differ between builds only in summation order: on rows with a clear boundary (all of them here) the
+    selections are identical."""
     g = torch.Generator().manual_seed(14)
     q, k, w, vis, K = case("padding", g)
-    assert torch.equal(select(q, k, w, vis, K, portable, monkeypatch), select(q, k, w, vis, K, lib, monkeypatch))
+    want = select(q, k, w, vis, K, best_lib, monkeypatch)
+    for isa in kernels.cpu_isas():
+        assert torch.equal(select(q, k, w, vis, K, kernels.library(isa), monkeypatch), want), isa
 
 
-def test_disabled_by_environment(monkeypatch):
-    monkeypatch.setenv("DSALITE_KERNELS", "0")
+def test_builds_report_their_target_and_blocking():
+    """Each build is compiled for the target asked for (the library says so) with its own register blocking; the
+    targets offered are those /proc/cpuinfo's flags allow, best first."""
+    flags = kernels.cpu_flags()
+    isas = kernels.cpu_isas()
+    assert isas[-1] == "portable" and ("avx512" in isas) == ({"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags)
+    assert ("avx2" in isas) == ({"avx2", "fma"} <= flags)
+    infos = {isa: kernels.build_info(kernels.library(isa)) for isa in isas}
+    for isa, info in infos.items():
+        assert info.split()[0] == isa and f"vw={ {'avx512': 16, 'avx2': 8, 'portable': 4}[isa]} " in info
+    assert len(set(infos.values())) == len(infos)
+
+
+def test_target_from_the_environment(monkeypatch):
+    monkeypatch.setenv("DSALITE_KERNEL_ISA", "portable")
+    assert kernels.requested_isa() == "portable"
+    monkeypatch.setenv("DSALITE_KERNEL_ISA", "sse9")
+    with pytest.raises(ValueError, match="DSALITE_KERNEL_ISA='sse9': expected one of avx512, avx2, portable"):
+        kernels.requested_isa()
+    missing = [isa for isa in kernels.ISAS if isa not in kernels.cpu_isas()]
+    if missing:
+        monkeypatch.setenv("DSALITE_KERNEL_ISA", missing[0])
+        with pytest.raises(ValueError, match="this CPU lacks"):
+            kernels.requested_isa()
+    monkeypatch.delenv("DSALITE_KERNEL_ISA")
+    assert kernels.requested_isa() == kernels.cpu_isas()[0]
+
+
+@pytest.fixture
+def fresh_choice(monkeypatch, tmp_path):
+    """`load` decides again, with an empty kernel cache (builds are reused from the usual one)."""
     monkeypatch.setattr(kernels, "_tried", False)
     monkeypatch.setattr(kernels, "_lib", None)
-    assert kernels.load() is None
+    monkeypatch.setattr(kernels, "_available", False)
+    monkeypatch.setattr(kernels, "_decision", {})
+    lib = kernels.library()
+    monkeypatch.setattr(kernels, "library", lambda isa=None: lib)
+    monkeypatch.setenv("DSALITE_KERNEL_CACHE", str(tmp_path))
+    return lib
 
 
-def test_cache_keeps_the_tiled_keys_in_step_with_the_keys(lib, tmp_path):
+def test_environment_forces_the_path(fresh_choice, monkeypatch):
+    monkeypatch.setenv("DSALITE_KERNELS", "0")
+    assert kernels.load() is None and kernels.decision()["why"] == "DSALITE_KERNELS=0"
+    monkeypatch.setattr(kernels, "_tried", False)
+    monkeypatch.setenv("DSALITE_KERNELS", "1")
+    assert kernels.load() is fresh_choice and kernels.available()
+
+
+@pytest.mark.parametrize("faster", [True, False])
+def test_calibration_decides_and_is_measured_once(fresh_choice, monkeypatch, faster):
+    """By default the cached calibration of this CPU decides; it is measured once (under a lock), then read back."""
+    calls = []
+
+    def measure():
+        calls.append(1)
+        return {"kernel_faster": faster, "kernels": {"select": {"speedup": 2.0 if faster else 0.5}}}
+
+    monkeypatch.delenv("DSALITE_KERNELS", raising=False)
+    monkeypatch.setattr(kernels, "_measure", lambda lib: measure())
+    assert (kernels.load() is fresh_choice) == faster
+    assert kernels.decision()["use"] == faster and "calibrated on this CPU" in kernels.decision()["why"]
+    monkeypatch.setattr(kernels, "_tried", False)
+    kernels.load()
+    assert len(calls) == 1
+    assert len(wisdom.forget()) == 1
+
+
+def test_calibration_runs_and_reports_every_kernel():
+    """The calibration subprocess itself (one thread, a few seconds): every case timed on both paths."""
+    env = dict(os.environ, DSALITE_KERNELS="1")
+    out = subprocess.run([sys.executable, "-m", "dsalite.kernels.calibrate"], env=env, capture_output=True, text=True,
+                         check=True)
+    rec = json.loads(out.stdout.strip().splitlines()[-1])
+    assert rec["build"] == kernels.build_info(kernels.library())
+    assert set(rec["kernels"]) == {"select", "attention"} and isinstance(rec["kernel_faster"], bool)
+    for case in rec["cases"].values():
+        assert case["kernel_ms"] > 0 and case["torch_ms"] > 0
+
+
+def test_cache_keeps_the_tiled_keys_in_step_with_the_keys(best_lib, monkeypatch, tmp_path):
     """Chunked prefill, decode steps and a crop-and-rewrite (rejected drafts) leave the cache's tiled copy equal to
     `tile_keys` of its indexer keys on every cached token."""
     from hf_fixtures import make_checkpoint
 
     from dsalite.checkpoint.pretrained import from_pretrained
     from dsalite.inference.cache import LatentCache
-    from dsalite.inference.engine import Runner
+    from dsalite.inference.runner import Runner
 
+    monkeypatch.setattr(kernels, "load", lambda: best_lib)
     model = from_pretrained(make_checkpoint(tmp_path, "glm52_schedule"))
     ids = torch.randint(0, model.cfg.vocab_size, (2, 90), generator=torch.Generator().manual_seed(15))
     cache = LatentCache(model.cfg, 2, 100)
@@ -203,7 +286,7 @@ def test_sparse_attention_kernel_matches_the_gather_path(lib, monkeypatch, B, H,
 
 
 @pytest.mark.parametrize("B,H,D,Dv,K", [(1, 4, 80, 64, 48), (2, 6, 37, 21, 33), (2, 5, 144, 128, 16)])
-def test_trainable_kernel_attention_gradients(lib, B, H, D, Dv, K):
+def test_trainable_kernel_attention_gradients(lib, monkeypatch, B, H, D, Dv, K):
     """Under autograd the kernel path (forward keeping the probabilities, backward adding every selected row's gradient
     from all heads) gives the float64 gather path's output and gradients: -1 slots, a query with no key, a key listed
     twice, heads not a multiple of 4, widths not whole vectors (values ending inside a vector), a batch; the threads
@@ -217,6 +300,7 @@ def test_trainable_kernel_attention_gradients(lib, B, H, D, Dv, K):
     idx[0, 5] = -1
     idx[-1, 7, 1] = idx[-1, 7, 0]  # counted twice, as in the gather path
     dout = torch.randn(B, S, H, Dv, generator=g)
+    monkeypatch.setattr(kernels, "load", lambda: lib)
     got = sa.sparse_attention(q, kv[:, :, None], Dv, idx, 0.3)
     assert type(got.grad_fn).__name__ == "LatentKernelAttentionBackward"
     grads = torch.autograd.grad(got, (q, kv), dout)
@@ -240,16 +324,14 @@ def test_trainable_kernel_attention_gradients(lib, B, H, D, Dv, K):
 def test_fresh_build_into_an_empty_cache(tmp_path, monkeypatch):
     """A machine without a cached build compiles the kernel (about a second) into DSALITE_KERNEL_CACHE and loads it;
     an unwritable cache directory falls back to a temporary one."""
-    import shutil
-
-    cxx = shutil.which("c++") or shutil.which("g++")
+    cxx = kernels.compiler()
     monkeypatch.setenv("DSALITE_KERNEL_CACHE", str(tmp_path / "cache"))
-    built = kernels._build(cxx)
+    built = kernels._build(cxx, "portable")  # the quickest to compile
     assert built.parent == tmp_path / "cache" and built.exists()
-    assert kernels._declare(ctypes.CDLL(str(built))).dsa_select is not None
+    assert kernels.build_info(kernels._declare(ctypes.CDLL(str(built)))).startswith("portable ")
     blocked = tmp_path / "file"
     blocked.write_text("not a directory")
     monkeypatch.setenv("DSALITE_KERNEL_CACHE", str(blocked / "cache"))
     monkeypatch.setattr(kernels.tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
-    assert kernels._build(cxx).parent.parent == tmp_path / "tmp"
+    assert kernels._build(cxx, "portable").parent.parent == tmp_path / "tmp"

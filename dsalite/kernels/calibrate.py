@@ -1,0 +1,96 @@
+"""The kernel calibration: each CPU kernel against its PyTorch twin on this machine, one thread, as the layers call
+them. `python -m dsalite.kernels.calibrate` prints one JSON record; `kernels.load` runs it once per CPU model and
+kernel build in a subprocess (so nothing here touches the caller's threads, RNG or patched modules) and caches it.
+
+Shapes: a small model (bench-small: 4 indexer heads of 32 over 2048 keys, K 256; 4 attention heads on 80-wide
+latents) and a wide one (MLA widths: 16 indexer heads of 64 over 4096 keys, K 512; 16 attention heads on 576-wide
+latents), each in a prefill block of queries and, for the indexer, a decode step (one query); the attention also
+under autograd (forward + backward, as training runs it). A kernel is used when it is at least as fast as its twin on
+every shape: the minimum of several timings is compared (the least disturbed by other work on the machine).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+
+# (name, indexer heads, head dim, keys, K, query rows) and (name, attention heads, latent width D, value width Dv,
+# keys, K, query rows)
+SELECT_SHAPES = [("small", 4, 32, 2048, 256, 128), ("wide", 16, 64, 4096, 512, 64)]
+ATTENTION_SHAPES = [("small", 4, 80, 64, 2048, 256, 128), ("wide", 16, 576, 512, 4096, 512, 16)]
+
+
+def best_time(fn, reps: int = 5, budget: float = 0.25) -> float:
+    """The least seconds a call of fn takes over up to `reps` calls (fewer when they exceed `budget` in all)."""
+    fn()
+    best, spent = float("inf"), 0.0
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        dt = time.perf_counter() - t0
+        best, spent = min(best, dt), spent + dt
+        if spent > budget:
+            break
+    return best
+
+
+def _with_kernels(on: bool) -> None:
+    """Route the layers to the kernels (on) or to their PyTorch twins (this process is the calibration's own)."""
+    from dsalite import kernels
+
+    lib = kernels.library() if on else None
+    kernels.load = lambda: lib
+    kernels._available = on
+
+
+def measure() -> dict:
+    from dsalite import kernels
+    from dsalite.layers import indexer as ix
+    from dsalite.layers import sparse_attention as sa
+    from dsalite.layers.mask import Visibility
+
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    cases = {}
+    for name, Hi, Di, T, K, rows in SELECT_SHAPES:
+        k = torch.randn(1, T, Di, generator=g)
+        tiles = ix.tile_keys(k)
+        for S in (rows, 1):
+            q, w = torch.randn(1, S, Hi, Di, generator=g), torch.rand(1, S, Hi, generator=g)
+            vis = Visibility(S, T, T - S)
+            times = []
+            for on in (True, False):
+                _with_kernels(on)
+                times.append(best_time(lambda: ix.topk_indices(q, k, w, vis.block, K, Di**-0.5, vis.key_range,
+                                                               tiles if on else None)))
+            cases[f"select {name} {'decode' if S == 1 else f'{S} rows'}"] = times
+    for name, H, D, Dv, T, K, rows in ATTENTION_SHAPES:
+        q = torch.randn(1, rows, H, D, generator=g)
+        kv = torch.randn(1, T, 1, D, generator=g)
+        idx = torch.stack([torch.randperm(T - rows + s + 1, generator=g)[:K] for s in range(rows)])[None]
+        dout = torch.randn(1, rows, H, Dv, generator=g)
+        qg, kg = q.clone().requires_grad_(), kv.clone().requires_grad_()
+        fwd, train = [], []
+        for on in (True, False):
+            _with_kernels(on)
+            with torch.no_grad():
+                fwd.append(best_time(lambda: sa.sparse_attention(q, kv, Dv, idx, D**-0.5)))
+            train.append(best_time(lambda: torch.autograd.grad(sa.sparse_attention(qg, kg, Dv, idx, D**-0.5), (qg, kg),
+                                                               dout)))
+        cases[f"attention {name} {rows} rows"] = fwd
+        cases[f"attention {name} {rows} rows, forward + backward"] = train
+    out = {name: {"kernel_ms": kt * 1e3, "torch_ms": tt * 1e3, "speedup": tt / kt} for name, (kt, tt) in cases.items()}
+    kinds = {"select": [v for k, v in out.items() if k.startswith("select")],
+             "attention": [v for k, v in out.items() if k.startswith("attention")]}
+    summary = {kind: {"speedup": min(v["speedup"] for v in vs)} for kind, vs in kinds.items()}
+    return {"build": kernels.build_info(kernels.library()), "threads": 1, "cases": out, "kernels": summary,
+            "kernel_faster": all(s["speedup"] >= 1.0 for s in summary.values())}
+
+
+if __name__ == "__main__":
+    t0 = time.perf_counter()
+    rec = measure()
+    rec["seconds"] = time.perf_counter() - t0
+    print(json.dumps(rec))
