@@ -6,46 +6,7 @@ import argparse
 import os
 import sys
 
-PRESETS = {
-    # A GLM-5.2-shaped toy: 8 layers on the 5.2 IndexShare schedule (freq 4, offset 3), MTP on, yarn-free rope.
-    "glm-5.2-tiny": dict(
-        model_type="glm_moe_dsa", vocab_size=512, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
-        num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=64, kv_lora_rank=64,
-        qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=8, n_shared_experts=1,
-        num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1, index_topk=32, index_n_heads=16,
-        index_head_dim=32, index_topk_freq=4, index_skip_topk_offset=3, num_nextn_predict_layers=1,
-        max_position_embeddings=4096, rms_norm_eps=1e-5, routed_scaling_factor=2.5,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=False,
-        bos_token_id=0, eos_token_id=1, pad_token_id=None,
-    ),
-    "deepseek-v3.2-tiny": dict(
-        model_type="deepseek_v32", vocab_size=512, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
-        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=64, kv_lora_rank=64,
-        qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=8, n_shared_experts=1,
-        num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1, index_topk=32, index_n_heads=4,
-        index_head_dim=32, num_nextn_predict_layers=1, max_position_embeddings=4096, rms_norm_eps=1e-6,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, bos_token_id=0, eos_token_id=1,
-    ),
-    "deepseek-v3-tiny": dict(
-        model_type="deepseek_v3", vocab_size=512, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
-        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=64, kv_lora_rank=64,
-        qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=8, n_shared_experts=1,
-        num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1, num_nextn_predict_layers=1,
-        max_position_embeddings=4096, rms_norm_eps=1e-6, bos_token_id=0, eos_token_id=1,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-    ),
-    # A DeepSeek-V4-Flash-shaped toy: 2 sliding layers then CSA/HCA alternating, 3 hash-routed layers, 4 mHC
-    # streams, one MTP layer.
-    "deepseek-v4-tiny": dict(
-        model_type="deepseek_v4", vocab_size=512, hidden_size=128, moe_intermediate_size=64, num_hidden_layers=6,
-        num_attention_heads=4, num_key_value_heads=1, head_dim=64, partial_rotary_factor=0.25, q_lora_rank=64,
-        o_groups=2, o_lora_rank=32, index_n_heads=8, index_head_dim=32, index_topk=8, n_routed_experts=8,
-        num_experts_per_tok=2, sliding_window=16, hc_mult=4, num_hash_layers=3, num_nextn_predict_layers=1,
-        compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 16},
-        layer_types=["sliding_attention"] * 2 + ["compressed_sparse_attention", "heavily_compressed_attention"] * 2,
-        max_position_embeddings=4096, bos_token_id=0, eos_token_id=1,
-    ),
-}
+from dsalite.presets import PRESETS
 
 
 def cmd_create(args) -> int:
@@ -77,7 +38,7 @@ def cmd_verify(args) -> int:
 def cmd_convert(args) -> int:
     import torch
 
-    from dsalite.checkpoint.pretrained import convert
+    from dsalite.checkpoint.convert import convert
 
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     convert(args.src, args.dst, dtype=dtype, max_shard_bytes=int(args.max_shard_gb * 2**30))

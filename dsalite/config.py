@@ -14,10 +14,9 @@ import math
 import os
 from dataclasses import dataclass, field
 
+from dsalite import presets
+from dsalite.families import FAMILIES, family
 from dsalite.indexshare import indexer_schedule
-
-FAMILIES = ("glm_moe_dsa", "deepseek_v32", "deepseek_v3", "deepseek_v4")
-PLANNED_FAMILIES: tuple[str, ...] = ()
 
 
 class ConfigError(ValueError):
@@ -60,7 +59,7 @@ class ModelConfig:
     indexer_rope_interleave: bool = True  # GLM: interleaved; DeepSeek-V3.2: half-split
     indexer_types: list[str] = field(default_factory=list)  # "full" | "shared", trunk + MTP layers
     num_nextn_predict_layers: int = 0
-    # DeepSeek-V4 (see config_v4.py); inert defaults for the MLA families.
+    # DeepSeek-V4 (see families/deepseek_v4/config.py); inert defaults for the MLA families.
     layer_types: list[str] = field(default_factory=list)  # per trunk + MTP layer: sliding / CSA / HCA attention
     head_dim: int = 0  # V4's single shared K=V head width
     compress_rates: dict = field(default_factory=dict)  # layer type -> tokens per compressed entry
@@ -126,14 +125,11 @@ class ModelConfig:
     def from_hf(cls, d: dict) -> "ModelConfig":
         d = copy.deepcopy(d)
         mt = d.get("model_type")
-        if mt == "deepseek_v4":
-            from dsalite.config_v4 import from_hf_v4
-
-            return from_hf_v4(cls, d)
-        if mt in PLANNED_FAMILIES:
-            raise ConfigError(f"model_type={mt!r} is not supported yet (supported: {', '.join(FAMILIES)})")
         if mt not in FAMILIES:
             raise ConfigError(f"model_type={mt!r} is unknown; expected one of {', '.join(FAMILIES)}")
+        own = family(mt).config
+        if own is not None:
+            return own.from_hf(cls, d)
         defaults = _FAMILY_DEFAULTS[mt]
 
         def get(key, *aliases):
@@ -189,10 +185,9 @@ class ModelConfig:
 
     def to_hf(self) -> dict:
         """The HF config dict: `raw` with every field dsalite owns written back in the family's spelling."""
-        if self.model_type == "deepseek_v4":
-            from dsalite.config_v4 import to_hf_v4
-
-            return to_hf_v4(self)
+        own = family(self.model_type).config
+        if own is not None:
+            return own.to_hf(self)
         d = copy.deepcopy(self.raw)
         d.update(
             model_type=self.model_type, vocab_size=self.vocab_size, hidden_size=self.hidden_size,
@@ -244,10 +239,9 @@ class ModelConfig:
 
     # ----- checks -----
     def validate(self) -> None:
-        if self.model_type == "deepseek_v4":
-            from dsalite.config_v4 import validate_v4
-
-            return validate_v4(self)
+        own = family(self.model_type).config
+        if own is not None:
+            return own.validate(self)
         positive = [
             "vocab_size", "hidden_size", "moe_intermediate_size", "num_hidden_layers", "num_attention_heads",
             "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "num_experts_per_tok",
@@ -322,32 +316,11 @@ class ModelConfig:
             if not isinstance(v, int) or v < 0:
                 raise ConfigError(f"{name} must be a non-negative integer, got {v!r}")
 
-    # ----- presets used by tests, benches and the demo -----
+    # ----- the test presets (dsalite/presets.py) -----
     @classmethod
     def tiny(cls, model_type: str = "glm_moe_dsa", **overrides) -> "ModelConfig":
-        d = dict(_TINY_BASE)
-        d["model_type"] = model_type
-        if model_type == "deepseek_v32":
-            d.update(n_group=2, topk_group=1)
-        if model_type == "deepseek_v3":
-            for k in ("index_topk", "index_n_heads", "index_head_dim", "mlp_layer_types"):
-                d.pop(k, None)
-        if model_type == "deepseek_v4":
-            from dsalite.config_v4 import TINY_V4
+        return cls.from_hf(presets.tiny(model_type, **overrides))
 
-            d = dict(TINY_V4)
-        d.update(overrides)
-        return cls.from_hf(d)
-
-
-_TINY_BASE = dict(
-    vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=4,
-    num_attention_heads=4, num_key_value_heads=4, q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16,
-    qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
-    n_group=1, topk_group=1, first_k_dense_replace=1, index_topk=16, index_n_heads=8, index_head_dim=16,
-    max_position_embeddings=4096, rms_norm_eps=1e-5, routed_scaling_factor=2.5, num_nextn_predict_layers=1,
-    rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=False,
-)
 
 _COMMON_DEFAULTS = dict(
     n_shared_experts=1, norm_topk_prob=True, hidden_act="silu", attention_bias=False, tie_word_embeddings=False,

@@ -5,9 +5,23 @@ HF semantics (`GlmMoeDsaConfig.__post_init__`): an explicit `indexer_types` list
 freq 1, offset 2. GLM-5.2 (78 layers, freq 4, offset 3) gives 21 full layers at 0, 1, 2, 6, 10, …, 74.
 MTP layer k sits at global index L + k and follows the same rule (the GLM-5.2 MTP layer 78 is full).
 The top-k itself never lives here: a full layer returns it and the model hands it to the next layer explicitly.
+`None` as a top-k means "every visible key" (index_topk >= T, dense warm-up); `NOT_GIVEN` means no source layer ran,
+and a shared layer that receives it raises `IndexShareError` instead of silently attending densely.
 """
 
 from __future__ import annotations
+
+
+class IndexShareError(ValueError):
+    """A shared IndexShare layer ran without the top-k of its source layer."""
+
+
+class _NotGiven:
+    def __repr__(self) -> str:
+        return "NOT_GIVEN"
+
+
+NOT_GIVEN = _NotGiven()  # the top-k a block receives when no full layer ran before it in this forward
 
 
 def indexer_schedule(

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 
+from dsalite.families import family
 from dsalite.indexshare import source_layer
 from dsalite.layers.indexer import index_scores
 
@@ -74,11 +75,9 @@ def load_hf(path: str, dtype=torch.float32, experts_impl: str = "grouped_mm"):
 def default_seq_len(cfg) -> int:
     """Long enough that every full layer's selection drops keys: about 3× index_topk, at least 32.
     DeepSeek-V4: beyond the sliding window, two HCA entries, and ~3× index_topk CSA entries."""
-    if cfg.hyper:
-        from dsalite.config_v4 import CSA, HCA
-
-        return max(64, 2 * cfg.sliding_window + 1, 2 * cfg.compress_rates[HCA] + 1,
-                   (3 * cfg.index_topk + 1) * cfg.compress_rates[CSA])
+    own = family(cfg.model_type).verify
+    if own is not None:
+        return own.default_seq_len(cfg)
     return max(32, 3 * cfg.index_topk) if cfg.has_indexer else 64
 
 
@@ -120,11 +119,9 @@ def compare(path: str, seq_len: int | None = None, batch: int = 2, seed: int = 0
     ours_h[-1] = out.last_hidden
     for i in range(n):
         r = LayerReport(i, (ours_h[i] - ref.hidden_states[i + 1]).abs().max().item(), _indexer_label(cfg, i))
-        if i in hf_topk and cfg.hyper:
-            from dsalite.verify_v4 import fill_csa_topk
-
-            r.indexer = "csa"
-            fill_csa_topk(r, ours, i, hf_topk[i], out.hidden_states[i])
+        own = family(cfg.model_type).verify
+        if i in hf_topk and own is not None:
+            own.fill_topk(r, ours, i, hf_topk[i], out.hidden_states[i])
         elif i in hf_topk:
             _fill_topk(r, ours, i, out.topk[i], hf_topk[i], out.hidden_states[i], seq_len)
         rep.layers.append(r)
@@ -132,9 +129,9 @@ def compare(path: str, seq_len: int | None = None, batch: int = 2, seed: int = 0
 
 
 def _indexer_label(cfg, i: int) -> str:
-    if cfg.hyper:
-        return {"compressed_sparse_attention": "csa", "heavily_compressed_attention": "hca"}.get(
-            cfg.layer_types[i], "window")
+    own = family(cfg.model_type).verify
+    if own is not None:
+        return own.layer_label(cfg, i)
     if not cfg.has_indexer:
         return "-"
     if cfg.indexer_types[i] == "full":

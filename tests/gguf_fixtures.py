@@ -7,7 +7,8 @@ import os
 
 import torch
 
-from dsalite.config import _TINY_BASE, ModelConfig
+from dsalite.config import ModelConfig
+from dsalite.presets import TINY_MLA
 from dsalite.model import Transformer
 
 VOCAB = 320  # the byte-level alphabet (256) + specials + a few merges must fit
@@ -37,7 +38,7 @@ def make_tokenizer(path: str, vocab_size: int = VOCAB):
 
 def tiny_config(model_type: str, **overrides) -> ModelConfig:
     """The tiny test shape with an indexer head dim llama.cpp can run (64) and room for the tokenizer."""
-    d = dict(_TINY_BASE, model_type=model_type, vocab_size=VOCAB, index_head_dim=64, index_n_heads=16)
+    d = dict(TINY_MLA, model_type=model_type, vocab_size=VOCAB, index_head_dim=64, index_n_heads=16)
     if model_type == "deepseek_v32":
         d.update(n_group=2, topk_group=1)
     if model_type == "deepseek_v3":
@@ -99,7 +100,8 @@ def make_v4_checkpoint(path, seed: int = 0, fp4_experts: bool = False, **overrid
 
     from safetensors.torch import load_file, save_file
 
-    from dsalite.checkpoint import quant, v4
+    from dsalite.checkpoint import quant
+    from dsalite.families.deepseek_v4 import checkpoint as v4
     from dsalite.checkpoint.pretrained import from_pretrained
     from dsalite.model import build_model
 

@@ -3,7 +3,7 @@
 import pytest
 
 from dsalite.config import ConfigError, ModelConfig
-from dsalite.config_v4 import CSA, HCA, SLIDING, TINY_V4
+from dsalite.presets import CSA, HCA, SLIDING, TINY_V4
 
 _MLP = {"hash_moe": "hash", "moe": "sparse"}
 

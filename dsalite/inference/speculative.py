@@ -17,7 +17,7 @@ import time
 import torch
 
 from dsalite.inference.cache import LatentCache
-from dsalite.inference.engine import Runner, Stats, _left_pad, compiled
+from dsalite.inference.runner import Runner, Stats, compiled, left_pad
 from dsalite.inference.sampling import SamplingParams, probs, probs_and_sample
 from dsalite.layers.mask import Visibility
 
@@ -28,28 +28,29 @@ class MTPDrafter:
     def __init__(self, model, capacity: int, dtype, compile: bool = False):
         cfg = model.cfg
         self.model, self.layer = model, model.mtp[0]
-        self.cache = LatentCache(cfg, 1, capacity, layers=[cfg.num_hidden_layers], dtype=dtype)
+        self.cache = LatentCache(cfg, 1, capacity, layers=[cfg.num_hidden_layers], dtype=dtype,
+                                 device=model.head_weight().device)
         self._step = compiled(self._draft) if compile else self._draft
 
     @torch.no_grad()
-    def feed(self, h: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """h [1, n, D] post-norm hidden states, next_ids [1, n] → draft logits [1, V] of the last entry."""
+    def feed(self, h: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor, topk) -> torch.Tensor:
+        """h [1, n, D] post-norm hidden states, next_ids [1, n], topk: the main model's top-k of these positions
+        (`Runner.feed`'s, for an IndexShare-shared MTP layer) → draft logits [1, V] of the last entry."""
         n = h.shape[1]
-        self.cache.append_tokens(torch.ones(1, n, dtype=torch.bool), positions)
+        self.cache.append_tokens(torch.ones(1, n, dtype=torch.bool, device=h.device), positions)
         step = self._step if self.cache.seq_len else self._draft  # the prompt's entries run eagerly
-        logits = step(h, next_ids, positions, self.cache.seq_len, self.cache.valid(n))
+        logits = step(h, next_ids, positions, self.cache.seq_len, self.cache.valid(n), topk)
         self.cache.advance(n)
         return logits
 
-    def _draft(self, h, next_ids, positions, cached: int, valid):
+    def _draft(self, h, next_ids, positions, cached: int, valid, topk):
         """The MTP layer over n new entries after `cached` ones (an argument, so a compiled graph keeps it symbolic);
         logits [1, V] of the last entry."""
         self.cache.seq_len = cached
         n = h.shape[1]
         vis = Visibility(n, cached + n, cached, valid)
-        cos, sin = self.model.rope(positions, h.dtype)
-        _, logits, _ = self.layer.step(h, next_ids, cos, sin, vis, self.model.model.embed_tokens, self.model.head,
-                                       None, self.cache)
+        ctx = self.model.context(next_ids, positions, vis, h.dtype, self.cache)
+        _, logits, _ = self.layer.step(h, next_ids, ctx, self.model.model.embed_tokens, self.model.head, topk)
         return logits[:, -1]
 
 
@@ -64,18 +65,18 @@ def mtp_generate(model, input_ids, max_new_tokens, params: SamplingParams, eos: 
     if attention_mask is not None and not bool(attention_mask.bool().all()):
         input_ids = input_ids[:, attention_mask[0].bool()]
     S = input_ids.shape[1]
-    dtype = next(model.parameters()).dtype
-    cache = LatentCache(model.cfg, 1, S + max_new_tokens + 2, dtype=dtype)
+    dtype, dev = next(model.parameters()).dtype, input_ids.device
+    cache = LatentCache(model.cfg, 1, S + max_new_tokens + 2, dtype=dtype, device=dev)
     stats.cache_bytes_per_token = cache.bytes_per_token()
     runner = Runner(model, cache, prefill_chunk, compile)
     drafter = MTPDrafter(model, S + max_new_tokens + 2, dtype, compile)
 
     t0 = time.perf_counter()
-    valid, positions = _left_pad(input_ids, None)
-    logits, h = runner.feed(input_ids, valid, positions)
+    valid, positions = left_pad(input_ids, None)
+    logits, h, topk = runner.feed(input_ids, valid, positions, with_topk=True)
     _, t_m = probs_and_sample(logits[:, -1], params, gen)  # t_m: newest confirmed token
     new: list[int] = []
-    d_logits = drafter.feed(h, torch.cat([input_ids[:, 1:], t_m[:, None]], 1), positions)
+    d_logits = drafter.feed(h, torch.cat([input_ids[:, 1:], t_m[:, None]], 1), positions, topk)
     stats.prefill_tokens += S
     stats.prefill_s += time.perf_counter() - t0
 
@@ -91,8 +92,9 @@ def mtp_generate(model, input_ids, max_new_tokens, params: SamplingParams, eos: 
     done = emit(int(t_m))
     while not done:
         q, d = probs_and_sample(d_logits, params, gen)
-        pos = torch.tensor([[m, m + 1]])
-        logits, h = runner.feed(torch.stack([t_m, d], 1), torch.ones(1, 2, dtype=torch.bool), pos, all_logits=True)
+        pos = torch.tensor([[m, m + 1]], device=dev)
+        logits, h, topk = runner.feed(torch.stack([t_m, d], 1), torch.ones(1, 2, dtype=torch.bool, device=dev), pos,
+                                      all_logits=True, with_topk=True)
         stats.drafted += 1
         p0 = probs(logits[:, 0], params)
         if _accept(p0, q, d, params, gen):
@@ -101,7 +103,7 @@ def mtp_generate(model, input_ids, max_new_tokens, params: SamplingParams, eos: 
             done = emit(int(d)) or emit(int(bonus))
             if done:
                 break
-            d_logits = drafter.feed(h, torch.stack([d, bonus], 1), pos)
+            d_logits = drafter.feed(h, torch.stack([d, bonus], 1), pos, topk)
             t_m, m = bonus, m + 2
         else:
             cache.crop(cache.seq_len - 1)  # forget d's entry
@@ -109,17 +111,22 @@ def mtp_generate(model, input_ids, max_new_tokens, params: SamplingParams, eos: 
             done = emit(int(t_next))
             if done:
                 break
-            d_logits = drafter.feed(h[:, :1], t_next[:, None], pos[:, :1])
+            d_logits = drafter.feed(h[:, :1], t_next[:, None], pos[:, :1], _rows(topk, 1))
             t_m, m = t_next, m + 1
     stats.decode_s += time.perf_counter() - t0
-    return torch.cat([input_ids, torch.tensor([new], dtype=input_ids.dtype)], 1)
+    return torch.cat([input_ids, torch.tensor([new], dtype=input_ids.dtype, device=dev)], 1)
+
+
+def _rows(topk, n: int):
+    """The first n query rows of a top-k handed on to the drafter (None / NOT_GIVEN pass through)."""
+    return topk[:, :n] if isinstance(topk, torch.Tensor) else topk
 
 
 def _accept(p: torch.Tensor, q: torch.Tensor, d: torch.Tensor, params: SamplingParams, gen) -> bool:
     if params.greedy:
         return bool(p.argmax(-1) == d)
     ratio = (p[0, d] / q[0, d].clamp(min=1e-20)).clamp(max=1.0)
-    return bool(torch.rand(1, generator=gen) < ratio)
+    return bool(torch.rand(1, generator=gen, device=p.device) < ratio)
 
 
 def _resample(p: torch.Tensor, q: torch.Tensor, params: SamplingParams, gen) -> torch.Tensor:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dsalite.checkpoint.hf import read_chat_template
+from dsalite.checkpoint.io import read_chat_template
 
 
 class TokenizerNotFound(FileNotFoundError):
@@ -83,7 +83,7 @@ def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
 def run(args) -> int:
     """`dsalite generate`: see cli.py for the options."""
     import dsalite
-    from dsalite.inference.engine import Stats
+    from dsalite.inference.runner import Stats
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -6,6 +6,8 @@ import torch
 from torch import nn
 
 from dsalite.config import ModelConfig
+from dsalite.indexshare import NOT_GIVEN
+from dsalite.layers.context import Context
 from dsalite.layers.mla import MLA
 from dsalite.layers.moe import MLP, MoE
 from dsalite.layers.norm import RMSNorm
@@ -23,9 +25,9 @@ class Block(nn.Module):
         else:
             self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, vis, topk_in=None, cache=None, dsa=None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Returns the new hidden state and the top-k this layer used (the next shared layer reuses it)."""
-        a, topk = self.self_attn(self.input_layernorm(x), cos, sin, vis, topk_in, cache, dsa)
+    def forward(self, x: torch.Tensor, ctx: Context, topk_in=NOT_GIVEN) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x [B,S,D] → (new hidden state, the top-k this layer used; the next shared layer reuses it)."""
+        a, topk = self.self_attn(self.input_layernorm(x), ctx, topk_in)
         x = x + a
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, topk

@@ -17,12 +17,13 @@ class Visibility:
     offset: int = 0
     key_valid: torch.Tensor | None = None  # [B, T] bool, False = padding
     segments: torch.Tensor | None = None  # [B, T] int, keys of another document are invisible
+    device: torch.device | str | None = None  # where masks are built when neither tensor above is given
 
     def __post_init__(self):
         self._blocks: dict[tuple[int, int, int, int], torch.Tensor] = {}  # small blocks, shared by the layers
         # an all-True key_valid (later chunks of an unpadded prefill) hides nothing: found once per forward (a
         # compiled decode step assumes it may hide keys instead of branching on the data)
-        self._hides_keys = self.key_valid is not None and (
+        self.hides_keys = self.key_valid is not None and (
             torch.compiler.is_compiling() or not bool(self.key_valid.all()))
 
     @property
@@ -45,12 +46,12 @@ class Visibility:
         """(k0, k1): every query of s0..s1-1 sees all keys before k0 and none from k1 on (causal order), so only keys
         k0..k1-1 need the mask. Padding or documents can hide any key: then k0 = 0."""
         k1 = min(self.num_keys, self.offset + s1)
-        plain = not self._hides_keys and self.segments is None
+        plain = not self.hides_keys and self.segments is None
         return (min(k1, self.offset + s0 + 1) if plain else 0), k1
 
     def _make(self, s0: int, s1: int, k0: int, k1: int) -> torch.Tensor:
         dev = self.key_valid.device if self.key_valid is not None else (
-            self.segments.device if self.segments is not None else None)
+            self.segments.device if self.segments is not None else self.device)
         qi = torch.arange(self.offset + s0, self.offset + s1, device=dev)
         ki = torch.arange(k0, k1, device=dev)
         m = (ki[None, :] <= qi[:, None])[None]

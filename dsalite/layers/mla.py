@@ -13,9 +13,10 @@ import torch
 from torch import nn
 
 from dsalite.config import ModelConfig
+from dsalite.indexshare import NOT_GIVEN, IndexShareError, source_layer
+from dsalite.layers.context import Context
 from dsalite.layers.indexer import Indexer
 from dsalite.layers.linear import Linear, head_matmul
-from dsalite.layers.mask import Visibility
 from dsalite.layers.norm import RMSNorm
 from dsalite.layers.rope import apply_rope
 from dsalite.layers.sparse_attention import dense_attention, kernel_ready, sparse_attention
@@ -44,6 +45,8 @@ class MLA(nn.Module):
         self.o_proj = Linear(H * cfg.v_head_dim, D, bias=bias)
         self.indexer_type = cfg.layer_indexer_type(layer_idx)  # None (no DSA) | "full" | "shared"
         self.index_topk = cfg.index_topk
+        if self.indexer_type == "shared":
+            self.source = source_layer(cfg.indexer_types, layer_idx)
         if self.indexer_type == "full":
             self.indexer = Indexer(D, cfg.q_lora_rank, cfg.index_n_heads, cfg.index_head_dim, cfg.qk_rope_head_dim,
                                    cfg.index_topk, cfg.indexer_rope_interleave)
@@ -51,14 +54,11 @@ class MLA(nn.Module):
     def forward(
         self,
         x: torch.Tensor,  # [B, S, D]
-        cos: torch.Tensor,  # [B, S, p/2]
-        sin: torch.Tensor,
-        vis: Visibility,
-        topk_in: torch.Tensor | None = None,  # [B, S, K] from the most recent full layer (shared layers only)
-        cache=None,
-        dsa=None,  # training.losses.DSATraining: dense-attention switch and indexer-loss collector, per forward
+        ctx: Context,  # rope["main"] (cos, sin) [B, S, p/2], visibility, cache, DSA training collector
+        topk_in=NOT_GIVEN,  # [B, S, K] from the most recent full layer (read by shared layers only)
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, S, _ = x.shape
+        (cos, sin), vis, cache, dsa = ctx.rope["main"], ctx.vis, ctx.cache, ctx.dsa
         H, n, p = self.n_heads, self.nope, self.rope
         if hasattr(self, "q_proj"):
             q_resid, q = None, self.q_proj(x)
@@ -124,6 +124,10 @@ class MLA(nn.Module):
         if self.indexer_type is None:
             return None, None
         if self.indexer_type == "shared":
+            if topk_in is NOT_GIVEN:
+                raise IndexShareError(
+                    f"layer {self.layer_idx} is an IndexShare 'shared' layer but was given no top-k: its source, "
+                    f"layer {self.source}, must run before it in the same forward (or its top-k be passed in)")
             return topk_in, None
         if dsa is not None:  # Megatron-Core isolation: the indexer learns only from its own loss
             x, q_resid = x.detach(), q_resid.detach()

@@ -13,6 +13,8 @@ import torch
 from torch import nn
 
 from dsalite.config import ModelConfig
+from dsalite.indexshare import NOT_GIVEN
+from dsalite.layers.context import Context
 from dsalite.layers.block import Block
 from dsalite.layers.linear import Linear
 from dsalite.layers.norm import RMSNorm
@@ -37,10 +39,10 @@ class MTPLayer(Block):
         if own_embeddings:
             self.embed_tokens = nn.Embedding(cfg.vocab_size, D)
 
-    def step(self, h, next_ids, cos, sin, vis, main_embed, main_head, topk_in=None, cache=None, dsa=None):
+    def step(self, h, next_ids, ctx: Context, main_embed, main_head, topk_in=NOT_GIVEN):
         """h [B,S,D] from the previous depth, next_ids [B,S] → (hidden [B,S,D], logits [B,S,V], top-k)."""
         embed = getattr(self, "embed_tokens", main_embed)
         head = getattr(self.shared_head, "head", main_head)
         x = self.eh_proj(torch.cat([self.enorm(embed(next_ids)), self.hnorm(h)], dim=-1))
-        x, topk = super().forward(x, cos, sin, vis, topk_in, cache, dsa)
+        x, topk = super().forward(x, ctx, topk_in)
         return x, head(self.shared_head.norm(x)), topk

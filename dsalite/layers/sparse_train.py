@@ -65,7 +65,6 @@ class MaskedAttention(torch.autograd.Function):
     as the gather path does."""
 
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cpu", cast_inputs=torch.float32)
     def forward(ctx, q, k, v, idx, scale: float):
         """q [B,S,H,D], k [B,Hk,T,D], v [B,Hk,T,Dv], idx [B,S,K] → [B,S,H,Dv]."""
         B, S, H, _ = q.shape
@@ -92,7 +91,6 @@ class MaskedAttention(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.amp.custom_bwd(device_type="cpu")
     def backward(ctx, dout):
         q, k, v, idx, p_sel = ctx.saved_tensors
         scale = ctx.scale
@@ -125,4 +123,8 @@ def masked_attention(q, k, v, idx, scale: float) -> torch.Tensor:
         vh = kh[..., :dv]
     else:
         vh = v.transpose(1, 2).contiguous()
-    return MaskedAttention.apply(q, kh, vh, idx, scale)
+    dev = q.device.type
+    if not torch.is_autocast_enabled(dev):
+        return MaskedAttention.apply(q, kh, vh, idx, scale)
+    with torch.autocast(dev, enabled=False):  # under autocast (any device) the selection's softmax runs in fp32
+        return MaskedAttention.apply(q.float(), kh.float(), vh.float(), idx, scale)

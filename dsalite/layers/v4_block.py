@@ -13,33 +13,20 @@ cost ∝ S·(Wn + k), never an S×S mask.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from dsalite.config import ModelConfig
-from dsalite.config_v4 import CSA, HCA
+from dsalite.indexshare import NOT_GIVEN
+from dsalite.layers.context import Context
+from dsalite.presets import CSA, HCA
 from dsalite.layers.compressor import CSACompressor, HCACompressor
 from dsalite.layers.hyper import HyperConnection, HyperHead, expand
 from dsalite.layers.linear import Linear
-from dsalite.layers.mask import Visibility
 from dsalite.layers.moe import MoE
 from dsalite.layers.norm import RMSNormF32, unweighted_rms_norm
 from dsalite.layers.rope import apply_rope_trailing
 from dsalite.layers.window_attention import window_attention
-
-
-@dataclass
-class V4Inputs:
-    """What every V4 block needs besides the streams, computed once per forward."""
-
-    input_ids: torch.Tensor  # [B, S] (hash routing)
-    positions: torch.Tensor  # [B, S]
-    rope: dict  # "main" / "compress" -> (cos, sin) [B, S, p/2] at the positions
-    tables: dict  # "main" / "compress" -> (inv_freq [p/2], scale), for compressed entries' positions
-    vis: Visibility
-    cache: object | None = None  # `inference.cache_v4.V4Cache`: the window and compressor state of earlier tokens
 
 
 class GroupedLinear(nn.Module):
@@ -78,31 +65,37 @@ class V4Attention(nn.Module):
         elif self.kind == HCA:
             self.compressor = HCACompressor(D, c, cfg.compress_rates[HCA], eps)
 
-    def forward(self, x: torch.Tensor, inp: V4Inputs) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
         B, S, _ = x.shape
         H, c = self.n_heads, self.head_dim
-        cos, sin = inp.rope[self.rope_label]
+        cos, sin = ctx.rope[self.rope_label]
         cos_h, sin_h = cos[:, :, None], sin[:, :, None]
         q_resid = self.q_a_norm(self.q_a_proj(x))  # [B, S, q_lora]
         q = unweighted_rms_norm(self.q_b_proj(q_resid).view(B, S, H, c), self.eps)  # q_b_norm
         q = apply_rope_trailing(q, cos_h, sin_h)  # [B, S, H, c]
         kv = apply_rope_trailing(self.kv_norm(self.kv_proj(x)), cos, sin)  # [B, S, c]
-        cache = inp.cache
-        self._check(S, inp.vis, cache)
+        cache = ctx.cache
+        self._check(S, ctx.vis, cache)
         keys = kv if cache is None else cache.update_window(self.layer_idx, kv)  # [B, T, c], T ≥ S
         entries = picks = None
         if hasattr(self, "compressor"):  # entries [B, E, c], picks [B, S, K] (−1 = none)
             states = None if cache is None else cache.compressor_states(self.layer_idx)
-            entries, picks = self.compressor.entries(x, q_resid, cos, sin, inp.positions, inp.tables["compress"],
+            entries, picks = self.compressor.entries(x, q_resid, cos, sin, ctx.positions, ctx.tables["compress"],
                                                      states)
-        o = window_attention(q, keys, self.window, c**-0.5, self.sinks, entries, picks, inp.vis.key_valid)
+        key_valid = ctx.vis.key_valid if cache is None else None  # a cache holds no padding (V4Cache checks)
+        o = window_attention(q, keys, self.window, c**-0.5, self.sinks, entries, picks, key_valid)
         o = apply_rope_trailing(o, cos_h, -sin_h)  # undo the values' rope
         o = self.o_a_proj(o.reshape(B, S, self.o_a_proj.groups, -1)).flatten(2)  # [B, S, G·r]
         return self.o_b_proj(o)
 
     @staticmethod
-    def _check(S: int, vis: Visibility, cache) -> None:
+    def _check(S: int, vis, cache) -> None:
         """Padding (`key_valid`) hides window keys only, as in HF; packed documents are refused."""
+        if cache is not None and not hasattr(cache, "update_window"):
+            raise ValueError(f"deepseek_v4 needs its own cache (families/deepseek_v4/cache.py V4Cache), "
+                             f"got {type(cache).__name__}")
+        if cache is not None and vis.hides_keys:
+            raise ValueError("deepseek_v4 with a cache: attention_mask must be all ones (no padding)")
         if cache is None and (vis.offset or vis.num_keys != S):
             raise ValueError("deepseek_v4 attention without a cache sees exactly the given tokens (offset 0)")
         if vis.segments is not None:
@@ -123,11 +116,12 @@ class HyperBlock(nn.Module):
         self.post_attention_layernorm = RMSNormF32(D, eps)
         self.mlp = MoE(cfg, router="hash" if cfg.layer_mlp_type(layer_idx) == "hash" else cfg.scoring_func)
 
-    def forward(self, x: torch.Tensor, inp: V4Inputs) -> torch.Tensor:  # [B, S, N, D] -> same
+    def forward(self, x: torch.Tensor, ctx: Context, topk_in=NOT_GIVEN) -> tuple[torch.Tensor, None]:
+        """x [B, S, N, D] -> (same shape, None): CSA picks its entries inside the layer, nothing is shared."""
         post, comb, h = self.attn_hc(x)
-        x = expand(x, post, comb, self.self_attn(self.input_layernorm(h), inp))
+        x = expand(x, post, comb, self.self_attn(self.input_layernorm(h), ctx))
         post, comb, h = self.ffn_hc(x)
-        return expand(x, post, comb, self.mlp(self.post_attention_layernorm(h), inp.input_ids))
+        return expand(x, post, comb, self.mlp(self.post_attention_layernorm(h), ctx.input_ids)), None
 
 
 class HyperMTPLayer(HyperBlock):
@@ -135,8 +129,8 @@ class HyperMTPLayer(HyperBlock):
     on every stream, one V4 block, then its own hc_head and norm before the shared head. h is the main model's last
     streams before its hc_head. HF transformers does not build it."""
 
-    def __init__(self, cfg: ModelConfig, depth: int):
-        super().__init__(cfg, cfg.num_hidden_layers + depth)
+    def __init__(self, cfg: ModelConfig, depth: int, own_embeddings: bool = True):
+        super().__init__(cfg, cfg.num_hidden_layers + depth)  # V4 checkpoints carry no MTP embeddings or head
         D, eps = cfg.hidden_size, cfg.rms_norm_eps
         self.e_proj = Linear(D, D, bias=False)
         self.h_proj = Linear(D, D, bias=False)
@@ -145,8 +139,8 @@ class HyperMTPLayer(HyperBlock):
         self.norm = RMSNormF32(D, eps)
         self.hc_head = HyperHead(cfg.hc_mult, D, cfg.hc_eps, eps)
 
-    def step(self, streams, next_ids, inp: V4Inputs, embed, head):
-        """streams [B,S,N,D], next_ids [B,S] → (new streams, logits [B,S,V])."""
+    def step(self, streams, next_ids, ctx: Context, embed, head, topk_in=NOT_GIVEN):
+        """streams [B,S,N,D], next_ids [B,S] → (new streams, logits [B,S,V], None)."""
         x = self.e_proj(self.enorm(embed(next_ids))).unsqueeze(2) + self.h_proj(self.hnorm(streams))
-        x = super().forward(x, V4Inputs(next_ids, inp.positions, inp.rope, inp.tables, inp.vis))
-        return x, head(self.norm(self.hc_head(x)))
+        x, _ = super().forward(x, ctx)
+        return x, head(self.norm(self.hc_head(x))), None

@@ -126,6 +126,9 @@ class Batch:
     positions: torch.Tensor  # [B, L] position inside its document
     loss_mask: torch.Tensor  # [B, L] bool, False = not a training target (prompt, BOS)
 
+    def to(self, device) -> "Batch":
+        return Batch(*(t.to(device) for t in (self.tokens, self.segments, self.positions, self.loss_mask)))
+
 
 class PackedTokens:
     """Fixed windows of L = S + 1 + n_mtp consecutive tokens over the packed token file (stride S)."""

@@ -78,7 +78,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             total += ((lse - logits.gather(1, safe[:, None]).squeeze(1)) * valid).sum()
             if need_h or need_w:
                 g = logits.sub_(lse[:, None]).exp_()  # softmax, in place
-                g[torch.arange(g.shape[0]), safe] -= 1.0
+                g[torch.arange(g.shape[0], device=g.device), safe] -= 1.0
                 g.mul_(valid[:, None])
                 if need_h:
                     blas.mm(g, w, out=grad_h[c0 : c0 + chunk])

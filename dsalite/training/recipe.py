@@ -64,6 +64,7 @@ class TrainSection:
     save_every: int = 50
     keep_last: int = 2
     threads: int = 0  # torch threads; 0 = leave as is
+    device: str = "cpu"  # where the model trains ("cpu", "cuda", "cuda:1", ...); autocast follows its type
 
 
 @dataclass

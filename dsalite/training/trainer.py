@@ -21,7 +21,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils.checkpoint import checkpoint
 
+from dsalite import presets
 from dsalite.config import ModelConfig
+from dsalite.indexshare import NOT_GIVEN
 from dsalite.layers.moe import Router
 from dsalite.model import Transformer
 from dsalite.training import checkpointing, data as D
@@ -31,20 +33,33 @@ from dsalite.training.recipe import Recipe
 # ----- model setup -----
 
 
+# model_types the trainer cannot train yet: refused before the first step, by name
+UNTRAINABLE = {"deepseek_v4": "DeepSeek-V4 training (mHC streams, compressed attention and its indexer loss, hash "
+                              "routing) is not implemented yet; it loads, matches transformers and decodes"}
+
+
 def build_model(r: Recipe) -> Transformer:
     if r.model.init_from:
         from dsalite.checkpoint.pretrained import from_pretrained
 
+        cfg = ModelConfig.from_file(r.model.init_from)
+        _check_trainable(cfg, f"model.init_from={r.model.init_from!r}")
         return from_pretrained(r.model.init_from, dtype=torch.float32)
-    from dsalite.cli import PRESETS
-
-    if r.model.preset not in PRESETS:
-        raise ValueError(f"recipe key model.preset={r.model.preset!r} is unknown; expected one of {sorted(PRESETS)}")
-    hf = dict(PRESETS[r.model.preset], vocab_size=r.data.vocab_size)
+    if r.model.preset not in presets.PRESETS:
+        raise ValueError(f"recipe key model.preset={r.model.preset!r} is unknown; expected one of "
+                         f"{sorted(presets.PRESETS)}")
+    hf = dict(presets.PRESETS[r.model.preset], vocab_size=r.data.vocab_size)
     hf.update(r.model.overrides)
-    model = Transformer(ModelConfig.from_hf(hf))
+    cfg = ModelConfig.from_hf(hf)
+    _check_trainable(cfg, f"model.preset={r.model.preset!r}")
+    model = Transformer(cfg)
     model.init_weights(std=r.model.init_std, generator=torch.Generator().manual_seed(r.model.seed))
     return model
+
+
+def _check_trainable(cfg: ModelConfig, where: str) -> None:
+    if cfg.model_type in UNTRAINABLE:
+        raise ValueError(f"{where}: model_type={cfg.model_type!r} cannot be trained: {UNTRAINABLE[cfg.model_type]}")
 
 
 def is_indexer_param(name: str) -> bool:
@@ -71,10 +86,10 @@ def enable_recompute(model: Transformer) -> None:
     for block in model.model.layers.values():
         plain = block.forward
 
-        def forward(x, cos, sin, vis, topk_in=None, cache=None, dsa=None, _plain=plain):
+        def forward(x, ctx, topk_in=NOT_GIVEN, _plain=plain):
             if not torch.is_grad_enabled():
-                return _plain(x, cos, sin, vis, topk_in, cache, dsa)
-            return checkpoint(_plain, x, cos, sin, vis, topk_in, cache, dsa, use_reentrant=False)
+                return _plain(x, ctx, topk_in)
+            return checkpoint(_plain, x, ctx, topk_in, use_reentrant=False)
 
         block.forward = forward
 
@@ -173,7 +188,8 @@ class Trainer:
         r = self.recipe
         if r.train.threads:
             torch.set_num_threads(r.train.threads)
-        self.model = build_model(r)
+        self.device = torch.device(r.train.device)
+        self.model = build_model(r).to(self.device)
         self.n_mtp = self.model.cfg.num_nextn_predict_layers if r.train.mtp_coeff > 0 else 0
         freeze_for_stage(self.model, r)
         if r.train.recompute:
@@ -195,18 +211,20 @@ class Trainer:
         r, m = self.recipe, self.model
         S = r.data.seq_len
         t = r.train
+        b = b.to(self.device)
         ids, seg, pos = b.tokens[:, :S], b.segments[:, :S], b.positions[:, :S]
         dsa = DSATraining(dense_attention=r.dense_attention, sparse_target=not r.dense_attention) if self.use_kl \
             else None
         self.stats.begin(ids.shape[0])
-        amp = torch.autocast("cpu", dtype=torch.bfloat16) if t.bf16 else nullcontext()
+        amp = torch.autocast(self.device.type, dtype=torch.bfloat16) if t.bf16 else nullcontext()
         cached = parametrize.cached() if any(parametrize.is_parametrized(x) for x in m.modules()) else nullcontext()
         with amp, cached:
             out = m(ids, position_ids=pos, segment_ids=seg, dsa=dsa, compute_logits=False)
             labels = shifted_labels(b.tokens, b.segments, b.loss_mask, S, 1)
             named = {"ce": head_lm_loss(m, out.last_hidden, labels)}  # no [B, S, V] logits kept
             if self.n_mtp:
-                mtp_logits = m.mtp_forward(out.last_hidden, b.tokens[:, 1:S + 1], pos, segment_ids=seg, dsa=dsa)
+                mtp_logits = m.mtp_forward(out.mtp_input, b.tokens[:, 1:S + 1], pos, segment_ids=seg, dsa=dsa,
+                                           topk=out.topk)
                 labels = [shifted_labels(b.tokens, b.segments, b.loss_mask, S, 2 + d) for d in range(self.n_mtp)]
                 for d, lab in enumerate(labels):  # the last d positions read a padded input id (mtp_forward)
                     if d:

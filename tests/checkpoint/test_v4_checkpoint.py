@@ -11,9 +11,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dsalite.checkpoint import quant, v4
-from dsalite.checkpoint.hf import CheckpointError
-from dsalite.checkpoint.pretrained import convert, from_pretrained
+from dsalite.checkpoint import quant
+from dsalite.families.deepseek_v4 import checkpoint as v4
+from dsalite.checkpoint.convert import convert
+from dsalite.checkpoint.io import CheckpointError
+from dsalite.checkpoint.pretrained import from_pretrained
 from dsalite.config import ModelConfig
 from dsalite.model import build_model
 from test_pretrained import assert_same_bytes, disk_tensors

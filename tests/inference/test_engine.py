@@ -6,7 +6,7 @@ import torch
 import dsalite
 from dsalite.checkpoint.pretrained import from_pretrained
 from dsalite.inference.cache import LatentCache
-from dsalite.inference.engine import Runner, Stats
+from dsalite.inference.runner import Runner, Stats
 from dsalite.verify import compare
 from hf_fixtures import make_checkpoint
 

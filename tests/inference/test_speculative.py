@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import dsalite
-from dsalite.cli import PRESETS
+from dsalite.presets import PRESETS
 from dsalite.config import ModelConfig
-from dsalite.inference.engine import Stats
+from dsalite.inference.runner import Stats
 from dsalite.inference.sampling import SamplingParams
 from dsalite.inference.speculative import _accept, _resample
 from dsalite.model import Transformer
@@ -44,8 +44,8 @@ def test_speculative_accepts_when_the_draft_is_right(mtp_model):
     import dsalite.inference.speculative as spec
 
     class Oracle(spec.MTPDrafter):
-        def feed(self, h, next_ids, positions):
-            super().feed(h, next_ids, positions)
+        def feed(self, h, next_ids, positions, topk):
+            super().feed(h, next_ids, positions, topk)
             nxt = int(positions[0, -1]) + 2  # the entry at position i drafts token i + 2
             logits = torch.full((1, 512), -1e9)
             logits[0, plain[0, nxt] if nxt < plain.shape[1] else 0] = 0

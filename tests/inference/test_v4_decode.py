@@ -10,9 +10,9 @@ import torch
 import dsalite
 from dsalite.checkpoint.pretrained import from_pretrained
 from dsalite.cli import main as cli_main
-from dsalite.config_v4 import CSA, HCA
-from dsalite.inference.cache_v4 import V4Cache
-from dsalite.inference.engine import Runner, Stats, new_cache
+from dsalite.presets import CSA, HCA
+from dsalite.families.deepseek_v4.cache import V4Cache
+from dsalite.inference.runner import Runner, Stats, new_cache
 from dsalite.verify import compare
 from v4_fixtures import make_v4_checkpoint
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dsalite.checkpoint.pretrained import from_pretrained
-from dsalite.config_v4 import CSA, HCA
+from dsalite.presets import CSA, HCA
 from dsalite.layers.rope import inv_freq_and_scale
 from dsalite.verify import compare, default_seq_len
 from v4_fixtures import CASES, make_v4_checkpoint

@@ -68,7 +68,8 @@ def test_indexer_kl_matches_dense_reference(sparse):
     assert sorted(losses) == [0, 1, 3]  # layer 2 is shared: no indexer, no KL term
     with torch.no_grad():
         for i, got in losses.items():
-            x, cos, sin = inputs[i][:3]
+            x, ctx = inputs[i][:2]
+            cos, sin = ctx.rope["main"]
             ref = reference_kl(m.model.layers[str(i)].self_attn, x, cos, sin, out.topk[i] if sparse else None)
             assert got.item() > 1e-4
             torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from dsalite.config import ModelConfig
-from dsalite.config_v4 import CSA, HCA
+from dsalite.presets import CSA, HCA
 
 
 class CompressorState:

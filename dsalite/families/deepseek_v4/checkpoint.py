@@ -1,4 +1,4 @@
-"""DeepSeek-V4 checkpoint names: one declarative table, two on-disk layouts, load and save through `hf.py`.
+"""DeepSeek-V4 checkpoint names: one declarative table, two on-disk layouts, load and save through the shared code.
 
 Layouts (hf-reference §7): "original" is DeepSeek's release (`embed.weight`, `layers.N.attn.wq_a.weight`,
 `attn.kv_norm`, `ffn.experts.E.w1`, `hc_head_fn`, `head.weight`, `mtp.K.*`; FP8 weights carry `X.scale`, FP4 experts
@@ -6,21 +6,26 @@ are int8 pairs with an E8M0 `X.scale` per 32 columns). "hf" is what transformers
 same inner names under `model.` with `model.embed_tokens`, `model.norm`, `model.hc_head.hc_*`, the main kv norm as
 `attn.norm`, and no MTP (HF drops it; we write it as `mtp.K.*`, which HF ignores on load).
 In memory dsalite uses HF's module names (`model.layers.N.self_attn.q_a_proj.weight`, fused `mlp.experts.gate_up_proj`).
-Loading presents the disk tensors to `hf.load_state_dict` under the names it already understands (per-expert
-`mlp.experts.E.{gate,up,down}_proj.weight`, `X.weight_scale_inv`, MTP at `model.layers.{L+k}`), so validation,
-expert fusion and FP8/FP4 dequantisation are the shared ones; errors are translated back to the names on disk.
+Loading presents the disk tensors to `checkpoint/load.py` under the names it already understands (`checkpoint/names.py`:
+per-expert `mlp.experts.E.{gate,up,down}_proj.weight`, `X.weight_scale_inv`, MTP at `model.layers.{L+k}`), so
+validation, expert fusion and FP8/FP4 dequantisation are the shared ones; errors are translated back to the names on
+disk. The hooks `from_pretrained` and `save_pretrained` call: `on_disk`, `load`, `save`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import re
 
 import torch
 
-from dsalite.checkpoint import hf
+from dsalite.checkpoint.io import CheckpointError, CheckpointReader
+from dsalite.checkpoint.load import OnDisk, load_state_dict
+from dsalite.checkpoint.names import SCALE_SUFFIX
+from dsalite.checkpoint.save import save_state_dict
 
 LAYOUTS = ("original", "hf")
-FAMILIES = ("deepseek_v4",)  # model_types whose checkpoints use this table
 
 # (dsalite name, original name, hf name) at the top level.
 TOP = [
@@ -124,10 +129,10 @@ def to_disk(name: str, layout: str, L: int) -> str | None:
 
 def from_disk(disk: str, layout: str, L: int) -> str | None:
     """dsalite (virtual) name of a disk tensor, `X.weight_scale_inv` for a scale; None when the name is unknown."""
-    if disk.endswith(_ORIG_SCALE) or disk.endswith(hf.SCALE_SUFFIX):
-        base = disk[: -len(_ORIG_SCALE)] + ".weight" if disk.endswith(_ORIG_SCALE) else disk[: -len(hf.SCALE_SUFFIX)]
+    if disk.endswith(_ORIG_SCALE) or disk.endswith(SCALE_SUFFIX):
+        base = disk[: -len(_ORIG_SCALE)] + ".weight" if disk.endswith(_ORIG_SCALE) else disk[: -len(SCALE_SUFFIX)]
         w = from_disk(base, layout, L)
-        return None if w is None else w + hf.SCALE_SUFFIX
+        return None if w is None else w + SCALE_SUFFIX
     top, block, extra = _TABLES[layout]
     hit = _translate(disk, top, 2)
     if hit:
@@ -152,9 +157,9 @@ def detect_layout(keys) -> str:
 
 
 class RenamedReader:
-    """A CheckpointReader seen through the V4 table: keys are dsalite names (`hf.py` conventions)."""
+    """A CheckpointReader seen through the V4 table: keys are dsalite disk names (`checkpoint/names.py`)."""
 
-    def __init__(self, reader: "hf.CheckpointReader", layout: str, L: int):
+    def __init__(self, reader: CheckpointReader, layout: str, L: int):
         self.reader, self.path, self.layout, self.L = reader, reader.path, layout, L
         self.to_real: dict[str, str] = {}
         self.unknown: list[str] = []
@@ -201,65 +206,60 @@ def mtp_state(reader: RenamedReader, L: int, n_mtp: int) -> str:
     return "present" if n_mtp and any(k.startswith(prefixes) for k in reader.keys()) else "absent"
 
 
-def load(reader: RenamedReader, cfg, expected: dict, dtype) -> dict[str, torch.Tensor]:
-    if reader.unknown:
-        raise hf.CheckpointError(f"{reader.path}: {len(reader.unknown)} tensors are not DeepSeek-V4 names "
-                                 f"({reader.layout} layout), e.g. {', '.join(reader.unknown[:5])}")
-    L = cfg.num_hidden_layers
-    for i, t in enumerate(cfg.mlp_types):
-        name = f"model.layers.{i}.mlp.gate.tid2eid"
-        if t == "hash" and name in expected and name not in reader:
-            raise hf.CheckpointError(
-                f"{reader.path}: {to_disk(name, reader.layout, L)}: missing; layer {i} is hash-routed "
-                f"(mlp_layer_types[{i}] = 'hash_moe') and cannot route without its token→expert table")
-    try:
-        return hf.load_state_dict(reader, cfg, expected, dtype=dtype)
-    except hf.CheckpointError as e:
-        raise hf.CheckpointError(reader.real_names(str(e))) from None
-
-
-def save(path: str, cfg, state_dict, layout: str = "hf", **kwargs) -> None:
-    """Write a V4 checkpoint in `layout` ('original' DeepSeek names, or 'hf' as transformers saves it)."""
-    if layout not in LAYOUTS:
-        raise hf.CheckpointError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    L = cfg.num_hidden_layers
-
-    def rename(virtual: str) -> str:
-        real = to_disk(virtual, layout, L)
-        if real is None:
-            raise hf.CheckpointError(f"{virtual}: has no DeepSeek-V4 {layout}-layout name")
-        return real
-
-    hf.save_state_dict(path, cfg, state_dict, rename=rename, **kwargs)
-
-
-def from_pretrained(path: str, cfg, dtype, device):
-    """`pretrained.from_pretrained` for V4: either layout, FP8/FP4 dequantised, MTP loaded when on disk."""
-    import dataclasses
-    import logging
-
-    from dsalite.model import build_model
-
-    L = cfg.num_hidden_layers
-    raw = hf.CheckpointReader(path)
-    reader = RenamedReader(raw, detect_layout(raw.keys()), L)
-    if cfg.num_nextn_predict_layers and mtp_state(reader, L, cfg.num_nextn_predict_layers) == "absent":
+def on_disk(reader: CheckpointReader, cfg) -> OnDisk:
+    """Either layout seen through the table; the config without its MTP layer when none is on disk."""
+    L, n_mtp = cfg.num_hidden_layers, cfg.num_nextn_predict_layers
+    view = RenamedReader(reader, detect_layout(reader.keys()), L)
+    if n_mtp and mtp_state(view, L, n_mtp) == "absent":
         logging.getLogger("dsalite").warning(
             "%s declares num_nextn_predict_layers=%d but holds no mtp.* weights (transformers drops them on save); "
-            "loading without the MTP layer", path, cfg.num_nextn_predict_layers)
+            "loading without the MTP layer", reader.path, n_mtp)
         cfg = dataclasses.replace(cfg, num_nextn_predict_layers=0, layer_types=cfg.layer_types[:L])
-    with torch.device("meta"):
-        model = build_model(cfg)
+    return OnDisk(view, cfg, layout=view.layout)
+
+
+def _expected(state: dict[str, torch.Tensor], view: RenamedReader, dtype) -> dict:
+    """Per tensor (shape, dtype after load): FP32_MODULES stay float32, integer tables keep their dtype."""
     expected = {}
-    for name, t in model.state_dict().items():
+    for name, t in state.items():
         if not t.dtype.is_floating_point:  # tid2eid: int64 in memory, int32 in DeepSeek's files
-            want = reader.dtype(name) if dtype is None and name in reader else t.dtype
+            want = view.dtype(name) if dtype is None and name in view else t.dtype
         elif dtype is not None and FP32_MODULES.intersection(name.split(".")):
             want = torch.float32
         else:
             want = dtype
         expected[name] = (t.shape, want)
-    sd = load(reader, cfg, expected, dtype)
-    model.load_state_dict(sd, assign=True, strict=True)
-    model.checkpoint_layout = reader.layout
-    return model.to(device).eval()
+    return expected
+
+
+def load(files: OnDisk, state: dict[str, torch.Tensor], dtype) -> dict[str, torch.Tensor]:
+    """The model's tensors from either layout, FP8/FP4 dequantised; errors name the tensors as they are on disk."""
+    view, cfg = files.tensors, files.cfg
+    if view.unknown:
+        raise CheckpointError(f"{view.path}: {len(view.unknown)} tensors are not DeepSeek-V4 names "
+                              f"({view.layout} layout), e.g. {', '.join(view.unknown[:5])}")
+    for i, t in enumerate(cfg.mlp_types):
+        name = f"model.layers.{i}.mlp.gate.tid2eid"
+        if t == "hash" and name in state and name not in view:
+            raise CheckpointError(
+                f"{view.path}: {to_disk(name, view.layout, cfg.num_hidden_layers)}: missing; layer {i} is "
+                f"hash-routed (mlp_layer_types[{i}] = 'hash_moe') and cannot route without its token→expert table")
+    try:
+        return load_state_dict(view, cfg, _expected(state, view, dtype), dtype=dtype)
+    except CheckpointError as e:
+        raise CheckpointError(view.real_names(str(e))) from None
+
+
+def save(path: str, cfg, state_dict, layout: str = "hf", **kwargs) -> None:
+    """Write a V4 checkpoint in `layout` ('original' DeepSeek names, or 'hf' as transformers saves it)."""
+    if layout not in LAYOUTS:
+        raise CheckpointError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    L = cfg.num_hidden_layers
+
+    def rename(virtual: str) -> str:
+        real = to_disk(virtual, layout, L)
+        if real is None:
+            raise CheckpointError(f"{virtual}: has no DeepSeek-V4 {layout}-layout name")
+        return real
+
+    save_state_dict(path, cfg, state_dict, rename=rename, **kwargs)

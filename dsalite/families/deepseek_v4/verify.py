@@ -1,8 +1,12 @@
-"""DeepSeek-V4 part of the parity report: a CSA layer's entry selection against HF's, with sparsity and tie margin."""
+"""DeepSeek-V4 part of the parity report: the default length, layer labels, and a CSA layer's entry selection
+against HF's (with sparsity and tie margin)."""
 
 from __future__ import annotations
 
 import torch
+
+from dsalite.presets import CSA, HCA
+from dsalite.verify import selection_agreement
 
 from dsalite.layers.compressor import entry_visible
 from dsalite.layers.indexer import index_scores
@@ -16,7 +20,7 @@ def csa_selection(model, i: int, streams: torch.Tensor):
     x = block.input_layernorm(block.attn_hc(streams)[2])
     B, S, _ = x.shape
     pos = torch.arange(S).expand(B, S)
-    inp = model.inputs(None, pos, None, x.dtype)
+    inp = model.context(None, pos, None, x.dtype)
     cos, sin = inp.rope["compress"]
     q_resid = attn.q_a_norm(attn.q_a_proj(x))
     ix = attn.compressor.indexer
@@ -27,9 +31,19 @@ def csa_selection(model, i: int, streams: torch.Tensor):
     return picks, sc.masked_fill(~entry_visible(pos, k.shape[1], ix.ratio), float("-inf"))
 
 
-def fill_csa_topk(r, model, i: int, theirs: torch.Tensor, streams: torch.Tensor) -> None:
-    """Overlap of the selected entry sets, fraction of visible entries left out, smallest top-k boundary gap."""
-    from dsalite.verify import selection_agreement
+def default_seq_len(cfg) -> int:
+    """Beyond the sliding window, two HCA entries, and ~3× index_topk CSA entries."""
+    return max(64, 2 * cfg.sliding_window + 1, 2 * cfg.compress_rates[HCA] + 1,
+               (3 * cfg.index_topk + 1) * cfg.compress_rates[CSA])
 
+
+def layer_label(cfg, i: int) -> str:
+    return {CSA: "csa", HCA: "hca"}.get(cfg.layer_types[i], "window")
+
+
+def fill_topk(r, model, i: int, theirs: torch.Tensor, streams: torch.Tensor) -> None:
+    """CSA layer i: overlap of the selected entry sets, fraction of visible entries left out, smallest top-k
+    boundary gap."""
+    r.indexer = "csa"
     ours, sc = csa_selection(model, i, streams)
     selection_agreement(r, ours, theirs, sc)

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import copy
 
-CSA, HCA, SLIDING = "compressed_sparse_attention", "heavily_compressed_attention", "sliding_attention"
+from dsalite.config import ConfigError
+from dsalite.presets import CSA, HCA, SLIDING
+
 LAYER_TYPES = (SLIDING, CSA, HCA)
 _MLP_FROM_HF = {"hash_moe": "hash", "moe": "sparse"}
 _MLP_TO_HF = {v: k for k, v in _MLP_FROM_HF.items()}
@@ -30,24 +32,11 @@ DEFAULTS = dict(
 )
 DEFAULT_COMPRESS_RATES = {CSA: 4, HCA: 128}
 
-# Tiny preset (tests, demo): every layer type, hash layers, 2 mHC streams, an MTP layer.
-TINY_V4 = dict(
-    model_type="deepseek_v4", vocab_size=128, hidden_size=64, moe_intermediate_size=32, num_hidden_layers=4,
-    num_attention_heads=4, num_key_value_heads=1, head_dim=32, partial_rotary_factor=0.25, q_lora_rank=32,
-    o_groups=2, o_lora_rank=16, index_n_heads=2, index_head_dim=16, index_topk=3, n_routed_experts=4,
-    num_experts_per_tok=2, sliding_window=8, compress_rates={CSA: 4, HCA: 8}, hc_mult=2,
-    layer_types=[SLIDING, SLIDING, CSA, HCA], mlp_layer_types=["hash_moe", "hash_moe", "moe", "moe"],
-    num_nextn_predict_layers=1, max_position_embeddings=4096,
-)
-
-
-def _error(msg: str):
-    from dsalite.config import ConfigError
-
+def _error(msg: str) -> ConfigError:
     return ConfigError(msg)
 
 
-def from_hf_v4(cls, d: dict):
+def from_hf(cls, d: dict):
     def get(key, *aliases):
         for k in (key, *aliases):
             if d.get(k) is not None:
@@ -161,7 +150,7 @@ def _mlp_types(d: dict, L) -> list[str]:
     return ["hash"] * min(L, n_hash) + ["sparse"] * max(0, L - n_hash)
 
 
-def to_hf_v4(c) -> dict:
+def to_hf(c) -> dict:
     """`raw` with every owned field written back, in the spelling (HF or original DeepSeek) the file used."""
     d = copy.deepcopy(c.raw)
     L = c.num_hidden_layers
@@ -211,7 +200,7 @@ def to_hf_v4(c) -> dict:
     return d
 
 
-def validate_v4(c) -> None:
+def validate(c) -> None:
     positive = [
         "vocab_size", "hidden_size", "moe_intermediate_size", "num_hidden_layers", "num_attention_heads", "head_dim",
         "q_lora_rank", "qk_rope_head_dim", "n_routed_experts", "num_experts_per_tok", "max_position_embeddings",

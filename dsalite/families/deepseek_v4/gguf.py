@@ -20,7 +20,9 @@ import torch
 from dsalite.checkpoint import gguf as G
 from dsalite.checkpoint import gguf_table as T
 from dsalite.config import ModelConfig
-from dsalite.config_v4 import CSA, HCA, SLIDING
+from dsalite.families.deepseek_v4.checkpoint import FP32_MODULES
+from dsalite.model import build_model
+from dsalite.presets import CSA, HCA, SLIDING
 
 ARCH = "deepseek4"
 RATIO = {CSA: 4, HCA: 128}  # the only compression ratios llama.cpp's deepseek4 graph knows (ratio 4 = CSA + indexer)
@@ -275,8 +277,6 @@ def _tensors(reader, L: int, mtp_file: bool, path: str):
 def load(path: str, reader, md: dict, dtype: torch.dtype, device) -> torch.nn.Module:
     """Build a dsalite DeepSeek-V4 model from a deepseek4 GGUF, with the MTP layer from `mtp-<name>` beside it when
     that file exists (the pair `export` writes, or the converter's default and `--mtp` outputs)."""
-    from dsalite.checkpoint.v4 import FP32_MODULES
-    from dsalite.model import build_model
 
     raw = G.config_from_metadata(md, path)
     if raw.get("num_nextn_predict_layers"):
