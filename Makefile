@@ -7,8 +7,11 @@ OUT     ?= out/demo
 LLAMACPP_VER   := 0.3.36
 LLAMACPP_SRC   := .cache/llama_cpp_python-$(LLAMACPP_VER)
 LLAMACPP_STAMP := .venv/.llamacpp-$(LLAMACPP_VER)
+# a native build runs only on the CPU it was built for: its directory is named by this CPU's feature flags
+CPU_KEY         := $(shell grep -m1 -E '^(flags|Features)' /proc/cpuinfo 2>/dev/null | md5sum | cut -c1-12)
+LLAMACPP_NATIVE := .cache/llamacpp-native-$(LLAMACPP_VER)-$(CPU_KEY)
 
-.PHONY: setup demo test bench clean llamacpp
+.PHONY: setup demo test bench clean llamacpp llamacpp-native
 
 setup: $(STAMP)
 
@@ -35,6 +38,19 @@ llamacpp: $(LLAMACPP_STAMP)
 $(LLAMACPP_STAMP): $(STAMP) $(LLAMACPP_SRC)/.unpacked
 	CMAKE_ARGS="-DGGML_CUDA=OFF -DGGML_BLAS=OFF -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \
 		CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP) install -q llama-cpp-python==$(LLAMACPP_VER)
+	touch $@
+
+# llama.cpp as its users get it, for the speed comparison (bench/llamacpp_decode.py): pip builds llama-cpp-python with
+# GGML_NATIVE=ON by default, i.e. for this CPU's own instructions (AVX-512 where it has them). Installed into its own
+# directory (the bench puts it first on sys.path), so the portable build above stays for the tests; built without
+# pip's wheel cache, which would hand back the portable wheel (same name and version). About 8 minutes.
+llamacpp-native: $(LLAMACPP_NATIVE)/.built
+
+$(LLAMACPP_NATIVE)/.built: $(STAMP) $(LLAMACPP_SRC)/.unpacked
+	rm -rf $(LLAMACPP_NATIVE)
+	CMAKE_ARGS="-DGGML_CUDA=OFF -DGGML_BLAS=OFF -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \
+		CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP) install -q --no-deps --no-cache-dir --target $(LLAMACPP_NATIVE) \
+		$(LLAMACPP_SRC).tar.gz
 	touch $@
 
 $(LLAMACPP_SRC)/.unpacked: | $(STAMP)

@@ -1,12 +1,15 @@
 """fp32 matrix products through OpenBLAS (the scipy-openblas32 wheel) on CPUs where torch's own BLAS is slow.
 
-torch's x86 CPU wheels multiply fp32 matrices with MKL, which runs generic code on CPUs that are not Intel's: on an
-AMD EPYC with AVX-512 it reaches ≈ 96 GFLOP/s per core where OpenBLAS's AVX-512 kernels reach ≈ 215. So on x86 CPUs
-from other vendors dsalite's large fp32 products go to its own copy of OpenBLAS, loaded with the AVX-512 kernels when
-the CPU has the instructions (OpenBLAS's automatic choice, or an OPENBLAS_CORETYPE set for other libraries, may map
-such CPUs to the AVX2 kernels). The rule is fixed, not timed, so every process of a run rounds the same way (a resumed
-run reproduces the uninterrupted one). DSALITE_BLAS=torch or =openblas forces the choice. Small products (decode rows)
-stay with torch: below `MIN_WORK` multiply-adds the call overhead wins.
+torch's x86 CPU wheels multiply fp32 matrices with MKL, which runs generic code on CPUs that are not Intel's. Measured
+fp32 GEMM 2048³, one thread, MKL vs OpenBLAS: AMD EPYC with AVX-512 (Zen 4) ≈ 95 vs ≈ 215 GFLOP/s; AMD EPYC Zen 3
+(AVX2) 61.2 vs 70.9; Intel Xeon (Sapphire Rapids, AVX-512) 173 vs 139. So on x86 CPUs from other vendors dsalite's
+large fp32 products go to its own copy of OpenBLAS, loaded with the AVX-512 kernels when the CPU has the instructions
+(OpenBLAS's automatic choice, or an OPENBLAS_CORETYPE set for other libraries, may map such CPUs to the AVX2 kernels),
+and on Intel's they stay with MKL. That rule is fixed, not timed, so every process of a run rounds the same way (a
+resumed run reproduces the uninterrupted one). On other architectures, where neither side was measured, a short
+timing of both decides once per CPU model and is cached (`kernels.wisdom`), which keeps that property on the machine.
+DSALITE_BLAS=torch or =openblas forces the choice; `decision()` says which was made and why. Small products (decode
+rows) stay with torch: below `MIN_WORK` multiply-adds the call overhead wins.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import importlib.util
 import os
 import platform
 import threading
+import time
 
 import torch
 
@@ -28,6 +32,7 @@ _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 _lock = threading.Lock()
 _lib = None
 _decided = False
+_why = ""
 
 
 def _cpu_has_avx512() -> bool:
@@ -68,35 +73,96 @@ def _load():
     return lib
 
 
-def _vendor_is_not_intel() -> bool:
-    """x86 CPU whose vendor is not Intel (MKL's fast paths are Intel-only)."""
+def _vendor() -> str:
+    """The x86 CPU vendor string (GenuineIntel, AuthenticAMD, ...), "" elsewhere."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
+        return ""
     try:
         with open("/proc/cpuinfo") as f:
-            vendor = next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
     except OSError:
-        return False
-    return bool(vendor) and vendor != "GenuineIntel"
+        return ""
+
+
+def _rates(lib) -> dict:
+    """GFLOP/s of torch's BLAS and OpenBLAS, one thread, best of a few: a square product and a tall-skinny one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    rates = {"torch": 0.0, "openblas": 0.0}
+    try:
+        for M, K, N in ((1024, 1024, 1024), (2048, 256, 512)):
+            a, b, c = torch.randn(M, K, generator=g), torch.randn(K, N, generator=g), torch.empty(M, N)
+            for name, fn in (("torch", lambda: torch.mm(a, b, out=c)), ("openblas", lambda: _sgemm(lib, a, b, c))):
+                fn()
+                best = min(_timed(fn) for _ in range(3))
+                rates[name] += 2 * M * N * K / best / 1e9 / 2
+    finally:
+        torch.set_num_threads(threads)
+    return rates
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _choose() -> tuple[bool, str]:
+    """(whether products go to OpenBLAS, why)."""
+    choice = os.environ.get("DSALITE_BLAS", "auto").strip().lower()
+    if choice in ("torch", "openblas"):
+        return choice == "openblas", f"DSALITE_BLAS={choice}"
+    if importlib.util.find_spec("scipy_openblas32") is None:
+        return False, "scipy-openblas32 is not installed"
+    vendor = _vendor()
+    if vendor == "GenuineIntel":
+        return False, "rule: Intel x86, where torch's MKL runs its own fast kernels (measured: faster than OpenBLAS)"
+    if vendor:
+        return True, f"rule: x86 from {vendor}, where torch's MKL runs generic code (measured: slower than OpenBLAS)"
+    from dsalite.kernels import wisdom
+
+    key = {"cpu": wisdom.cpu_key(), "torch": torch.__version__, "openblas": _openblas_version()}
+    rec = wisdom.cached("blas", key, lambda: {"gflops": _rates(_load())})
+    r = rec["gflops"]
+    use = r["openblas"] > r["torch"]
+    return use, (f"calibrated on this CPU: OpenBLAS {r['openblas']:.0f} vs torch {r['torch']:.0f} GFLOP/s, one thread")
+
+
+def _openblas_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("scipy-openblas32")
+    except Exception:  # noqa: BLE001 - any metadata problem: an unknown version
+        return "?"
 
 
 def library():
     """The OpenBLAS handle when products should go through it, else None (decided once per process)."""
-    global _lib, _decided
+    global _lib, _decided, _why
     if _decided:
         return _lib
     with _lock:
         if not _decided:
-            choice = os.environ.get("DSALITE_BLAS", "auto")
-            if choice != "torch":
+            use, _why = _choose()
+            if use:
                 try:
-                    if choice == "openblas" or _vendor_is_not_intel():
-                        _lib = _load()
-                except (ImportError, OSError):
-                    if choice == "openblas":
+                    _lib = _load()
+                except (ImportError, OSError) as e:
+                    if os.environ.get("DSALITE_BLAS") == "openblas":
                         raise
+                    _why += f"; OpenBLAS did not load ({e})"
             _decided = True
     return _lib
+
+
+def decision() -> dict:
+    """Which BLAS dsalite's fp32 products use and why: {"blas": "OpenBLAS" or "torch", "why": ..., "coretype": ...}."""
+    lib = library()
+    core = os.environ.get("DSALITE_OPENBLAS_CORETYPE") or ("SkylakeX" if _cpu_has_avx512() else "auto")
+    return {"blas": "OpenBLAS" if lib is not None else "torch", "why": _why,
+            "coretype": core if lib is not None else None}
 
 
 def _operand(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:

@@ -106,3 +106,45 @@ def test_head_matmul_equals_einsum_with_gradients(openblas, transposed):
     close(y, want)
     for got, exp in zip(torch.autograd.grad(y, (x, w), dy), torch.autograd.grad(want, (x, w), dy)):
         close(got, exp)
+
+
+@pytest.fixture
+def undecided(monkeypatch, tmp_path):
+    """`library` decides again, with an empty measurement cache."""
+    monkeypatch.setattr(blas, "_decided", False)
+    monkeypatch.setattr(blas, "_lib", None)
+    monkeypatch.delenv("DSALITE_BLAS", raising=False)
+    monkeypatch.setenv("DSALITE_KERNEL_CACHE", str(tmp_path))
+
+
+@pytest.mark.parametrize("vendor,openblas", [("GenuineIntel", False), ("AuthenticAMD", True), ("HygonGenuine", True)])
+def test_x86_rule_by_vendor(undecided, monkeypatch, vendor, openblas):
+    """On x86 a fixed rule (MKL on Intel's CPUs, OpenBLAS on others'), never a timing: every process rounds alike."""
+    monkeypatch.setattr(blas, "_vendor", lambda: vendor)
+    monkeypatch.setattr(blas, "_rates", lambda lib: pytest.fail("timed on x86"))
+    assert (blas.library() is not None) == openblas
+    d = blas.decision()
+    assert d["blas"] == ("OpenBLAS" if openblas else "torch") and d["why"].startswith("rule: ")
+
+
+@pytest.mark.parametrize("faster", ["openblas", "torch"])
+def test_other_architectures_calibrate_once_per_cpu(undecided, monkeypatch, faster):
+    """Where no rule was measured (not x86), both BLAS are timed once and the faster is kept, cached for the CPU."""
+    calls = []
+
+    def rates(lib):
+        calls.append(1)
+        return {"openblas": 50.0, "torch": 40.0} if faster == "openblas" else {"openblas": 40.0, "torch": 50.0}
+
+    monkeypatch.setattr(blas, "_vendor", lambda: "")
+    monkeypatch.setattr(blas, "_rates", rates)
+    assert (blas.library() is not None) == (faster == "openblas")
+    assert blas.decision()["why"].startswith("calibrated on this CPU")
+    monkeypatch.setattr(blas, "_decided", False)
+    monkeypatch.setattr(blas, "_lib", None)
+    assert (blas.library() is not None) == (faster == "openblas") and len(calls) == 1
+
+
+def test_rates_measure_both_libraries():
+    r = blas._rates(blas._load())
+    assert r["torch"] > 1 and r["openblas"] > 1
