@@ -1,0 +1,73 @@
+"""`dsalite env` reports this machine as it is: the CPU and ISA flags /proc/cpuinfo shows, a kernel build this CPU
+runs, the paths the library really chose (the same calls the layers make), and measured rates."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from dsalite import doctor, kernels
+from dsalite.kernels import blas
+
+
+def cpuinfo() -> dict:
+    first = {}
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            first.setdefault(k.strip(), v.strip())
+    return first
+
+
+@pytest.fixture(scope="module")
+def reported():
+    """`dsalite env --json` run as a user runs it, and its text form."""
+    env = dict(os.environ, DSALITE_KERNELS="1")  # no calibration to wait for in a fresh cache
+    out = subprocess.run([sys.executable, "-m", "dsalite.cli", "env", "--threads", "1", "--json"], env=env,
+                         capture_output=True, text=True, check=True).stdout
+    rep = json.loads(out)
+    return rep, doctor.format_report(rep)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="reads /proc/cpuinfo")
+def test_cpu_and_isa_are_the_machines(reported):
+    rep, text = reported
+    info = cpuinfo()
+    flags = set((info.get("flags") or info.get("Features", "")).split())
+    model = info.get("model name") or info.get("Model")
+    if model:
+        assert rep["cpu"]["model"] == model and model in text
+    assert rep["cpu"]["cores"] == os.cpu_count()
+    assert set(rep["cpu"]["simd"]) == {f for f in doctor.SIMD_FLAGS if f in flags}
+    assert rep["cpu"]["flag_count"] == len(flags)
+    for f in ("avx2", "avx512f", "asimd"):
+        assert (f in flags) == (f in text.split("ISA", 1)[1].splitlines()[0].split())
+
+
+def test_kernel_build_is_one_the_cpu_runs(reported):
+    rep, text = reported
+    k = rep["kernels"]
+    assert k["cpu_runs"] == kernels.cpu_isas() and k["isa"] in k["cpu_runs"] and k["isa"] == k["requested"]
+    assert k["build"].split()[0] == k["isa"] and k["build"] in text
+    assert k["use"] is True and k["why"] == "DSALITE_KERNELS=1" and "C++ kernels -- DSALITE_KERNELS=1" in text
+
+
+def test_blas_choice_and_rates_are_reported(reported):
+    rep, text = reported
+    b = rep["blas"]
+    assert b["blas"] == blas.decision()["blas"] and b["why"] == blas.decision()["why"] and b["why"] in text
+    assert b["gflops_one_thread"]["torch"] > 0 and b["gflops_one_thread"]["openblas"] > 0
+    assert rep["torch"]["threads"] == 1 and rep["env"]["DSALITE_KERNELS"] == "1"
+
+
+def test_calibration_timings_are_printed(monkeypatch):
+    """With the default (calibrated) choice the report carries the measured cases, kernel against PyTorch."""
+    cal = {"kernel_faster": True, "threads": 1, "kernels": {"select": {"speedup": 3.0}},
+           "cases": {"select small 128 rows": {"kernel_ms": 1.0, "torch_ms": 3.0, "speedup": 3.0}}}
+    monkeypatch.setattr(kernels, "decision", lambda: {"use": True, "why": "calibrated on this CPU: x", "isa": "avx2",
+                                                      "build": "avx2 vw=8", "calibration": cal})
+    text = doctor.format_report(doctor.report(measure_blas=False))
+    assert "select small 128 rows" in text and "3.00x" in text and "calibrated on this CPU: x" in text
+    assert doctor.summary_lines()[2].startswith("# kernels: C++ avx2 vw=8 -- calibrated")
