@@ -84,6 +84,12 @@ def cmd_export_gguf(args) -> int:
     return 0
 
 
+def cmd_env(args) -> int:
+    from dsalite import doctor
+
+    return doctor.run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dsalite",
@@ -194,6 +200,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "plain ByteLevel pre-tokenizer and the family's released one otherwise (glm4, deepseek-v3)")
     g.add_argument("--no-mtp", action="store_true", help="leave the MTP (NextN) block out")
     g.set_defaults(func=cmd_export_gguf)
+
+    e = sub.add_parser("env", help="print this machine's CPU, software and the fast paths chosen (for bug reports)",
+                       description="Print the CPU model and ISA flags, core count, torch and BLAS builds, the C++ "
+                                   "kernel build, whether the kernels or their PyTorch twins run and why (with the "
+                                   "calibration's timings), which BLAS runs fp32 products and both measured rates.")
+    e.add_argument("--json", action="store_true", help="print the report as JSON")
+    e.add_argument("--recalibrate", action="store_true", help="forget this machine's cached measurements first")
+    e.add_argument("--no-measure", action="store_true", help="skip timing the two BLAS libraries now")
+    e.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    e.set_defaults(func=cmd_env)
     return p
 
 
