@@ -171,7 +171,9 @@ class BatchOrder:
     def indices(self, k: int) -> torch.Tensor:
         """The k-th batch of the run (k = step * accum + micro)."""
         epoch, j = divmod(k, self.per_epoch)
-        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
+        # host-side, like the token file: batches move to the model's device in the trainer (`Batch.to`)
+        g = torch.Generator("cpu").manual_seed(self.seed * 100003 + epoch)
+        perm = torch.randperm(self.n, generator=g, device="cpu")
         return perm[j * self.B:(j + 1) * self.B]
 
 
