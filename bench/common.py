@@ -1,34 +1,19 @@
-"""Shared bench helpers: the bench-small GLM config of hf-reference §10, timing with medians, peak memory."""
+"""Shared bench helpers: the bench-small GLM config of hf-reference §10, timing with medians, peak memory, the
+header that says where a bench ran (`header`), dsalite loaded strictly from the HF model and checked against its
+logits before anything is timed (`dsalite_from_hf`), and stand-ins for other CPUs (`--isa`, `use_isa`)."""
 
 from __future__ import annotations
 
 import gc
+import os
 import resource
 import statistics
+import sys
 import time
 
 import torch
 
-# hf-reference §10 "bench-small": D 256, 4 layers (1 dense + 3 MoE), 8 experts top-2, index_topk 256, fp32.
-BENCH_SMALL = dict(
-    model_type="glm_moe_dsa", vocab_size=1000, hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
-    num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=128, kv_lora_rank=64,
-    qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=8, n_shared_experts=1,
-    num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1, index_topk=256, index_n_heads=4,
-    index_head_dim=32, max_position_embeddings=16384, num_nextn_predict_layers=0, initializer_range=0.1,
-)
-
-
-# DeepSeek-V4 at the same scale: sliding / CSA (m 4, top-64 entries) / HCA (m' 128) layers, 4 mHC streams, fp32.
-BENCH_V4 = dict(
-    model_type="deepseek_v4", vocab_size=1000, hidden_size=256, moe_intermediate_size=128, num_hidden_layers=4,
-    num_attention_heads=4, num_key_value_heads=1, head_dim=128, partial_rotary_factor=0.25, q_lora_rank=128,
-    o_groups=2, o_lora_rank=64, n_routed_experts=8, num_experts_per_tok=2, index_topk=64, index_n_heads=4,
-    index_head_dim=32, sliding_window=128, hc_mult=4, num_hash_layers=1, num_nextn_predict_layers=0,
-    layer_types=["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention",
-                 "compressed_sparse_attention"], max_position_embeddings=16384, initializer_range=0.1,
-)
-
+from dsalite.presets import BENCH_SMALL, BENCH_V4
 
 # --model choices of the benches: config and the one-line description their tables print
 MODELS = {
@@ -50,13 +35,71 @@ def hf_model(cfg: dict):
     return m
 
 
-def dsalite_from_hf(hf):
+def dsalite_from_hf(hf, check: bool = True):
+    """dsalite's model with the HF model's weights, loaded strictly (a renamed or missing tensor fails here instead of
+    benchmarking random weights) and, with check, compared with HF's logits on a short prompt first."""
     from dsalite.config import ModelConfig
     from dsalite.model import build_model
 
     m = build_model(ModelConfig.from_hf(hf.config.to_dict())).eval()
-    m.load_state_dict(hf.state_dict(), strict=False)
+    m.load_state_dict(hf.state_dict(), strict=True)
+    if check:
+        check_logits(hf, m)
     return m
+
+
+def check_logits(hf, model, S: int = 300, rtol: float = 1e-4) -> float:
+    """Raise unless dsalite's logits equal HF's (fp32, within rtol of the largest logit) on an S-token prompt; S
+    beyond index_topk (256 in the bench configs) makes the indexer's selection sparse. Returns the max difference."""
+    ids = torch.randint(0, hf.config.vocab_size, (1, S), generator=torch.Generator().manual_seed(12345))
+    with torch.no_grad():
+        want = hf(ids).logits.float()
+        got = model(ids).logits.float()
+    err = (got - want).abs().max().item()
+    tol = rtol * max(1.0, want.abs().max().item())
+    if not err <= tol:  # also catches NaN
+        raise SystemExit(f"bench: dsalite's logits differ from transformers' by {err:.3g} (tolerance {tol:.3g}) on "
+                         f"a {S}-token prompt: the benchmark would time a different model")
+    return err
+
+
+# Environment that makes this machine stand in for a CPU without AVX-512 (AVX2 + FMA, as AMD Zen 2/3 or Intel
+# Haswell..Alder Lake): dsalite's kernels built -march=x86-64-v3, torch's own kernels, MKL and oneDNN held to AVX2,
+# inductor's generated code too, OpenBLAS on its Haswell kernels. Register limits and vector width are then those of
+# such a CPU; caches, clocks and port counts stay this machine's. "portable": an x86-64 baseline CPU (SSE only).
+STANDINS = {
+    "avx2": {"DSALITE_KERNEL_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+             "ONEDNN_MAX_CPU_ISA": "AVX2", "TORCHINDUCTOR_CPP_MARCH": "x86-64-v3",
+             "DSALITE_OPENBLAS_CORETYPE": "Haswell"},
+    "portable": {"DSALITE_KERNEL_ISA": "portable", "ATEN_CPU_CAPABILITY": "default",
+                 "MKL_ENABLE_INSTRUCTIONS": "SSE4_2", "ONEDNN_MAX_CPU_ISA": "SSE41", "TORCHINDUCTOR_CPP_MARCH": "x86-64",
+                 "DSALITE_OPENBLAS_CORETYPE": "Nehalem"},
+}
+
+
+def add_isa_argument(ap) -> None:
+    ap.add_argument("--isa", choices=["native", *STANDINS], default="native",
+                    help="run as a stand-in for another CPU: avx2 (no AVX-512: kernels, torch, MKL, oneDNN and "
+                         "inductor held to AVX2) or portable (SSE only); default native (this CPU as it is)")
+
+
+def use_isa(isa: str) -> None:
+    """Re-run this process with the stand-in environment of `isa` (a no-op for native or when already set): the
+    libraries read it when they load, so it must be there from the start."""
+    env = STANDINS.get(isa, {})
+    if any(os.environ.get(k) != v for k, v in env.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **env})
+
+
+def header(title: str) -> None:
+    """The bench's title, then where it runs: CPU model and ISA, torch, the kernel build and path, the BLAS, and why
+    each was chosen (`dsalite env` has the details)."""
+    from dsalite import doctor
+
+    print(title)
+    for line in doctor.summary_lines():
+        print(line)
+    sys.stdout.flush()
 
 
 def median_time(fn, reps: int, warmup: int = 1) -> float:

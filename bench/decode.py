@@ -3,25 +3,29 @@
 Bench-small GLM config (hf-reference §10, latent cache) or, with --model v4, the bench DeepSeek-V4 config (window +
 compressor cache), fp32, batch 1, one thread. For each context T the models first prefill
 T tokens (not timed), then run `--steps` single-token greedy decode steps, taking turns in blocks of 8 steps so that
-all see the same load; the median step time is reported.
+all see the same load; the median step time is reported. dsalite runs on the paths this machine chose (its C++
+kernels where they are faster); a second process times it again with DSALITE_KERNELS=0 (the PyTorch twins), printed
+beside it. dsalite's logits are checked against transformers' on a short prompt before anything is timed.
 
-    .venv/bin/python bench/decode.py [--model glm|v4] [--contexts 512,2048,4096,8192] [--steps 16]
+    .venv/bin/python bench/decode.py [--model glm|v4] [--contexts 512,2048,4096,8192] [--steps 16] [--isa native|avx2]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import MODELS, dsalite_from_hf, hf_model  # noqa: E402
+from common import MODELS, add_isa_argument, dsalite_from_hf, header, hf_model, use_isa  # noqa: E402
 
-from dsalite.inference.engine import Runner, new_cache  # noqa: E402
+from dsalite.inference.runner import Runner, new_cache  # noqa: E402
 
 
 def dsalite_stepper(model, ids, steps: int, compile: bool = False):
@@ -87,35 +91,61 @@ def main() -> None:
                     help="skip the compiled runner (Runner(compile=True), GLM only; its first step compiles for "
                          "seconds and is not timed)")
     ap.add_argument("--skip-hf-above", type=int, default=8192, help="skip HF for longer contexts (default 8192)")
+    ap.add_argument("--no-pytorch-path", action="store_true",
+                    help="skip the second process timing dsalite with DSALITE_KERNELS=0 (its PyTorch paths)")
+    add_isa_argument(ap)
+    ap.add_argument("--dsalite-only", action="store_true", help=argparse.SUPPRESS)  # the second process: JSON out
     a = ap.parse_args()
+    use_isa(a.isa)
     torch.set_num_threads(a.threads)
     clock = time.process_time if a.cpu_time else time.perf_counter
     bench, title = MODELS[a.model]
+    compiled = a.model == "glm" and not a.no_compile  # the compiled runner serves the latent cache (MLA models)
+    contexts = [int(x) for x in a.contexts.split(",")]
+    if not a.dsalite_only:
+        header(f"decode, {title}, fp32, batch 1, {a.threads} thread(s), median of {a.steps} steps"
+               + (", CPU time" if a.cpu_time else ""))
+    twin = {}
+    if not a.dsalite_only and not a.no_pytorch_path:  # first, so its subprocess does not share the cores with ours
+        args = [x for x in sys.argv[1:] if x != "--no-pytorch-path"]
+        out = subprocess.run([sys.executable, __file__, *args, "--dsalite-only"], capture_output=True, text=True,
+                             check=True, env=dict(os.environ, DSALITE_KERNELS="0"))
+        twin = {int(k): v for k, v in json.loads(out.stdout.strip().splitlines()[-1]).items()}
     hf = hf_model(bench)
     ours = dsalite_from_hf(hf)
-    print(f"decode, {title}, fp32, batch 1, {a.threads} thread(s), median of {a.steps} steps"
-          + (", CPU time" if a.cpu_time else ""))
-    compiled = a.model == "glm" and not a.no_compile  # the compiled runner serves the latent cache (MLA models)
-    print(f"{'context':>8} {'HF ms/token':>12} {'dsalite ms/token':>17} {'speedup':>8}"
-          + (f" {'compiled ms/token':>18} {'speedup':>8}" if compiled else ""))
+    if a.dsalite_only:
+        del hf
+    else:
+        print(f"{'context':>8} {'HF ms/token':>12} {'dsalite ms/token':>17} {'speedup':>8}"
+              + (f" {'compiled ms/token':>18} {'speedup':>8}" if compiled else "")
+              + (f" {'PyTorch-path ms/token':>22}" + (f" {'compiled':>9}" if compiled else "") if twin else ""))
     warm = torch.randint(0, bench["vocab_size"], (1, 64), generator=torch.Generator().manual_seed(0))
-    step_times([dsalite_stepper(ours, warm, 2), hf_stepper(hf, warm, 2)], 2, clock)  # first forwards are slow
-    base = None
-    for T in (int(x) for x in a.contexts.split(",")):
+    step_times([dsalite_stepper(ours, warm, 2)] + ([] if a.dsalite_only else [hf_stepper(hf, warm, 2)]), 2, clock)
+    base, record = None, {}
+    for T in contexts:
         ids = torch.randint(0, bench["vocab_size"], (1, T), generator=torch.Generator().manual_seed(T))
         steppers = [dsalite_stepper(ours, ids, a.steps)]
         if compiled:
             steppers.append(dsalite_stepper(ours, ids, a.steps, compile=True))
-        if T <= a.skip_hf_above:
+        with_hf = T <= a.skip_hf_above and not a.dsalite_only
+        if with_hf:
             steppers.append(hf_stepper(hf, ids, a.steps))
         times = step_times(steppers, a.steps, clock)
-        d, c, h = times[0], times[1] if compiled else None, times[-1] if T <= a.skip_hf_above else None
+        d, c, h = times[0], times[1] if compiled else None, times[-1] if with_hf else None
+        record[T] = [d, c]
+        if a.dsalite_only:
+            continue
         row = f"{T:>8} {h or 0:>12.2f} {d:>17.2f} {h / d if h else 0:>7.1f}x"
         if compiled:
             row += f" {c:>18.2f} {h / c if h else 0:>7.1f}x"
+        if T in twin:
+            row += f" {twin[T][0]:>22.2f}" + (f" {twin[T][1]:>9.2f}" if compiled else "")
         print(row, flush=True)
         best = c if compiled else d
         base = base or best
+    if a.dsalite_only:
+        print(json.dumps(record))
+        return
     print(f"dsalite step time at the longest context / shortest: {best / base:.2f}x")
 
 if __name__ == "__main__":

@@ -6,9 +6,11 @@ dsalite runs the engine's prefill (its cache, chunks of --chunk tokens); HF one 
 Each point reports the median wall-clock time and the median CPU time of the process (time.process_time): on a shared
 machine other work stretches the wall clock, while CPU time stays close to the quiet-machine figure.
 Peak memory is measured as the growth of the process's peak RSS during each model's own runs, so each length runs
-in a fresh subprocess.
+in a fresh subprocess. dsalite runs twice: on the paths this machine chose (its C++ kernels where they are faster)
+and with DSALITE_KERNELS=0 (the PyTorch twins), so the table shows what the kernels gain here. Before timing,
+dsalite's logits are checked against transformers' on a short prompt (`common.check_logits`).
 
-    .venv/bin/python bench/prefill.py [--seqs 512,2048,4096] [--reps 3] [--threads 1]
+    .venv/bin/python bench/prefill.py [--seqs 512,2048,4096] [--reps 3] [--threads 1] [--isa native|avx2]
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import MODELS, dsalite_from_hf, hf_model, peak_rss_gb  # noqa: E402
+from common import MODELS, add_isa_argument, dsalite_from_hf, header, hf_model, peak_rss_gb, use_isa  # noqa: E402
 
 
 def median_wall_and_cpu(fn, reps: int, warmup: int = 1) -> tuple[float, float]:
@@ -43,7 +45,7 @@ def median_wall_and_cpu(fn, reps: int, warmup: int = 1) -> tuple[float, float]:
 
 
 def prefill(model, ids, chunk: int):
-    from dsalite.inference.engine import Runner, new_cache
+    from dsalite.inference.runner import Runner, new_cache
 
     S = ids.shape[1]
     runner = Runner(model, new_cache(model, 1, S), prefill_chunk=chunk)
@@ -76,24 +78,36 @@ def main() -> None:
     ap.add_argument("--model", choices=sorted(MODELS), default="glm",
                     help="architecture: glm (GLM-5 DSA, default) or v4 (DeepSeek-V4); both through the engine's "
                          "chunked prefill")
+    ap.add_argument("--no-pytorch-path", action="store_true",
+                    help="skip the run of dsalite with DSALITE_KERNELS=0 (its PyTorch paths)")
+    add_isa_argument(ap)
     ap.add_argument("--one", nargs=2, metavar=("WHICH", "S"), help=argparse.SUPPRESS)
     a = ap.parse_args()
+    use_isa(a.isa)
+    torch.set_num_threads(a.threads)
     if a.one:
         print(json.dumps(one(a.one[0], int(a.one[1]), a.reps, a.threads, a.chunk, a.model)))
         return
-    print(f"prefill, {MODELS[a.model][1]}, fp32, batch 1, {a.threads} thread(s), median of {a.reps}")
-    print(f"{'S':>6} {'HF ms':>10} {'dsalite ms':>11} {'speedup':>8} {'HF CPU ms':>10} {'dsalite CPU ms':>15} "
-          f"{'CPU speedup':>12} {'HF peak GB':>11} {'dsalite peak GB':>16}")
+    header(f"prefill, {MODELS[a.model][1]}, fp32, batch 1, {a.threads} thread(s), median of {a.reps}")
+    runs = ["hf", "dsalite"] + ([] if a.no_pytorch_path else ["pytorch"])
+    print(f"{'S':>6} {'HF ms':>10} {'dsalite ms':>11} {'speedup':>8} "
+          + ("" if a.no_pytorch_path else f"{'PyTorch-path ms':>16} {'speedup':>8} {'kernel gain':>12} ")
+          + f"{'HF CPU ms':>10} {'dsalite CPU ms':>15} {'CPU speedup':>12} {'HF peak GB':>11} {'dsalite peak GB':>16}")
     for S in (int(s) for s in a.seqs.split(",")):
         r = {}
-        for which in ("hf", "dsalite"):
-            out = subprocess.run([sys.executable, __file__, "--one", which, str(S), "--reps", str(a.reps),
-                                  "--threads", str(a.threads), "--chunk", str(a.chunk), "--model", a.model],
-                                 capture_output=True, text=True, check=True)
+        for which in runs:  # "pytorch": dsalite with its kernels off
+            env = dict(os.environ, DSALITE_KERNELS="0") if which == "pytorch" else None
+            out = subprocess.run([sys.executable, __file__, "--one", "hf" if which == "hf" else "dsalite", str(S),
+                                  "--reps", str(a.reps), "--threads", str(a.threads), "--chunk", str(a.chunk),
+                                  "--model", a.model], capture_output=True, text=True, check=True, env=env)
             r[which] = json.loads(out.stdout.strip().splitlines()[-1])
         h, d = r["hf"], r["dsalite"]
-        print(f"{S:>6} {h['seconds'] * 1e3:>10.1f} {d['seconds'] * 1e3:>11.1f} {h['seconds'] / d['seconds']:>7.2f}x "
-              f"{h['cpu_seconds'] * 1e3:>10.1f} {d['cpu_seconds'] * 1e3:>15.1f} "
+        row = f"{S:>6} {h['seconds'] * 1e3:>10.1f} {d['seconds'] * 1e3:>11.1f} {h['seconds'] / d['seconds']:>7.2f}x "
+        if "pytorch" in r:
+            p = r["pytorch"]
+            row += (f"{p['seconds'] * 1e3:>16.1f} {h['seconds'] / p['seconds']:>7.2f}x "
+                    f"{p['seconds'] / d['seconds']:>11.2f}x ")
+        print(row + f"{h['cpu_seconds'] * 1e3:>10.1f} {d['cpu_seconds'] * 1e3:>15.1f} "
               f"{h['cpu_seconds'] / d['cpu_seconds']:>11.2f}x {h['peak_gb']:>11.2f} {d['peak_gb']:>16.2f}", flush=True)
 
 

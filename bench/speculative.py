@@ -30,7 +30,7 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="torch.compile the decode steps of both runs")
     a = ap.parse_args()
     import dsalite
-    from dsalite.inference.engine import Stats
+    from dsalite.inference.runner import Stats
     from tokenizers import Tokenizer
 
     torch.set_num_threads(a.threads)

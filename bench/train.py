@@ -10,10 +10,12 @@ trainer's fused head + cross-entropy, `head_lm_loss`), and the same optimizer (f
 builds it) so the work is the same; dsalite's numbers use `Transformer.flops_per_token` (attention
 over the top-k keys a DSA layer really uses). Each measurement runs in a fresh subprocess with one thread (the stable
 setting on a shared 2-core machine) and counts the process's CPU time, so time spent waiting for a core while other
-jobs run is left out (wall time with --threads > 1); medians are reported.
+jobs run is left out (wall time with --threads > 1); medians are reported. Each round also times dsalite with
+DSALITE_KERNELS=0 (its PyTorch twins instead of the C++ kernels), printed beside it. dsalite's logits are checked
+against transformers' on a short prompt before anything is timed.
 
     .venv/bin/python bench/train.py [--configs small,medium] [--seq 2048] [--batch 1] [--reps 3] [--rounds 3]
-                                    [--threads 1]
+                                    [--threads 1] [--isa native|avx2]
 """
 
 from __future__ import annotations
@@ -29,14 +31,10 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import BENCH_SMALL, dsalite_from_hf, hf_model  # noqa: E402
+from common import add_isa_argument, dsalite_from_hf, header, hf_model, use_isa  # noqa: E402
 
-# hidden >= 1024: a bench-medium GLM (1 dense + 3 MoE layers) where GEMMs dominate at S = 2048.
-BENCH_MEDIUM = dict(
-    BENCH_SMALL, hidden_size=1024, intermediate_size=2816, moe_intermediate_size=512, num_attention_heads=8,
-    num_key_value_heads=8, q_lora_rank=384, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32,
-    v_head_dim=64, index_n_heads=8, index_head_dim=64, index_topk=256,
-)
+from dsalite.presets import BENCH_MEDIUM, BENCH_SMALL  # noqa: E402
+
 CONFIGS = {"small": BENCH_SMALL, "medium": BENCH_MEDIUM}
 REFERENCE_PEAK = 175.0  # GFLOP/s per core, fp32 GEMM on an idle machine (env notes §1)
 
@@ -114,35 +112,54 @@ def main() -> None:
     ap.add_argument("--dsalite-blas", choices=["auto", "torch", "openblas"], default="auto",
                     help="DSALITE_BLAS for the dsalite side: auto (OpenBLAS on non-Intel x86, as the library "
                          "decides), torch (torch's own BLAS, as HF uses), openblas (default auto)")
+    ap.add_argument("--no-pytorch-path", action="store_true",
+                    help="skip timing dsalite with DSALITE_KERNELS=0 (its PyTorch paths)")
+    add_isa_argument(ap)
     ap.add_argument("--one", nargs=2, metavar=("WHICH", "CONFIG"), help=argparse.SUPPRESS)
     a = ap.parse_args()
+    use_isa(a.isa)
+    torch.set_num_threads(a.threads)
     if a.one:
         print(json.dumps(one(a.one[0], a.one[1], a.seq, a.batch, a.reps, a.threads)))
         return
-    print(f"training step (fwd + bwd + AdamW), fp32, batch {a.batch} x S {a.seq}, {a.threads} thread(s); "
-          f"{a.rounds} rounds of HF then dsalite subprocesses, {a.reps} steps each; medians over rounds")
+    if a.dsalite_blas != "auto":
+        os.environ["DSALITE_BLAS"] = a.dsalite_blas  # for the header, as for the subprocesses
+    header(f"training step (fwd + bwd + AdamW), fp32, batch {a.batch} x S {a.seq}, {a.threads} thread(s); "
+           f"{a.rounds} rounds of HF then dsalite subprocesses, {a.reps} steps each; medians over rounds")
     ref = REFERENCE_PEAK * a.threads
-    print(f"{'config':>8} {'BLAS':>9} {'HF tok/s':>9} {'dsalite tok/s':>14} {'speedup':>8} {'GFLOP/tok':>10} "
-          f"{'GFLOP/s':>8} {'GEMM peak':>10} {'MFU (measured peak)':>20} {f'MFU ({ref:.0f} GFLOP/s)':>17}")
+    runs = ["hf", "dsalite"] + ([] if a.no_pytorch_path else ["pytorch"])
+    print(f"{'config':>8} {'BLAS':>9} {'HF tok/s':>9} {'dsalite tok/s':>14} {'speedup':>8} "
+          + ("" if a.no_pytorch_path else f"{'PyTorch-path tok/s':>19} {'speedup':>8} ")
+          + f"{'GFLOP/tok':>10} {'GFLOP/s':>8} {'GEMM peak':>10} {'MFU (measured peak)':>20} "
+          f"{f'MFU ({ref:.0f} GFLOP/s)':>17}")
     for config in a.configs.split(","):
         rounds = []
-        for _ in range(a.rounds):  # alternating, so a change in the machine's load hits both sides alike
+        for _ in range(a.rounds):  # alternating, so a change in the machine's load hits every side alike
             r = {}
-            for which in ("hf", "dsalite"):
-                out = subprocess.run([sys.executable, __file__, "--one", which, config, "--seq", str(a.seq),
-                                      "--batch", str(a.batch), "--reps", str(a.reps), "--threads", str(a.threads)],
-                                     capture_output=True, text=True, check=True,
-                                     env=dict(os.environ, DSALITE_BLAS=a.dsalite_blas))
+            for which in runs:  # "pytorch": dsalite with its kernels off
+                env = dict(os.environ, DSALITE_BLAS=a.dsalite_blas)
+                if which == "pytorch":
+                    env["DSALITE_KERNELS"] = "0"
+                out = subprocess.run([sys.executable, __file__, "--one", "hf" if which == "hf" else "dsalite", config,
+                                      "--seq", str(a.seq), "--batch", str(a.batch), "--reps", str(a.reps),
+                                      "--threads", str(a.threads)], capture_output=True, text=True, check=True,
+                                     env=env)
                 r[which] = json.loads(out.stdout.strip().splitlines()[-1])
             rounds.append(r)
         hf = statistics.median(r["hf"]["tok_s"] for r in rounds)
         ds = statistics.median(r["dsalite"]["tok_s"] for r in rounds)
         speedup = statistics.median(r["dsalite"]["tok_s"] / r["hf"]["tok_s"] for r in rounds)
+        twin = ""
+        if "pytorch" in runs:
+            pt = statistics.median(r["pytorch"]["tok_s"] for r in rounds)
+            pt_speedup = statistics.median(r["pytorch"]["tok_s"] / r["hf"]["tok_s"] for r in rounds)
+            twin = f"{pt:>19.0f} {pt_speedup:>7.2f}x "
         peak = statistics.median(r["dsalite"]["gemm_peak"] for r in rounds)
         fpt = rounds[0]["dsalite"]["flops_per_token"]
         gflops = fpt * ds / 1e9
-        print(f"{config:>8} {rounds[0]['dsalite']['blas']:>9} {hf:>9.0f} {ds:>14.0f} {speedup:>7.2f}x "
-              f"{fpt / 1e9:>10.3f} {gflops:>8.1f} {peak:>10.0f} {gflops / peak:>20.1%} {gflops / ref:>17.1%}", flush=True)
+        print(f"{config:>8} {rounds[0]['dsalite']['blas']:>9} {hf:>9.0f} {ds:>14.0f} {speedup:>7.2f}x {twin}"
+              f"{fpt / 1e9:>10.3f} {gflops:>8.1f} {peak:>10.0f} {gflops / peak:>20.1%} {gflops / ref:>17.1%}",
+              flush=True)
 
 if __name__ == "__main__":
     main()

@@ -160,7 +160,8 @@ def summary_lines() -> list[str]:
     rep = report(measure_blas=False)
     cpu, k, b, t = rep["cpu"], rep["kernels"], rep["blas"], rep["torch"]
     return [
-        f"# machine: {cpu['model']} ({cpu['vendor'] or cpu['arch']}), {cpu['cores']} cores; ISA "
+        f"# machine: {cpu['model']} ({cpu['vendor'] or cpu['arch']}"
+        + (f" family {cpu['family']} model {cpu['model_id']}" if cpu.get("family") else "") + f"), {cpu['cores']} cores; ISA "
         f"{cpu.get('x86_level', cpu['arch'])}: {' '.join(cpu['simd'])}",
         f"# torch {t['version']} (CPU capability {t['cpu_capability']}, {t['blas']}), {t['threads']} thread(s)",
         f"# kernels: {'C++ ' + k.get('build', '') if k['use'] else 'PyTorch paths'} -- {k['why']}",

@@ -288,4 +288,6 @@ def even_bounds(rows: int, parts: int) -> list[int]:
 def split_rows(call, rows: int, threads: int, min_rows: int = 32) -> int:
     """Sum of call(r0, r1) over rows 0..rows-1 split across up to `threads` threads."""
     parts = max(1, min(threads, rows // min_rows))
+    if parts == 1:  # a decode step's few rows: no pool, no closures (this runs once per layer and token)
+        return call(0, rows) or 0
     return sum(r or 0 for r in run_parts(lambda _, r0, r1: call(r0, r1), even_bounds(rows, parts), threads))

@@ -22,6 +22,7 @@
 #include <cstring>
 #include <functional>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -570,8 +571,10 @@ const char* dsa_build_info() {
 int64_t dsa_select(const float* q, const float* w, const float* kt, int64_t kt_bstride, int B, int64_t R, int H,
                    int D, int64_t k0, int64_t k1, const uint8_t* mask, int64_t mask_bstride, int64_t mask_ld,
                    int64_t K, int64_t* idx, int64_t ldo, int64_t r0, int64_t r1) {
-    std::vector<float> buf(static_cast<size_t>((k1 + TILE - 1) / TILE * TILE)), work(3 * static_cast<size_t>(k1) + 32);
-    std::vector<int32_t> cand(static_cast<size_t>(k1) + 16);
+    // scratch left uninitialised (every entry read is written first): zero-filling it cost more than a short row's
+    // selection
+    const std::unique_ptr<float[]> buf(new float[(k1 + TILE - 1) / TILE * TILE]), work(new float[3 * k1 + 32]);
+    const std::unique_ptr<int32_t[]> cand(new int32_t[k1 + 16]);
     int64_t n_tied = 0;
     for (int b = 0; b < B; ++b) {
         for (int64_t r = r0; r < r1; ++r) {
@@ -579,7 +582,7 @@ int64_t dsa_select(const float* q, const float* w, const float* kt, int64_t kt_b
             const uint8_t* mr = mask ? mask + b * mask_bstride + r * mask_ld : nullptr;
             int64_t visible;
             const int64_t end = masked_scores(q + row * H * D, w + row * H, kt + b * kt_bstride, H, D, k0, k1, mr,
-                                              buf.data(), &visible);
+                                              buf.get(), &visible);
             int64_t* out = idx + row * ldo;
             if (visible <= K) {
                 int64_t o = 0;
@@ -587,10 +590,10 @@ int64_t dsa_select(const float* q, const float* w, const float* kt, int64_t kt_b
                     if (buf[j] != NEG_INF) out[o++] = j;  // NaN counts as visible, as in torch.topk
                 std::fill(out + o, out + ldo, -1);
             } else {
-                if (select_row(buf.data(), end, K, work.data(), cand.data(), out)) {
+                if (select_row(buf.get(), end, K, work.get(), cand.get(), out)) {
                     // re-rank the whole row (hidden tail included, as torch.topk sees it)
-                    std::fill(buf.begin() + end, buf.begin() + k1, NEG_INF);
-                    rank_like_torch(buf.data(), k1, K, out);
+                    std::fill(buf.get() + end, buf.get() + k1, NEG_INF);
+                    rank_like_torch(buf.get(), k1, K, out);
                     ++n_tied;
                 }
                 std::fill(out + K, out + ldo, -1);
