@@ -200,14 +200,12 @@ def _calibration(lib: ctypes.CDLL) -> dict:
     so processes started together measure once and agree) when there are none."""
     from dsalite.kernels import wisdom
 
-    key = {"cpu": wisdom.cpu_key(), "build": build_info(lib), "source": build_key("", []), "torch": _torch_version()}
-    return wisdom.cached("kernels", key, lambda: _measure(lib))
-
-
-def _torch_version() -> str:
     import torch
 
-    return torch.__version__
+    # the twins' speed depends on the instructions torch itself uses (ATEN_CPU_CAPABILITY can lower them)
+    key = {"cpu": wisdom.cpu_key(), "build": build_info(lib), "source": build_key("", []), "torch": torch.__version__,
+           "torch_isa": torch.backends.cpu.get_cpu_capability()}
+    return wisdom.cached("kernels", key, lambda: _measure(lib))
 
 
 def load() -> ctypes.CDLL | None:
