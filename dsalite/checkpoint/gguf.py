@@ -3,10 +3,11 @@
 Export writes the metadata keys, tensor names, tensor types and tokenizer that llama.cpp's own converter
 (`convert_hf_to_gguf.py` in the llama.cpp vendored by llama-cpp-python 0.3.36) writes for these architectures, plus
 the MTP/NextN block that its DeepSeek converter drops (appended as block L, in the layout llama.cpp loads for GLM).
-DeepSeek-V4 (`deepseek4`) specifics, including its separate MTP draft file, live in `gguf_v4.py`.
+DeepSeek-V4 (`deepseek4`) specifics, including its separate MTP draft file, live in `families/deepseek_v4/gguf.py`.
 Names live in `gguf_table.py`. Tensors are streamed: each is produced, quantised and written in turn into a temporary
-file that is renamed into place only when complete. Import reads the metadata back into a `ModelConfig`, dequantises
-every tensor (F16/BF16/Q8_0, and MXFP4 from llama.cpp's DeepSeek-V4 converter) and builds the normal `Transformer`.
+file that is renamed into place only when complete (`io.atomic_file`). Import reads the metadata back into a
+`ModelConfig`, dequantises every tensor (F16/BF16/Q8_0, and MXFP4 from llama.cpp's DeepSeek-V4 converter) and builds
+the normal `Transformer`.
 
 Shapes below are PyTorch order (ggml's are reversed). H heads, n/v nope/value head dims, r kv_lora_rank, E experts,
 I expert width, D hidden.
@@ -14,26 +15,27 @@ I expert width, D hidden.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-from dsalite.checkpoint import hf
+from dsalite.checkpoint.io import CheckpointError, atomic_file, progress, read_chat_template, read_config
 from dsalite.checkpoint import gguf_table as T
 from dsalite.config import ModelConfig
+from dsalite.families import family
 from dsalite.model import Transformer
 
 DTYPES = tuple(T.FILE_TYPE)
 
 
-class GGUFError(hf.CheckpointError):
+class GGUFError(CheckpointError):
     """A model cannot be exported to GGUF, or a GGUF file cannot be imported; the message names the reason."""
 
 
@@ -55,10 +57,8 @@ def check_exportable(cfg: ModelConfig, dtype: str, mtp: bool = True) -> None:
         problems.append(f"dtype={dtype!r} is not supported (expected one of {', '.join(DTYPES)})")
     if cfg.model_type not in T.ARCH:
         problems.append(f"model_type={cfg.model_type!r} has no GGUF architecture (supported: {', '.join(T.ARCH)})")
-    elif cfg.hyper:
-        from dsalite.checkpoint import gguf_v4
-
-        problems += gguf_v4.problems(cfg, mtp)
+    elif family(cfg.model_type).gguf is not None:
+        problems += family(cfg.model_type).gguf.problems(cfg, mtp)
     else:
         problems += _mla_problems(cfg)
     if problems:
@@ -302,7 +302,7 @@ def _special_tokens(tok_dir: str, tj: dict, cfg: ModelConfig, tokens: list[str])
     for flag in ("bos", "eos"):
         if isinstance(tc.get(f"add_{flag}_token"), bool):
             kv.append((T.K[f"add_{flag}"], tc[f"add_{flag}_token"], "BOOL"))
-    template = hf.read_chat_template(tok_dir, tc)
+    template = read_chat_template(tok_dir, tc)
     if template is not None:
         kv.append((T.K["chat_template"], template, "STRING"))
     return kv
@@ -391,8 +391,8 @@ def export(
     general.name / size_label / license & co. come from the model card in `card_dir` (a checkpoint folder) as
     llama.cpp's converter derives them, else from `name` (default: the file name). mtp=False leaves the MTP block
     out (what llama.cpp's `--no-mtp` does). DeepSeek-V4's MTP layer goes to a second file, `mtp-<name>` beside `out`
-    (llama.cpp's `--mtp` layout, see `gguf_v4`). Files are written under temporary names beside `out` and renamed into
-    place when all are complete; on failure nothing is left behind.
+    (llama.cpp's `--mtp` layout, see `families/deepseek_v4/gguf.py`). Each file is written under a temporary name
+    beside it (`io.atomic_file`) and all are renamed into place once all are complete; on failure nothing is left.
     """
     _gguf()  # a missing package fails before any work
     cfg = model.cfg
@@ -403,30 +403,22 @@ def export(
     if tokenizer is None:
         raise GGUFError("tokenizer: a folder with tokenizer.json is required (llama.cpp cannot load a GGUF without)")
     tok = tokenizer_metadata(tokenizer, cfg, pre)
-    if cfg.hyper:
-        from dsalite.checkpoint import gguf_v4
-
-        files = [(out, gguf_v4.metadata(cfg, dtype, 0) + tok, gguf_v4.tensor_plan(model, dtype, mtp=False))]
+    own = family(cfg.model_type).gguf
+    if own is not None:  # V4: the MTP layer goes to a draft file of its own
+        files = [(out, own.metadata(cfg, dtype, 0) + tok, own.tensor_plan(model, dtype, mtp=False))]
         if mtp and cfg.num_nextn_predict_layers:
-            files.append((gguf_v4.mtp_path(out), gguf_v4.metadata(cfg, dtype, cfg.num_nextn_predict_layers) + tok,
-                          gguf_v4.tensor_plan(model, dtype, mtp=True)))
+            files.append((own.mtp_path(out), own.metadata(cfg, dtype, cfg.num_nextn_predict_layers) + tok,
+                          own.tensor_plan(model, dtype, mtp=True)))
     else:
         files = [(out, model_metadata(cfg, dtype, mtp) + tok, tensor_plan(model, dtype, mtp))]
     name = name or os.path.splitext(os.path.basename(out))[0]
 
-    tmp, made = hf._begin_temp(out)
-    bar = hf._progress(sum(len(plan) for _, _, plan in files), "export-gguf")
-    infos = []
+    bar = progress(sum(len(plan) for _, _, plan in files), "export-gguf")
     try:
-        for path, kv, plan in files:
-            infos.append(_write(os.path.join(tmp, os.path.basename(path)), T.ARCH[cfg.model_type], kv, plan,
-                                card_dir, name, bar))
-        for path, _, _ in files:
-            os.replace(os.path.join(tmp, os.path.basename(path)), path)
-        shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        hf._abandon(tmp, made)
-        raise
+        with contextlib.ExitStack() as stack:  # every file renamed into place only once all are written
+            temps = [stack.enter_context(atomic_file(path)) for path, _, _ in files]
+            infos = [_write(tmp, T.ARCH[cfg.model_type], kv, plan, card_dir, name, bar)
+                     for tmp, (_, kv, plan) in zip(temps, files)]
     finally:
         bar.close()
     info = infos[0]
@@ -469,7 +461,6 @@ def _write(part: str, arch: str, kv: list, plan: list, card_dir: str | None, nam
             bar.update(1)
     finally:
         w.close()
-    hf._fsync(part)
     return {"tensors": len(plan), "bytes": os.path.getsize(part), "types": types}
 
 
@@ -482,7 +473,7 @@ def export_checkpoint(path: str, out: str, dtype: str = "f32", *, tokenizer: str
     """
     from dsalite.checkpoint.pretrained import from_pretrained
 
-    raw = hf.read_config(path)
+    raw = read_config(path)
     # before reading any weights; whether MTP weights exist is known only once they are read (HF drops them)
     check_exportable(ModelConfig.from_hf(raw), dtype, mtp=False)
     model = from_pretrained(path, dtype=None)
@@ -520,10 +511,9 @@ def config_from_metadata(md: dict, path: str = "GGUF") -> dict:
         return default
 
     mt = T.MODEL_TYPE[arch]
-    if mt == "deepseek_v4":
-        from dsalite.checkpoint import gguf_v4
-
-        return gguf_v4.config_from_metadata(md, get, path)
+    own = family(mt).gguf
+    if own is not None:
+        return own.config_from_metadata(md, get, path)
     n_mtp = get("nextn_predict_layers", 0)
     L = get("block_count") - n_mtp
     rope_dim = get("rope_dimension_count")
@@ -587,10 +577,10 @@ def load(path: str, dtype: torch.dtype = torch.float32, device: str | torch.devi
     gguf = _gguf()
     reader = _open(path)
     md = _fields(reader)
-    if md.get("general.architecture") == T.ARCH["deepseek_v4"]:
-        from dsalite.checkpoint import gguf_v4
-
-        return gguf_v4.load(path, reader, md, dtype, device)
+    own = family(T.MODEL_TYPE.get(md.get("general.architecture"), "")).gguf \
+        if md.get("general.architecture") in T.MODEL_TYPE else None
+    if own is not None:
+        return own.load(path, reader, md, dtype, device)
     cfg = ModelConfig.from_hf(config_from_metadata(md, path))
     L = cfg.num_hidden_layers
     parts: dict[str, dict[int | None, np.ndarray]] = {}

@@ -6,7 +6,7 @@ block's plus the `nextn.*` extras (llama.cpp `conversion/glm.py`, `conversion/de
 Two dsalite tensors split into two GGUF tensors each: `kv_b_proj` → `attn_k_b` (per head, transposed) + `attn_v_b`
 (absorbed MLA), and the fused expert `gate_up_proj` → `ffn_gate_exps` + `ffn_up_exps`.
 DeepSeek-V4 (`deepseek4`) has its own names (`V4_*`, llama.cpp `DeepseekV4Model`); its MTP layer goes to a second,
-draft-only file as llama.cpp's `--mtp` writes it (see `checkpoint/gguf_v4.py`).
+draft-only file as llama.cpp's `--mtp` writes it (see `families/deepseek_v4/gguf.py`).
 """
 
 from __future__ import annotations

@@ -18,6 +18,9 @@ __all__ = [
     "dequantize_fp4",
     "quantize_fp4",
     "dequantize",
+    "SCALE_DTYPES",
+    "scale_block",
+    "logical_shape",
 ]
 
 FP8_E4M3_MAX = 448.0
@@ -34,6 +37,7 @@ _E2M1_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
 _FLOAT_SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _E8M0_DTYPES = (torch.float8_e8m0fnu, torch.uint8)
 _FP4_STORAGE_DTYPES = (torch.int8, torch.uint8, torch.float4_e2m1fn_x2)
+SCALE_DTYPES = _FLOAT_SCALE_DTYPES + _E8M0_DTYPES  # what a stored scale may be
 
 
 def _label(name: str | None) -> str:
@@ -345,6 +349,23 @@ def quantize_fp4(
 
 
 # --------------------------------------------------------------------------- entry point
+
+
+def scale_block(dtype: torch.dtype, block: Sequence[int] | None = None) -> tuple[int, int] | None:
+    """The scale block `dequantize` applies to a weight stored as `dtype`, given a config's weight_block_size
+    (`block`, or None): FP8 -> `block` or 128x128; packed E2M1 -> `block` when it is (1, g), else 1x32 groups.
+    None when `dtype` is not a quantised format."""
+    if dtype == torch.float8_e4m3fn:
+        return tuple(block) if block else DEFAULT_FP8_BLOCK
+    if dtype in _FP4_STORAGE_DTYPES:
+        return tuple(block) if block and block[0] == 1 else (1, DEFAULT_FP4_GROUP)
+    return None
+
+
+def logical_shape(dtype: torch.dtype, shape: Sequence[int]) -> tuple[int, ...]:
+    """The dequantised shape of a weight stored as `dtype`: packed E2M1 holds two columns per byte."""
+    shape = tuple(shape)
+    return shape[:-1] + (2 * shape[-1],) if dtype in _FP4_STORAGE_DTYPES and shape else shape
 
 
 def dequantize(

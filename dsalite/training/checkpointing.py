@@ -1,4 +1,4 @@
-"""Training-state checkpoints: `DIR/checkpoints/step-NNNNNNNN/state.pt`, written to a temp dir and renamed.
+"""Training-state checkpoints: `DIR/checkpoints/step-NNNNNNNN/state.pt`, written with `checkpoint.io.atomic_dir`.
 
 A directory named `step-N` exists only once complete (the rename is the commit), so a crash or SIGKILL mid-save leaves
 at most a `step-N.tmp-*` directory beside the previous, loadable checkpoints; the next save or resume removes it.
@@ -15,7 +15,7 @@ import shutil
 
 import torch
 
-from dsalite.checkpoint.hf import _abandon, _begin_temp, _fsync, _swap_into_place
+from dsalite.checkpoint.io import TEMP_MARK, atomic_dir
 
 STATE = "state.pt"
 _NAME = re.compile(r"^step-(\d{8})$")
@@ -39,7 +39,7 @@ def list_checkpoints(out: str) -> list[tuple[int, str]]:
 
 
 def remove_stale_temps(out: str) -> None:
-    for d in glob.glob(os.path.join(out, "checkpoints", "step-*.tmp-*")):
+    for d in glob.glob(os.path.join(out, "checkpoints", f"step-*{TEMP_MARK}*")):
         shutil.rmtree(d, ignore_errors=True)
 
 
@@ -47,14 +47,8 @@ def save_state(out: str, step: int, state: dict, keep_last: int) -> str:
     """Write `state` for `step` atomically, then delete all but the newest `keep_last` checkpoints."""
     path = checkpoint_dir(out, step)
     remove_stale_temps(out)
-    tmp, made = _begin_temp(path)
-    try:
+    with atomic_dir(path) as tmp:
         torch.save(state, os.path.join(tmp, STATE))
-        _fsync(os.path.join(tmp, STATE))
-        _swap_into_place(tmp, path)
-    except BaseException:
-        _abandon(tmp, made)
-        raise
     for _, old in list_checkpoints(out)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return path

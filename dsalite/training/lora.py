@@ -19,13 +19,15 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from dsalite.checkpoint.io import atomic_dir, write_json
 from dsalite.layers.linear import Linear, dense
 from dsalite.layers.moe import Experts
 
 GROUPS = {
+    # MLA; V4 adds kv_proj and o_b_proj (its grouped o_a_proj is not an nn.Linear and takes no adapter)
     "attention": ("self_attn.q_a_proj", "self_attn.q_b_proj", "self_attn.q_proj", "self_attn.kv_a_proj_with_mqa",
-                  "self_attn.o_proj"),
-    "indexer": ("indexer.wq_b", "indexer.wk", "indexer.weights_proj"),
+                  "self_attn.o_proj", "self_attn.kv_proj", "self_attn.o_b_proj"),
+    "indexer": ("indexer.wq_b", "indexer.wk", "indexer.weights_proj", "indexer.q_b_proj", "scorer.weights_proj"),
     "mlp": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "shared_experts.gate_proj", "shared_experts.up_proj",
             "shared_experts.down_proj"),
     "experts": (),
@@ -112,22 +114,12 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_adapters(model: nn.Module, path: str, rank: int, alpha: float, targets: list[str]) -> None:
-    """adapter.safetensors + adapter_config.json in `path`, written to a temp dir and renamed."""
+    """adapter.safetensors + adapter_config.json in `path`, written atomically (`checkpoint.io.atomic_dir`)."""
     from safetensors.torch import save_file
 
-    from dsalite.checkpoint.hf import _abandon, _begin_temp, _fsync, _swap_into_place
-
-    tmp, made = _begin_temp(path)
-    try:
+    with atomic_dir(path) as tmp:
         save_file(adapter_state(model), os.path.join(tmp, ADAPTER_FILE))
-        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
-            json.dump({"rank": rank, "alpha": alpha, "targets": targets}, f, indent=2)
-        for name in (ADAPTER_FILE, CONFIG_FILE):
-            _fsync(os.path.join(tmp, name))
-        _swap_into_place(tmp, path)
-    except BaseException:
-        _abandon(tmp, made)
-        raise
+        write_json(os.path.join(tmp, CONFIG_FILE), {"rank": rank, "alpha": alpha, "targets": targets})
 
 
 def load_adapters(model: nn.Module, path: str) -> None:

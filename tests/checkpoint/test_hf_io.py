@@ -1,4 +1,5 @@
-"""Tests for dsalite.checkpoint.hf: name mapping, byte-exact save/load, sharding, FP8, strict errors, atomic save."""
+"""HF-layout checkpoints (checkpoint/names, load, save, io): name mapping, byte-exact save/load, sharding, FP8,
+strict errors, atomic save."""
 
 import json
 import os
@@ -8,8 +9,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dsalite.checkpoint import hf
-from dsalite.checkpoint.hf import CheckpointError, CheckpointReader
+from dsalite.checkpoint import names
+from dsalite.checkpoint.io import CheckpointError, CheckpointReader, read_config
+from dsalite.checkpoint.load import load_state_dict
+from dsalite.checkpoint.save import save_state_dict
 from dsalite.config import ModelConfig
 
 
@@ -121,13 +124,13 @@ def sd(cfg):
 def disk(cfg, sd, tmp_path_factory):
     """The tiny fp32 checkpoint's disk tensors, written once and edited per bad-input case."""
     p = tmp_path_factory.mktemp("good") / "ckpt"
-    hf.save_state_dict(str(p), cfg, sd)
+    save_state_dict(str(p), cfg, sd)
     return read_disk(str(p))
 
 
 def load_err(path, cfg, sd, **kw):
     with pytest.raises(CheckpointError) as ei:
-        hf.load_state_dict(str(path), cfg, expected_of(sd), **kw)
+        load_state_dict(str(path), cfg, expected_of(sd), **kw)
     return str(ei.value)
 
 
@@ -143,7 +146,7 @@ def test_name_mapping_both_ways(cfg):
         f"model.layers.{L}.mlp.experts.0.down_proj.weight_scale_inv", "model.norm.weight",
         f"model.layers.{L + 1}.enorm.weight",  # beyond the declared MTP layers: stays as is
     ]
-    m = hf.disk_to_dsalite_names(keys, cfg)
+    m = names.disk_to_dsalite_names(keys, cfg)
     assert m["model.layers.1.mlp.experts.gate_up_proj"] == [
         "model.layers.1.mlp.experts.0.gate_proj.weight", "model.layers.1.mlp.experts.0.up_proj.weight",
         "model.layers.1.mlp.experts.1.gate_proj.weight", "model.layers.1.mlp.experts.1.up_proj.weight",
@@ -153,8 +156,8 @@ def test_name_mapping_both_ways(cfg):
     assert m["model.norm.weight"] == ["model.norm.weight"]
     assert m[f"model.layers.{L + 1}.enorm.weight"] == [f"model.layers.{L + 1}.enorm.weight"]
     assert not any(k.endswith("_scale_inv") for v in m.values() for k in v)
-    assert hf.dsalite_to_disk_name("mtp.0.eh_proj.weight", cfg) == f"model.layers.{L}.eh_proj.weight"
-    assert hf.dsalite_to_disk_names("mtp.0.mlp.experts.gate_up_proj", cfg, 2) == [
+    assert names.dsalite_to_disk_name("mtp.0.eh_proj.weight", cfg) == f"model.layers.{L}.eh_proj.weight"
+    assert names.dsalite_to_disk_names("mtp.0.mlp.experts.gate_up_proj", cfg, 2) == [
         f"model.layers.{L}.mlp.experts.0.gate_proj.weight", f"model.layers.{L}.mlp.experts.0.up_proj.weight",
         f"model.layers.{L}.mlp.experts.1.gate_proj.weight", f"model.layers.{L}.mlp.experts.1.up_proj.weight",
     ]
@@ -167,7 +170,7 @@ def test_name_mapping_both_ways(cfg):
 def test_save_load_roundtrip_is_byte_exact(tmp_path, cfg, dtype):
     sd = make_state_dict(cfg, dtype, seed=1)
     path = tmp_path / "ckpt"
-    hf.save_state_dict(str(path), cfg, sd, extra_files={"tokenizer.json": b"{}"})
+    save_state_dict(str(path), cfg, sd, extra_files={"tokenizer.json": b"{}"})
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # temp dir renamed away
     assert sorted(os.listdir(path)) == ["config.json", "model.safetensors", "tokenizer.json"]
     assert json.loads((path / "config.json").read_text()) == json.loads(json.dumps(cfg.to_hf()))
@@ -181,10 +184,10 @@ def test_save_load_roundtrip_is_byte_exact(tmp_path, cfg, dtype):
     assert r.dtype("model.layers.1.mlp.experts.3.up_proj.weight") == dtype
     gu = sd["model.layers.1.mlp.experts.gate_up_proj"]
     assert torch.equal(r.get("model.layers.1.mlp.experts.3.up_proj.weight"), gu[3, cfg.moe_intermediate_size :])
-    out = hf.load_state_dict(str(path), cfg, expected_of(sd))
+    out = load_state_dict(str(path), cfg, expected_of(sd))
     assert_bytes_equal(out, sd)
     # keep-dtype default vs explicit cast; the router bias stays float32 either way
-    out16 = hf.load_state_dict(r, cfg, expected_of(sd), dtype=torch.float16)
+    out16 = load_state_dict(r, cfg, expected_of(sd), dtype=torch.float16)
     assert out16["model.layers.1.mlp.experts.gate_up_proj"].dtype == torch.float16
     assert out16["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == torch.float32
     assert torch.equal(out16["lm_head.weight"], sd["lm_head.weight"].to(torch.float16))
@@ -192,7 +195,7 @@ def test_save_load_roundtrip_is_byte_exact(tmp_path, cfg, dtype):
 
 def test_sharded_roundtrip(tmp_path, cfg, sd):
     path = tmp_path / "ckpt"
-    hf.save_state_dict(str(path), cfg, sd, max_shard_bytes=64 * 1024)
+    save_state_dict(str(path), cfg, sd, max_shard_bytes=64 * 1024)
     files = sorted(os.listdir(path))
     shards = [f for f in files if f.endswith(".safetensors")]
     assert len(shards) > 3 and "model.safetensors" not in files
@@ -203,7 +206,7 @@ def test_sharded_roundtrip(tmp_path, cfg, sd):
     for f in shards:  # no shard beyond the limit unless it holds a single oversize tensor
         n = len(CheckpointReader(str(path / f)))
         assert os.path.getsize(path / f) <= 64 * 1024 + 8192 or n == 1
-    assert_bytes_equal(hf.load_state_dict(str(path), cfg, expected_of(sd)), sd)
+    assert_bytes_equal(load_state_dict(str(path), cfg, expected_of(sd)), sd)
 
 
 def test_directory_without_index_reads_all_safetensors(tmp_path, cfg, disk, sd):
@@ -212,21 +215,21 @@ def test_directory_without_index_reads_all_safetensors(tmp_path, cfg, disk, sd):
     os.makedirs(tmp_path / "c")
     save_file({k: disk[k] for k in keys[:half]}, str(tmp_path / "c" / "a.safetensors"))
     save_file({k: disk[k] for k in keys[half:]}, str(tmp_path / "c" / "b.safetensors"))
-    assert_bytes_equal(hf.load_state_dict(str(tmp_path / "c"), cfg, expected_of(sd)), sd)
+    assert_bytes_equal(load_state_dict(str(tmp_path / "c"), cfg, expected_of(sd)), sd)
 
 
 def test_tied_and_view_tensors_are_saved(tmp_path, cfg, sd):
     sd2 = dict(sd)
     sd2["lm_head.weight"] = sd2["model.embed_tokens.weight"]  # shared storage, as with tied weights
     sd2["model.norm.weight"] = torch.randn(3, cfg.hidden_size)[1]  # a view into a bigger storage
-    hf.save_state_dict(str(tmp_path / "ckpt"), cfg, sd2)
-    assert_bytes_equal(hf.load_state_dict(str(tmp_path / "ckpt"), cfg, expected_of(sd2)), sd2)
+    save_state_dict(str(tmp_path / "ckpt"), cfg, sd2)
+    assert_bytes_equal(load_state_dict(str(tmp_path / "ckpt"), cfg, expected_of(sd2)), sd2)
 
 
 def test_optional_tensor_may_be_absent(tmp_path, cfg, disk, sd):
     name = "mtp.0.shared_head.head.weight"
-    d = {k: v for k, v in disk.items() if k != hf.dsalite_to_disk_name(name, cfg)}
-    out = hf.load_state_dict(write_disk(tmp_path / "c", cfg, d), cfg, expected_of(sd), optional={name})
+    d = {k: v for k, v in disk.items() if k != names.dsalite_to_disk_name(name, cfg)}
+    out = load_state_dict(write_disk(tmp_path / "c", cfg, d), cfg, expected_of(sd), optional={name})
     assert name not in out and len(out) == len(sd) - 1
     msg = load_err(tmp_path / "c", cfg, sd)
     assert name in msg and f"model.layers.{cfg.num_hidden_layers}.shared_head.head.weight" in msg
@@ -242,7 +245,7 @@ def test_fp8_weights_dequantise_exactly(tmp_path):
     cfg = ModelConfig.tiny("glm_moe_dsa", kv_lora_rank=512, qk_rope_head_dim=64, index_head_dim=64, hidden_size=192)
     sd = make_state_dict(cfg, torch.bfloat16, seed=3)
     path = tmp_path / "ckpt"
-    hf.save_state_dict(str(path), cfg, sd)
+    save_state_dict(str(path), cfg, sd)
     d = read_disk(str(path))
     L = cfg.num_hidden_layers
     kva = "model.layers.1.self_attn.kv_a_proj_with_mqa.weight"
@@ -266,7 +269,7 @@ def test_fp8_weights_dequantise_exactly(tmp_path):
     assert d["model.layers.2.mlp.experts.0.gate_proj.weight_scale_inv"].dtype == torch.uint8
     src = write_disk(tmp_path / "fp8", cfg, d)
 
-    out = hf.load_state_dict(src, cfg, expected_of(sd))  # dtype=None: dequantised -> float32, rest as stored
+    out = load_state_dict(src, cfg, expected_of(sd))  # dtype=None: dequantised -> float32, rest as stored
     assert out["model.layers.1.self_attn.kv_a_proj_with_mqa.weight"].dtype == torch.float32
     assert torch.equal(out["model.layers.1.self_attn.kv_a_proj_with_mqa.weight"], ref[kva])
     assert torch.equal(out["mtp.0.self_attn.q_b_proj.weight"], ref[f"model.layers.{L}.self_attn.q_b_proj.weight"])
@@ -278,7 +281,7 @@ def test_fp8_weights_dequantise_exactly(tmp_path):
     assert out["model.layers.1.self_attn.o_proj.weight"].dtype == torch.bfloat16
     assert torch.equal(out["model.layers.1.self_attn.o_proj.weight"], sd["model.layers.1.self_attn.o_proj.weight"])
 
-    outb = hf.load_state_dict(src, cfg, expected_of(sd), dtype=torch.bfloat16)
+    outb = load_state_dict(src, cfg, expected_of(sd), dtype=torch.bfloat16)
     assert torch.equal(outb[kva], ref[kva].to(torch.bfloat16))
     assert outb["model.layers.2.mlp.gate.e_score_correction_bias"].dtype == torch.float32
 
@@ -383,7 +386,7 @@ def test_all_offenders_listed_in_one_error(tmp_path, cfg, disk, sd):
 
 def test_truncated_shard(tmp_path, cfg, sd):
     path = tmp_path / "ckpt"
-    hf.save_state_dict(str(path), cfg, sd, max_shard_bytes=256 * 1024)
+    save_state_dict(str(path), cfg, sd, max_shard_bytes=256 * 1024)
     shard = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))[1]
     size = os.path.getsize(path / shard)
     with open(path / shard, "r+b") as f:
@@ -394,7 +397,7 @@ def test_truncated_shard(tmp_path, cfg, sd):
     with open(path / shard, "r+b") as f:
         f.truncate(5)
     with pytest.raises(CheckpointError, match=f"{shard}: truncated"):
-        hf.load_state_dict(str(path), cfg, expected_of(sd))
+        load_state_dict(str(path), cfg, expected_of(sd))
 
 
 def test_corrupt_header(tmp_path, cfg, disk):
@@ -423,7 +426,7 @@ def test_data_offsets_inconsistent_with_shape(tmp_path, cfg):
 
 def _sharded(tmp_path, cfg, sd):
     path = tmp_path / "ckpt"
-    hf.save_state_dict(str(path), cfg, sd, max_shard_bytes=256 * 1024)
+    save_state_dict(str(path), cfg, sd, max_shard_bytes=256 * 1024)
     index = json.loads((path / "model.safetensors.index.json").read_text())
     return path, index
 
@@ -433,7 +436,7 @@ def test_index_points_at_missing_shard(tmp_path, cfg, sd):
     shard = sorted(set(index["weight_map"].values()))[-1]
     os.remove(path / shard)
     with pytest.raises(CheckpointError, match=f"{shard}: shard listed in model.safetensors.index.json is missing"):
-        hf.load_state_dict(str(path), cfg, expected_of(sd))
+        load_state_dict(str(path), cfg, expected_of(sd))
 
 
 def test_duplicate_tensor_across_shards_and_wrong_index_entry(tmp_path, cfg, sd):
@@ -456,12 +459,12 @@ def test_duplicate_tensor_across_shards_and_wrong_index_entry(tmp_path, cfg, sd)
 
 def test_read_config_errors_name_the_file(tmp_path):
     with pytest.raises(CheckpointError, match="config.json not found"):
-        hf.read_config(str(tmp_path))
+        read_config(str(tmp_path))
     (tmp_path / "config.json").write_text("{oops")
     with pytest.raises(CheckpointError, match=r"config\.json: not valid JSON"):
-        hf.read_config(str(tmp_path))
+        read_config(str(tmp_path))
     (tmp_path / "config.json").write_text('{"model_type": "glm_moe_dsa"}')
-    assert hf.read_config(str(tmp_path)) == {"model_type": "glm_moe_dsa"}
+    assert read_config(str(tmp_path)) == {"model_type": "glm_moe_dsa"}
 
 
 # --------------------------------------------------------------------------- MTP presence
@@ -470,19 +473,19 @@ def test_read_config_errors_name_the_file(tmp_path):
 def test_detect_mtp(cfg, disk):
     L = cfg.num_hidden_layers
     keys = set(disk)
-    assert hf.detect_mtp(keys, cfg) == "present" and hf.missing_mtp_keys(keys, cfg) == []
-    assert hf.optional_mtp_keys(keys, cfg) == {
+    assert names.detect_mtp(keys, cfg) == "present" and names.missing_mtp_keys(keys, cfg) == []
+    assert names.optional_mtp_keys(keys, cfg) == {
         f"model.layers.{L}.embed_tokens.weight": True, f"model.layers.{L}.shared_head.head.weight": True,
     }
     trunk = {k for k in keys if not k.startswith(f"model.layers.{L}.")}
-    assert hf.detect_mtp(trunk, cfg) == "absent"
+    assert names.detect_mtp(trunk, cfg) == "absent"
     gone = {f"model.layers.{L}.eh_proj.weight", f"model.layers.{L}.mlp.experts.3.up_proj.weight"}
     partial = keys - gone
-    assert hf.detect_mtp(partial, cfg) == "partial"
-    assert sorted(hf.missing_mtp_keys(partial, cfg)) == sorted(gone)
+    assert names.detect_mtp(partial, cfg) == "partial"
+    assert sorted(names.missing_mtp_keys(partial, cfg)) == sorted(gone)
     no_head = keys - {f"model.layers.{L}.shared_head.head.weight", f"model.layers.{L}.embed_tokens.weight"}
-    assert hf.detect_mtp(no_head, cfg) == "present"
-    assert not any(hf.optional_mtp_keys(no_head, cfg).values())
+    assert names.detect_mtp(no_head, cfg) == "present"
+    assert not any(names.optional_mtp_keys(no_head, cfg).values())
 
 
 # --------------------------------------------------------------------------- atomic save
@@ -505,26 +508,26 @@ def test_failed_save_leaves_nothing_and_keeps_previous(tmp_path, cfg, sd, monkey
     monkeypatch.setattr(safetensors.torch, "save_file", flaky)
     fresh = tmp_path / "fresh" / "nested" / "ckpt"
     with pytest.raises(OSError, match="disk full"):
-        hf.save_state_dict(str(fresh), cfg, sd, max_shard_bytes=256 * 1024)
+        save_state_dict(str(fresh), cfg, sd, max_shard_bytes=256 * 1024)
     assert len(calls) == 2 and ".tmp-" in calls[0]
     assert os.listdir(tmp_path) == []  # no temp dir, no partial checkpoint, no parents created for it
 
     monkeypatch.setattr(safetensors.torch, "save_file", real)
     prev = tmp_path / "ckpt"
-    hf.save_state_dict(str(prev), cfg, sd)
+    save_state_dict(str(prev), cfg, sd)
     before = {f: (prev / f).read_bytes() for f in os.listdir(prev)}
     calls.clear()
     monkeypatch.setattr(safetensors.torch, "save_file", flaky)
     with pytest.raises(OSError, match="disk full"):
-        hf.save_state_dict(str(prev), cfg, make_state_dict(cfg, seed=9), max_shard_bytes=256 * 1024)
+        save_state_dict(str(prev), cfg, make_state_dict(cfg, seed=9), max_shard_bytes=256 * 1024)
     assert os.listdir(tmp_path) == ["ckpt"]
     assert {f: (prev / f).read_bytes() for f in os.listdir(prev)} == before
 
     monkeypatch.setattr(safetensors.torch, "save_file", real)  # a successful save replaces it
     sd2 = make_state_dict(cfg, seed=9)
-    hf.save_state_dict(str(prev), cfg, sd2)
+    save_state_dict(str(prev), cfg, sd2)
     assert os.listdir(tmp_path) == ["ckpt"]
-    assert_bytes_equal(hf.load_state_dict(str(prev), cfg, expected_of(sd2)), sd2)
+    assert_bytes_equal(load_state_dict(str(prev), cfg, expected_of(sd2)), sd2)
 
 
 def test_unsavable_tensor_fails_before_writing(tmp_path, cfg, sd):
@@ -532,7 +535,7 @@ def test_unsavable_tensor_fails_before_writing(tmp_path, cfg, sd):
     bad["model.norm.weight"] = torch.empty(cfg.hidden_size, device="meta")
     bad["model.layers.1.mlp.experts.down_proj"] = torch.zeros(3, 3)
     with pytest.raises(CheckpointError) as ei:
-        hf.save_state_dict(str(tmp_path / "ckpt"), cfg, bad)
+        save_state_dict(str(tmp_path / "ckpt"), cfg, bad)
     assert "model.norm.weight: is on the meta device" in str(ei.value)
     assert "model.layers.1.mlp.experts.down_proj: shape [3, 3]" in str(ei.value)
     assert os.listdir(tmp_path) == []

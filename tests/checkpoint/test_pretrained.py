@@ -21,11 +21,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from dsalite import cli
-from dsalite.checkpoint import hf, quant
-from dsalite.checkpoint.hf import CheckpointError
-from dsalite.checkpoint.pretrained import convert, from_pretrained
+from dsalite.checkpoint import quant
+from dsalite.checkpoint.convert import convert
+from dsalite.checkpoint.io import INDEX_NAME, CheckpointError, read_config
+from dsalite.checkpoint.pretrained import from_pretrained
 from dsalite.config import ModelConfig
 from dsalite.model import Transformer
+from dsalite.presets import PRESETS
 from hf_fixtures import DSA, build_hf, make_checkpoint
 
 # --------------------------------------------------------------------------- helpers
@@ -121,7 +123,7 @@ def test_hf_dsalite_hf_bf16_router_bias_keeps_stored_dtype(hf_ckpts, tmp_path):
 
 def test_transformers_checkpoint_without_mtp_loads_with_one_warning(hf_ckpts, caplog):
     src = hf_ckpts["v3"]
-    assert hf.read_config(src)["num_nextn_predict_layers"] == 1
+    assert read_config(src)["num_nextn_predict_layers"] == 1
     assert not any(k.startswith("model.layers.4.") for k in disk_tensors(src))
     with caplog.at_level(logging.WARNING, logger="dsalite"):
         model = from_pretrained(src)
@@ -163,7 +165,7 @@ def test_config_weights_mismatch_names_the_tensors(hf_ckpts, tmp_path, changes, 
 
 @pytest.fixture(scope="module")
 def export(tmp_path_factory):
-    cfg = ModelConfig.from_hf(cli.PRESETS["glm-5.2-tiny"])
+    cfg = ModelConfig.from_hf(PRESETS["glm-5.2-tiny"])
     g = torch.Generator().manual_seed(0)
     model = Transformer(cfg)
     model.init_weights(std=0.1, generator=g, router_bias_std=0.05)
@@ -375,7 +377,7 @@ def test_convert_fp32_dequantises_and_transformers_loads_it(fp8, tmp_path, capsy
     for f in ("generation_config.json", "tokenizer_config.json", "configuration_remote.py"):
         with open(os.path.join(src, f), "rb") as a, open(os.path.join(dst, f), "rb") as b:
             assert a.read() == b.read(), f
-    cfg_src, cfg_dst = hf.read_config(src), hf.read_config(dst)
+    cfg_src, cfg_dst = read_config(src), read_config(dst)
     assert "quantization_config" not in cfg_dst
     assert cfg_dst.pop("dtype") == "float32"
     cfg_src.pop("quantization_config"), cfg_src.pop("dtype")
@@ -404,7 +406,7 @@ def test_convert_bf16_sharded(fp8, tmp_path):
     files = sorted(f for f in os.listdir(dst) if f.endswith(".safetensors"))
     assert len(files) > 3 and "model.safetensors" not in files
     assert all(re.fullmatch(rf"model-\d{{5}}-of-{len(files):05d}\.safetensors", f) for f in files), files
-    with open(os.path.join(dst, hf.INDEX_NAME)) as f:
+    with open(os.path.join(dst, INDEX_NAME)) as f:
         index = json.load(f)
     total = 0
     for fname in files:
@@ -417,7 +419,7 @@ def test_convert_bf16_sharded(fp8, tmp_path):
     assert index["metadata"]["total_size"] == total
     conv = disk_tensors(dst)
     assert conv.keys() == disk.keys() == index["weight_map"].keys()
-    assert hf.read_config(dst)["dtype"] == "bfloat16"
+    assert read_config(dst)["dtype"] == "bfloat16"
     for k, t in conv.items():
         want = ref.get(k, disk[k])
         want = want if k.endswith("e_score_correction_bias") else want.to(torch.bfloat16)
@@ -547,7 +549,7 @@ def test_convert_reads_the_block_size_from_the_config(tmp_path):
     convert(str(src), str(tmp_path / "out"), dtype=torch.float32)
     want = w8.float() * s.repeat_interleave(64, 0).repeat_interleave(32, 1)[:100, :72]
     assert torch.equal(bits(disk_tensors(str(tmp_path / "out"))["x.weight"]), bits(want))
-    assert "quantization_config" not in hf.read_config(str(tmp_path / "out"))
+    assert "quantization_config" not in read_config(str(tmp_path / "out"))
     qc["weight_block_size"] = [128, 128]  # the same tensors under the default block: the grid no longer fits
     (src / "config.json").write_text(json.dumps({"model_type": "deepseek_v3", "quantization_config": qc}))
     with pytest.raises(CheckpointError, match=r"x\.weight_scale_inv"):
