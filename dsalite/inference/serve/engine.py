@@ -1,0 +1,235 @@
+"""The serving engine: `step()` = schedule -> run the prefill chunks and one batched decode -> sample each sequence
+with its own options -> detokenize and check stops -> outputs. `generate()` loops `step()`; the server calls
+`add_request`, `abort` and `step` from its engine thread (server.py), never the runner or the cache.
+
+A sequence whose model call or sampling raises fails alone: a prefill chunk runs per sequence, and a batched decode
+that raises is retried row by row so that only the row that raises again is failed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from dsalite.families import family
+from dsalite.inference.sampling import sample
+from dsalite.inference.serve.blocks import BlockManager
+from dsalite.inference.serve.paged_cache import PagedLatentCache
+from dsalite.inference.serve.runner import ModelRunner
+from dsalite.inference.serve.scheduler import Scheduler
+from dsalite.inference.serve.sequence import RequestParams, Sequence, Status
+
+
+@dataclass
+class Output:
+    """What a step produced for one request since its last Output."""
+    request_id: str
+    token_ids: list[int]
+    text: str
+    logprobs: list[dict]
+    finished: bool
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass
+class EngineStats:
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    steps: int = 0
+    finished: dict = field(default_factory=dict)  # finish_reason -> count
+    ttft: list[float] = field(default_factory=list)  # seconds, one per request that produced a token (recent)
+
+
+class Engine:
+    def __init__(self, model, num_blocks: int | None = None, block_size: int = 16, max_batch: int = 32,
+                 prefill_tokens: int = 512, prefix_caching: bool = True, tokenizer=None, eos_ids=(),
+                 max_model_len: int | None = None, compile: bool = False, cache_tokens: int = 65536):
+        """model: a dsalite Transformer (MLA families); tokenizer: an `inference.text.TextModel` (None: ids only);
+        num_blocks: cache blocks of block_size tokens (default: enough for cache_tokens tokens)."""
+        cfg = model.cfg
+        if family(cfg.model_type).cache is not None:
+            raise ValueError(f"dsalite serve pages the MLA latent cache; {cfg.model_type} has its own cache "
+                             f"({family(cfg.model_type).cache.__name__}) and is not served yet")
+        self.model, self.tokenizer, self.eos_ids = model, tokenizer, frozenset(eos_ids)
+        num_blocks = num_blocks or -(-cache_tokens // block_size)
+        w = model.head_weight()
+        self.cache = PagedLatentCache(cfg, num_blocks, block_size, dtype=w.dtype, device=w.device)
+        self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
+        self.scheduler = Scheduler(self.blocks, max_batch, prefill_tokens)
+        self.runner = ModelRunner(model, self.cache, compile)
+        self.max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        self.seqs: dict[str, Sequence] = {}
+        self.stats = EngineStats()
+
+    # ----- requests -----
+    def check(self, n_prompt: int, max_tokens: int) -> None:
+        """Raise ValueError when a prompt of n_prompt tokens with max_tokens more can never be served."""
+        need = n_prompt + max_tokens
+        if need > self.max_model_len:
+            raise ValueError(f"this model's maximum context length is {self.max_model_len} tokens; the request needs "
+                             f"{need} ({n_prompt} in the prompt + {max_tokens} max_tokens)")
+        if self.blocks.blocks_for(need) > self.blocks.num_blocks:
+            raise ValueError(f"the request needs {self.blocks.blocks_for(need)} cache blocks of "
+                             f"{self.blocks.block_size} tokens; the cache has {self.blocks.num_blocks} (--kv-blocks)")
+
+    def add_request(self, prompt: list[int], params: RequestParams, request_id: str | None = None) -> Sequence:
+        V = self.model.cfg.vocab_size
+        bad = [t for t in prompt if not 0 <= t < V]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {V})")
+        self.check(len(prompt), params.max_tokens)
+        seq = Sequence(list(prompt), params, request_id or "", self.eos_ids)
+        if seq.request_id in self.seqs:
+            raise ValueError(f"request id {seq.request_id!r} is already running")
+        self.seqs[seq.request_id] = seq
+        self.scheduler.add(seq)
+        return seq
+
+    def abort(self, request_id: str) -> Output | None:
+        """Cancel a request: its blocks are freed now."""
+        seq = self.seqs.get(request_id)
+        if seq is None:
+            return None
+        self._finish(seq, "abort")
+        return self._output(seq)
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    # ----- the step -----
+    def step(self) -> list[Output]:
+        plan = self.scheduler.schedule()
+        touched: list[Sequence] = []
+        for seq, n in plan.prefill:
+            try:
+                c = seq.num_cached
+                logits = self.runner.run([(seq.block_table, c, seq.tokens[c : c + n])])
+                seq.num_cached += n
+                self.blocks.commit(seq)
+                if seq.uncached == 0:
+                    self._emit(seq, logits[0])
+                touched.append(seq)
+            except Exception as e:  # noqa: BLE001 — this request fails, the others go on
+                self._fail(seq, e)
+                touched.append(seq)
+        if plan.decode:
+            touched += self._decode(plan.decode)
+        self.stats.steps += 1
+        return [self._output(s) for s in dict.fromkeys(touched) if s.sent_tokens < len(s.output) or s.finished
+                or s.sent_text < len(s.text)]
+
+    def _decode(self, seqs: list[Sequence]) -> list[Sequence]:
+        rows = lambda ss: [(s.block_table, s.num_cached, s.tokens[-1:]) for s in ss]  # noqa: E731
+        try:
+            logits = self.runner.run(rows(seqs))
+            pairs = list(zip(seqs, logits))
+        except Exception:  # noqa: BLE001 — find the row that raises: run them one by one
+            pairs = []
+            for s in seqs:
+                try:
+                    pairs.append((s, self.runner.run(rows([s]))[0]))
+                except Exception as e:  # noqa: BLE001
+                    self._fail(s, e)
+        for s, lg in pairs:
+            s.num_cached += 1
+            self.blocks.commit(s)
+            self._emit(s, lg)
+        return list(seqs)
+
+    def _emit(self, seq: Sequence, logits: torch.Tensor) -> None:
+        """Sample seq's next token from logits [V], record it and its logprobs, check stops."""
+        try:
+            p = seq.params
+            tok = int(sample(logits[None], p.sampling, seq.generator)[0])
+            if p.logprobs:
+                lp = torch.log_softmax(logits.float(), -1)
+                top = lp.topk(p.top_logprobs) if p.top_logprobs else None
+                seq.logprobs.append({"id": tok, "logprob": float(lp[tok]),
+                                     "top": [] if top is None else list(zip(top.indices.tolist(),
+                                                                            top.values.tolist()))})
+        except Exception as e:  # noqa: BLE001
+            self._fail(seq, e)
+            return
+        now = time.monotonic()
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+            self.stats.ttft.append(now - seq.arrival)
+            del self.stats.ttft[:-1000]
+            self.stats.prompt_tokens += len(seq.prompt)
+        seq.tokens.append(tok)
+        self.stats.generation_tokens += 1
+        stop_id = (tok in seq.eos_ids and not p.ignore_eos) or tok in p.stop_token_ids
+        if self.tokenizer is not None:
+            ids = seq.output[:-1] if stop_id else seq.output
+            text = self.tokenizer.tokenizer.decode(ids, skip_special_tokens=False)
+            hit = _find_stop(text, p.stop)
+            seq.text = text if hit is None else text[:hit]
+            if hit is not None:
+                return self._finish(seq, "stop")
+        if stop_id:
+            self._finish(seq, "stop")
+        elif len(seq.output) >= p.max_tokens or len(seq.tokens) >= self.max_model_len:
+            self._finish(seq, "length")
+
+    def _fail(self, seq: Sequence, e: Exception) -> None:
+        seq.error = f"{type(e).__name__}: {e}"
+        self._finish(seq, "error")
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        if seq.finished:
+            return
+        seq.finish_reason = reason
+        self.scheduler.remove(seq)
+        self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
+
+    def _output(self, seq: Sequence) -> Output:
+        """The new tokens and text since the last output. While running, text that may still turn out to be the
+        start of a stop string, or an incomplete UTF-8 character, is held back."""
+        end = len(seq.text) if seq.finished else _safe_end(seq.text, seq.params.stop)
+        end = max(end, seq.sent_text)
+        n = len(seq.output)
+        out = Output(seq.request_id, seq.output[seq.sent_tokens : n], seq.text[seq.sent_text : end],
+                     seq.logprobs[seq.sent_tokens : n], seq.finished, seq.finish_reason, len(seq.prompt), n,
+                     0, seq.error)
+        seq.sent_tokens, seq.sent_text = n, end
+        if seq.finished:
+            self.seqs.pop(seq.request_id, None)
+        return out
+
+    # ----- offline use -----
+    def generate(self, prompts: list[list[int]], params: RequestParams | list[RequestParams]) -> list[Sequence]:
+        """Run prompts to completion together (continuous batching); the finished sequences in prompt order."""
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        seqs = [self.add_request(p, q) for p, q in zip(prompts, params)]
+        while self.has_work:
+            self.step()
+        for s in seqs:  # drop anything not yet handed out
+            self.seqs.pop(s.request_id, None)
+        return seqs
+
+
+def _find_stop(text: str, stops: list[str]) -> int | None:
+    hits = [text.find(s) for s in stops if s and s in text]
+    return min(hits) if hits else None
+
+
+def _safe_end(text: str, stops: list[str]) -> int:
+    """Length of text that can be handed out: no trailing replacement character (a split UTF-8 sequence), no suffix
+    that is the start of a stop string."""
+    end = len(text)
+    while end and text[end - 1] == "\ufffd":
+        end -= 1
+    base = end
+    for s in stops:
+        for k in range(min(len(s) - 1, base), 0, -1):
+            if text[:base].endswith(s[:k]):
+                end = min(end, base - k)
+                break
+    return end

@@ -1,0 +1,8 @@
+import pytest
+
+from serve_fixtures import tiny_model
+
+
+@pytest.fixture(scope="session")
+def glm():
+    return tiny_model()
