@@ -30,7 +30,8 @@ class Family:
     mtp_layer   (cfg, depth, own_embeddings) -> MTP layer; step(h, next_ids, ctx, embed, head, topk_in)
     norm        (dim, eps) -> the final norm module
     cache       the decode cache class (cfg, batch, capacity, layers=, dtype=, device=)
-    checkpoint  module with from_pretrained(path, cfg, dtype, device) and save(path, cfg, state_dict, **kw)
+    checkpoint  module with on_disk(reader, cfg) -> OnDisk, load(on_disk, state, dtype) -> state dict,
+                save(path, cfg, state_dict, **kw)
     gguf        module with problems, metadata, tensor_plan, mtp_path, config_from_metadata, load
     verify      module with the family's extra parity checks (fill_topk)
     """

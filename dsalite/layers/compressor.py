@@ -11,6 +11,11 @@ Without a cache every call compresses the complete windows of the tokens it is g
 incomplete tail is dropped). With one (`state`, a `cache_v4.CompressorState`), the pending tokens of earlier calls
 are completed first, window 0 of this call pools the previous call's last window's Ca, entries are roped at their
 absolute positions and appended: chunked calls give the entries of one call over all the tokens.
+Packed documents (`segments`, training): windows restart at each document's first token, each document is
+compressed as if it ran alone (window 0 without a predecessor, entries roped at in-document positions, an incomplete
+tail at the document's end makes no entry, exactly as at the end of a sequence), and a query sees only its own
+document's entries. Entries then carry where they end: `ends` [B, W] (in-document position of the last pooled token)
+and `docs` [B, W] (the document id, −1 for row padding).
 """
 
 from __future__ import annotations
@@ -44,6 +49,35 @@ class Compressor(nn.Module):
         kv, gate, first, prev = state.windows(kv, gate)
         return state.append(self.pool(kv, gate, first, prev, rope))
 
+    def documents(self, x: torch.Tensor, rope, segments: torch.Tensor):
+        """Packed rows x [B,S,D], segments [B,S] → (entries [B,W,c], ends [B,W], docs [B,W]), W the most entries
+        of a row; each document pooled alone."""
+        kv, gate = self.kv_proj(x), self.gate_proj(x)
+        B, m = x.shape[0], self.ratio
+        rows = []
+        for b in range(B):
+            cut = (segments[b, 1:] != segments[b, :-1]).nonzero().flatten().add(1).tolist()
+            parts = []
+            for a, e in zip([0] + cut, cut + [x.shape[1]]):
+                n = (e - a) // m * m
+                if n:
+                    ent = self.pool(kv[b : b + 1, a : a + n], gate[b : b + 1, a : a + n], 0, None, rope)[0]
+                    parts.append((ent, segments[b, a]))
+            rows.append(parts)
+        W = max([sum(p[0].shape[0] for p in parts) for parts in rows] + [0])
+        entries = kv.new_zeros(B, W, self.width)
+        ends = torch.full((B, W), torch.iinfo(torch.long).max, dtype=torch.long, device=x.device)
+        docs = torch.full((B, W), -1, dtype=torch.long, device=x.device)
+        for b, parts in enumerate(rows):
+            w = 0
+            for ent, doc in parts:
+                n = ent.shape[0]
+                entries[b, w : w + n] = ent
+                ends[b, w : w + n] = torch.arange(1, n + 1, device=x.device) * m - 1
+                docs[b, w : w + n] = doc
+                w += n
+        return entries, ends, docs
+
     def pool(self, kv, gate, first: int, prev, rope) -> torch.Tensor:
         """Whole windows kv, gate [B, W·m, series·c] (gate without bias) → entries [B, W, c] for entries first..;
         prev = (kv, gate) [B, m, c] of the Ca half of the window before them (CSA), or None."""
@@ -70,10 +104,14 @@ class Compressor(nn.Module):
         return apply_rope_trailing(entries, cos, sin)  # cos, sin [W, p/2]
 
 
-def entry_visible(positions: torch.Tensor, n_entries: int, ratio: int) -> torch.Tensor:
-    """[B,S] positions → [B,S,W] bool: entry w is complete by the query's position."""
-    w = torch.arange(n_entries, device=positions.device)
-    return w < ((positions + 1) // ratio)[..., None]
+def entry_visible(positions: torch.Tensor, n_entries: int, ratio: int, packed=None) -> torch.Tensor:
+    """[B,S] positions → [B,S,W] bool: entry w is complete by the query's position. packed = (segments [B,S],
+    ends [B,W], docs [B,W]) of packed documents: an entry of the query's own document ending at or before it."""
+    if packed is None:
+        w = torch.arange(n_entries, device=positions.device)
+        return w < ((positions + 1) // ratio)[..., None]
+    segments, ends, docs = packed
+    return (ends[:, None, :] <= positions[..., None]) & (docs[:, None, :] == segments[..., None])
 
 
 class Scorer(nn.Module):
@@ -105,13 +143,19 @@ class CSAIndexer(Compressor):
         return q, w
 
     @torch.no_grad()
-    def select(self, x, q_resid, cos, sin, positions, rope, state=None) -> torch.Tensor:
-        """Entry indices [B,S,K] (int64, −1 = none), K = min(index_topk, W)."""
-        k = self(x, rope, state)  # [B, W, Di]
+    def select(self, x, q_resid, cos, sin, positions, rope, state=None, segments=None) -> torch.Tensor:
+        """Entry indices [B,S,K] (int64, −1 = none), K = min(index_topk, W); segments: packed documents."""
+        if segments is None:
+            k = self(x, rope, state)  # [B, W, Di]
+        else:
+            k, ends, docs = self.documents(x, rope, segments)
         q, w = self.queries(x, q_resid, cos, sin)
         W = k.shape[1]
 
         def allowed(s0, s1, k0, k1):
+            if segments is not None:
+                return entry_visible(positions[:, s0:s1], W, self.ratio,
+                                     (segments[:, s0:s1], ends[:, k0:k1], docs[:, k0:k1]))
             return entry_visible(positions[:, s0:s1], W, self.ratio)[..., k0:k1]
 
         return topk_indices(q, k, w, allowed, self.topk, self.width**-0.5)
@@ -125,11 +169,12 @@ class CSACompressor(Compressor):
         super().__init__(dim, head_dim, ratio, overlap=True, eps=eps)
         self.indexer = CSAIndexer(dim, q_lora_rank, index_n_heads, index_head_dim, ratio, index_topk, eps)
 
-    def entries(self, x, q_resid, cos, sin, positions, rope, states=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def entries(self, x, q_resid, cos, sin, positions, rope, states=None, segments=None):
         """(entries [B,W,c], per-query entry indices [B,S,K] with −1 = none); states: the layer's
-        {"compressor", "indexer"} cache states or None."""
+        {"compressor", "indexer"} cache states or None; segments: packed documents (no cache)."""
         own, idx = (None, None) if states is None else (states["compressor"], states["indexer"])
-        return self(x, rope, own), self.indexer.select(x, q_resid, cos, sin, positions, rope, idx)
+        e = self(x, rope, own) if segments is None else self.documents(x, rope, segments)[0]
+        return e, self.indexer.select(x, q_resid, cos, sin, positions, rope, idx, segments)
 
 
 class HCACompressor(Compressor):
@@ -138,8 +183,13 @@ class HCACompressor(Compressor):
     def __init__(self, dim: int, head_dim: int, ratio: int, eps: float):
         super().__init__(dim, head_dim, ratio, overlap=False, eps=eps)
 
-    def entries(self, x, q_resid, cos, sin, positions, rope, states=None) -> tuple[torch.Tensor, torch.Tensor]:
-        e = self(x, rope, None if states is None else states["compressor"])
+    def entries(self, x, q_resid, cos, sin, positions, rope, states=None, segments=None):
+        packed = None
+        if segments is None:
+            e = self(x, rope, None if states is None else states["compressor"])
+        else:
+            e, ends, docs = self.documents(x, rope, segments)
+            packed = (segments, ends, docs)
         W = e.shape[1]
         idx = torch.arange(W, device=x.device).expand(*positions.shape, W)
-        return e, idx.masked_fill(~entry_visible(positions, W, self.ratio), -1)
+        return e, idx.masked_fill(~entry_visible(positions, W, self.ratio, packed), -1)

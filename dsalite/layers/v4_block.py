@@ -81,16 +81,17 @@ class V4Attention(nn.Module):
         if hasattr(self, "compressor"):  # entries [B, E, c], picks [B, S, K] (−1 = none)
             states = None if cache is None else cache.compressor_states(self.layer_idx)
             entries, picks = self.compressor.entries(x, q_resid, cos, sin, ctx.positions, ctx.tables["compress"],
-                                                     states)
+                                                     states, ctx.vis.segments)
         key_valid = ctx.vis.key_valid if cache is None else None  # a cache holds no padding (V4Cache checks)
-        o = window_attention(q, keys, self.window, c**-0.5, self.sinks, entries, picks, key_valid)
+        o = window_attention(q, keys, self.window, c**-0.5, self.sinks, entries, picks, key_valid, ctx.vis.segments)
         o = apply_rope_trailing(o, cos_h, -sin_h)  # undo the values' rope
         o = self.o_a_proj(o.reshape(B, S, self.o_a_proj.groups, -1)).flatten(2)  # [B, S, G·r]
         return self.o_b_proj(o)
 
     @staticmethod
     def _check(S: int, vis, cache) -> None:
-        """Padding (`key_valid`) hides window keys only, as in HF; packed documents are refused."""
+        """Padding (`key_valid`) hides window keys only, as in HF; packed documents (`segments`) only without a
+        cache (training: each document's windows and compression start at its first token)."""
         if cache is not None and not hasattr(cache, "update_window"):
             raise ValueError(f"deepseek_v4 needs its own cache (families/deepseek_v4/cache.py V4Cache), "
                              f"got {type(cache).__name__}")
@@ -98,8 +99,8 @@ class V4Attention(nn.Module):
             raise ValueError("deepseek_v4 with a cache: attention_mask must be all ones (no padding)")
         if cache is None and (vis.offset or vis.num_keys != S):
             raise ValueError("deepseek_v4 attention without a cache sees exactly the given tokens (offset 0)")
-        if vis.segments is not None:
-            raise ValueError("deepseek_v4 does not support segment_ids: compressed entries pool across documents")
+        if vis.segments is not None and cache is not None:
+            raise ValueError("deepseek_v4 with a cache does not take segment_ids (packed documents are for training)")
 
 
 class HyperBlock(nn.Module):

@@ -23,8 +23,10 @@ def window_attention(
     extra: torch.Tensor | None = None,  # [B, E, c] more keys = values
     picks: torch.Tensor | None = None,  # [B, S, K] indices into extra, −1 = none
     key_valid: torch.Tensor | None = None,  # [B, T] bool, False = padding (hidden as a window key)
+    segments: torch.Tensor | None = None,  # [B, T] packed documents: a window never reaches into another one
 ) -> torch.Tensor:  # [B, S, H, c]
     B, S, H, c = q.shape
+    acc = torch.promote_types(q.dtype, torch.float32)  # softmax and value sums: fp32 at least (fp64 stays fp64)
     off = kv.shape[1] - S
     out = q.new_empty(B, S, H, c)
     pos = torch.arange(kv.shape[1], device=q.device)
@@ -40,6 +42,8 @@ def window_attention(
         vis = ((ki <= qi) & (ki > qi - window))[None]  # [1, Q, n]
         if key_valid is not None:
             vis = vis & key_valid[:, None, k0 : off + s1]
+        if segments is not None:
+            vis = vis & (segments[:, off + s0 : off + s1, None] == segments[:, None, k0 : off + s1])
         parts = [(torch.einsum("bqhc,bnc->bqhn", qb, keys) * scale).masked_fill(~vis[:, :, None], float("-inf"))]
         if picks is not None:
             ids = picks[:, s0:s1]
@@ -49,11 +53,11 @@ def window_attention(
         parts.append(sinks[None, None, :, None].expand(B, s1 - s0, H, 1))
         # fp32 sinks promote the logits to fp32 (HF's eager path concatenates the same way); the sink keeps every
         # row's denominator finite, so a query with no visible key gets zeros, not NaN
-        p = torch.softmax(torch.cat(parts, dim=-1), dim=-1, dtype=torch.float32).to(q.dtype)
+        p = torch.softmax(torch.cat(parts, dim=-1), dim=-1, dtype=acc).to(q.dtype)
         n = keys.shape[1]
         # value products accumulate in fp32 and round once, like HF's single matmul over all keys
-        o = torch.einsum("bqhn,bnc->bqhc", p[..., :n].float(), keys.float())
+        o = torch.einsum("bqhn,bnc->bqhc", p[..., :n].to(acc), keys.to(acc))
         if picks is not None:
-            o = o + torch.einsum("bqhk,bqkc->bqhc", p[..., n:-1].float(), ents.float())
+            o = o + torch.einsum("bqhk,bqkc->bqhc", p[..., n:-1].to(acc), ents.to(acc))
         out[:, s0:s1] = o.to(q.dtype)
     return out

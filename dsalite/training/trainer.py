@@ -4,6 +4,11 @@ train_step = micro-batches → forward (LM + MTP + indexer KL + optional balance
 router bias nudge → metrics. No callbacks. Metrics go to DIR/metrics.jsonl (one object per step) and TensorBoard;
 checkpoints to DIR/checkpoints (atomic, last N kept); the final model to DIR/hf as an HF checkpoint (MTP included,
 LoRA merged) with the tokenizer beside it, and the loss curves to DIR/loss.png.
+
+Under a parallel layout (`dsalite.parallel`, several processes) the same step runs on every rank: the model is
+sharded from outside after it is built (expert parallel, then FSDP2), each data-parallel rank reads its slice of the
+global batch and scales its losses to its share of the global means, metrics and router loads are summed over the
+ranks, and rank 0 alone writes metrics, plots and the progress bar. One process takes none of those branches.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from dsalite import presets
 from dsalite.config import ModelConfig
 from dsalite.indexshare import NOT_GIVEN
-from dsalite.layers.moe import Router
+from dsalite.layers.moe import Router, SqrtSoftplusRouter
 from dsalite.model import Transformer
 from dsalite.training import checkpointing, data as D
 from dsalite.training.losses import DSATraining, head_lm_loss, mtp_loss, shifted_labels
@@ -33,33 +38,40 @@ from dsalite.training.recipe import Recipe
 # ----- model setup -----
 
 
-# model_types the trainer cannot train yet: refused before the first step, by name
-UNTRAINABLE = {"deepseek_v4": "DeepSeek-V4 training (mHC streams, compressed attention and its indexer loss, hash "
-                              "routing) is not implemented yet; it loads, matches transformers and decodes"}
+# what the trainer cannot do yet, per model_type: refused before the first step, by name
+UNSUPPORTED_STAGES = {"deepseek_v4": ("dsa_warmup", "dsa_sparse")}  # the CSA indexer's KL loss is not written yet
 
 
-def build_model(r: Recipe) -> Transformer:
+def model_config(r: Recipe) -> ModelConfig:
+    """The config the recipe builds (read from init_from's config.json, or the preset with its overrides)."""
     if r.model.init_from:
-        from dsalite.checkpoint.pretrained import from_pretrained
-
-        cfg = ModelConfig.from_file(r.model.init_from)
-        _check_trainable(cfg, f"model.init_from={r.model.init_from!r}")
-        return from_pretrained(r.model.init_from, dtype=torch.float32)
+        return ModelConfig.from_file(r.model.init_from)
     if r.model.preset not in presets.PRESETS:
         raise ValueError(f"recipe key model.preset={r.model.preset!r} is unknown; expected one of "
                          f"{sorted(presets.PRESETS)}")
     hf = dict(presets.PRESETS[r.model.preset], vocab_size=r.data.vocab_size)
     hf.update(r.model.overrides)
-    cfg = ModelConfig.from_hf(hf)
-    _check_trainable(cfg, f"model.preset={r.model.preset!r}")
+    return ModelConfig.from_hf(hf)
+
+
+def build_model(r: Recipe) -> Transformer:
+    cfg = model_config(r)
+    if r.model.init_from:
+        from dsalite.checkpoint.pretrained import from_pretrained
+
+        _check_trainable(cfg, r, f"model.init_from={r.model.init_from!r}")
+        return from_pretrained(r.model.init_from, dtype=torch.float32)
+    _check_trainable(cfg, r, f"model.preset={r.model.preset!r}")
     model = Transformer(cfg)
     model.init_weights(std=r.model.init_std, generator=torch.Generator().manual_seed(r.model.seed))
     return model
 
 
-def _check_trainable(cfg: ModelConfig, where: str) -> None:
-    if cfg.model_type in UNTRAINABLE:
-        raise ValueError(f"{where}: model_type={cfg.model_type!r} cannot be trained: {UNTRAINABLE[cfg.model_type]}")
+def _check_trainable(cfg: ModelConfig, r: Recipe, where: str) -> None:
+    if r.train.stage in UNSUPPORTED_STAGES.get(cfg.model_type, ()):
+        raise ValueError(f"train.stage={r.train.stage!r} is not implemented for {where} (model_type="
+                         f"{cfg.model_type!r}): the compressed-attention indexer's KL loss is not written yet; "
+                         "use pretrain, sft or lora")
 
 
 def is_indexer_param(name: str) -> bool:
@@ -131,12 +143,15 @@ def lr_factor(step: int, r: Recipe) -> float:
 # ----- routers: load statistics, balance loss, bias update -----
 
 
+ROUTERS = (Router, SqrtSoftplusRouter)  # sigmoid group routing (MLA families); sqrtsoftplus and hash routing (V4)
+
+
 class RouterStats:
     """Forward hooks on every router (applied from outside): per-layer expert load and the sequence-level balance
     loss of the latest forward. Keyed by module name, so a recomputed forward overwrites instead of double-counting."""
 
     def __init__(self, model: nn.Module, aux: bool):
-        self.routers = {n: m for n, m in model.named_modules() if isinstance(m, Router)}
+        self.routers = {n: m for n, m in model.named_modules() if isinstance(m, ROUTERS)}
         self.aux, self.rows = aux, 1
         self.load: dict[str, torch.Tensor] = {}
         self.balance: dict[str, torch.Tensor] = {}
@@ -169,7 +184,9 @@ class RouterStats:
     def update_bias(self, loads: dict[str, torch.Tensor], rate: float) -> None:
         """DeepSeek-V3 aux-loss-free balancing: bias += rate · sign(mean load − load) per expert."""
         for name, load in loads.items():
-            b = self.routers[name].e_score_correction_bias
+            b = getattr(self.routers[name], "e_score_correction_bias", None)
+            if b is None:  # hash routing (V4's first layers): experts fixed by token id, no bias to steer
+                continue
             b.add_(rate * torch.sign(load.mean() - load).to(b.dtype))
 
 
@@ -183,18 +200,21 @@ class Trainer:
     model: Transformer = None
     optimizers: list = field(default_factory=list)
     step: int = 0
+    par: object = None  # dsalite.parallel.Parallel under a parallel layout; None in one process
 
     def __post_init__(self):
         r = self.recipe
         if r.train.threads:
             torch.set_num_threads(r.train.threads)
-        self.device = torch.device(r.train.device)
+        self.device = torch.device(r.train.device) if self.par is None else self.par.device
         self.model = build_model(r).to(self.device)
         self.n_mtp = self.model.cfg.num_nextn_predict_layers if r.train.mtp_coeff > 0 else 0
         freeze_for_stage(self.model, r)
         if r.train.recompute:
             enable_recompute(self.model)
         self.stats = RouterStats(self.model, r.train.aux_loss_coeff > 0)
+        if self.par is not None:
+            self.par.parallelize(self.model)  # expert parallel, then FSDP2: parameters become DTensor shards
         self.optimizers = build_optimizers(self.model, r)
         self.base_lrs = [[g["lr"] for g in o.param_groups] for o in self.optimizers]
         self.use_kl = self.model.cfg.has_indexer and r.train.indexer_coeff > 0
@@ -215,13 +235,15 @@ class Trainer:
         ids, seg, pos = b.tokens[:, :S], b.segments[:, :S], b.positions[:, :S]
         dsa = DSATraining(dense_attention=r.dense_attention, sparse_target=not r.dense_attention) if self.use_kl \
             else None
+        if dsa is not None and self.par is not None:  # FSDP2 would copy a plain dict (data_parallel.OpaqueTerms)
+            dsa.terms = self.par.dp.opaque_terms()
         self.stats.begin(ids.shape[0])
         amp = torch.autocast(self.device.type, dtype=torch.bfloat16) if t.bf16 else nullcontext()
         cached = parametrize.cached() if any(parametrize.is_parametrized(x) for x in m.modules()) else nullcontext()
         with amp, cached:
             out = m(ids, position_ids=pos, segment_ids=seg, dsa=dsa, compute_logits=False)
-            labels = shifted_labels(b.tokens, b.segments, b.loss_mask, S, 1)
-            named = {"ce": head_lm_loss(m, out.last_hidden, labels)}  # no [B, S, V] logits kept
+            ce_labels = shifted_labels(b.tokens, b.segments, b.loss_mask, S, 1)
+            named = {"ce": head_lm_loss(m, out.last_hidden, ce_labels)}  # no [B, S, V] logits kept
             if self.n_mtp:
                 mtp_logits = m.mtp_forward(out.mtp_input, b.tokens[:, 1:S + 1], pos, segment_ids=seg, dsa=dsa,
                                            topk=out.topk)
@@ -229,13 +251,15 @@ class Trainer:
                 for d, lab in enumerate(labels):  # the last d positions read a padded input id (mtp_forward)
                     if d:
                         lab[:, S - d:] = -100
-                named["mtp"] = mtp_loss(mtp_logits, labels)
+                named["mtp"] = (mtp_loss if self.par is None else self.par.dp.mtp_loss)(mtp_logits, labels)
         kl = dsa.loss() if dsa is not None else None
         if kl is not None:
             named["kl"] = kl
         bal = self.stats.balance_loss()
         if bal is not None:
             named["aux"] = bal
+        if self.par is not None:  # this rank's shares of the global-batch means (parallel/data_parallel.py)
+            named = self.par.dp.shares(named, ce_labels, dsa, ids.shape[0])
         if r.dense_attention:  # warm-up: the LM losses are reported but only the indexer loss trains
             total = t.indexer_coeff * named["kl"]
         else:
@@ -254,14 +278,18 @@ class Trainer:
         sums: dict[str, float] = {}
         loads: dict[str, torch.Tensor] = {}
         for micro in range(t.accum_steps):
-            b = self.data.batch(self.order.indices(self.step * t.accum_steps + micro))
+            idx = self.order.indices(self.step * t.accum_steps + micro)
+            b = self.data.batch(idx if self.par is None else self.par.dp.local(idx))
             named = self.losses(b)
             for name, load in self.stats.load.items():
                 loads[name] = loads.get(name, 0) + load
             (named["loss"] / t.accum_steps).backward()
             for k, v in named.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) / t.accum_steps
-        gnorm = float(torch.nn.utils.clip_grad_norm_(self.params, t.grad_clip)) if t.grad_clip > 0 else float("nan")
+        if self.par is not None:
+            sums, loads = self.par.dp.reduce_step(sums, loads)
+        clip = torch.nn.utils.clip_grad_norm_ if self.par is None else self.par.clip_grad_norm_
+        gnorm = float(clip(self.params, t.grad_clip)) if t.grad_clip > 0 else float("nan")
         for o in self.optimizers:
             o.step()
             o.zero_grad(set_to_none=True)
@@ -315,38 +343,43 @@ def prepare_data(r: Recipe, out: str, n_mtp: int) -> tuple[D.PackedTokens, str]:
 
 
 def train(r: Recipe, out: str, max_steps: int | None = None, resume: bool = False, progress: bool = True,
-          export: bool = True) -> list[dict]:
-    """Run (or continue) a recipe into `out`; returns the metrics of every step taken in this call."""
+          export: bool = True, par=None) -> list[dict]:
+    """Run (or continue) a recipe into `out`; returns the metrics of every step taken in this call.
+
+    par: a `dsalite.parallel.Parallel` when this is one rank of a parallel run (every rank calls `train`); rank 0
+    alone writes metrics, TensorBoard, the plot and the progress bar, checkpoints go through Distributed Checkpoint."""
     if max_steps is not None:
         r.train.max_steps = max_steps
+    main = par is None or par.is_main
     os.makedirs(out, exist_ok=True)
-    trainer = Trainer(r, out)
-    tokens, tok_dir = prepare_data(r, out, trainer.n_mtp)
+    trainer = Trainer(r, out, par=par)
+    tokens, tok_dir = _main_first(par, lambda: prepare_data(r, out, trainer.n_mtp))
     if trainer.model.cfg.vocab_size < int(tokens.tokens.max()) + 1:
         raise ValueError(f"model vocab_size={trainer.model.cfg.vocab_size} is smaller than the tokenizer's ids "
                          f"(max {int(tokens.tokens.max())}); set data.vocab_size or model.overrides.vocab_size")
     trainer.set_data(tokens)
     metrics_path = os.path.join(out, "metrics.jsonl")
     if resume:
-        s = checkpointing.load_latest(out)
-        if s is None:
+        if not _resume(trainer, out):
             raise FileNotFoundError(f"--resume: no checkpoint under {out}/checkpoints")
-        trainer.load_state(s)
-    else:  # a fresh run: an earlier run's checkpoints and curves in DIR would otherwise mix with the new ones
+    elif main:  # a fresh run: an earlier run's checkpoints and curves in DIR would otherwise mix with the new ones
         for old in ("checkpoints", "tensorboard"):
             shutil.rmtree(os.path.join(out, old), ignore_errors=True)
-    _truncate_metrics(metrics_path, trainer.step)
-    tb = _tensorboard(os.path.join(out, "tensorboard"))
+    if par is not None:
+        par.barrier()
+    if main:
+        _truncate_metrics(metrics_path, trainer.step)
+    tb = _tensorboard(os.path.join(out, "tensorboard")) if main else None
     from tqdm import tqdm
 
-    bar = tqdm(total=r.train.max_steps, initial=trainer.step, desc=f"train {r.train.stage}", disable=not progress,
-               dynamic_ncols=True)
+    bar = tqdm(total=r.train.max_steps, initial=trainer.step, desc=f"train {r.train.stage}",
+               disable=not (progress and main), dynamic_ncols=True)
     taken = []
-    with open(metrics_path, "a") as mf:
+    with open(metrics_path, "a") if main else nullcontext() as mf:
         while trainer.step < r.train.max_steps:
             rec = trainer.train_step()
             taken.append(rec)
-            if trainer.step % r.train.log_every == 0 or trainer.step == r.train.max_steps:
+            if main and (trainer.step % r.train.log_every == 0 or trainer.step == r.train.max_steps):
                 mf.write(json.dumps(rec) + "\n")
                 mf.flush()
                 if tb is not None:
@@ -356,14 +389,51 @@ def train(r: Recipe, out: str, max_steps: int | None = None, resume: bool = Fals
             bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tok_s']:.0f}")
             bar.update(1)
             if trainer.step % r.train.save_every == 0 or trainer.step == r.train.max_steps:
-                checkpointing.save_state(out, trainer.step, trainer.state(), r.train.keep_last)
+                if par is None:
+                    checkpointing.save_state(out, trainer.step, trainer.state(), r.train.keep_last)
+                else:  # Distributed Checkpoint: every rank writes its shards
+                    par.checkpoint.save_state(out, trainer, r.train.keep_last)
     bar.close()
     if tb is not None:
         tb.close()
-    plot_metrics(metrics_path, os.path.join(out, "loss.png"))
+    if main:
+        plot_metrics(metrics_path, os.path.join(out, "loss.png"))
     if export:
-        export_model(trainer, tok_dir, out)
+        if par is None:
+            export_model(trainer, tok_dir, out)
+        else:  # streamed from the shards, one parameter at a time
+            par.checkpoint.export_hf(trainer, tok_dir, out)
     return taken
+
+
+def _resume(trainer: Trainer, out: str) -> bool:
+    """Load the newest checkpoint in DIR into `trainer`; False when there is none. A Distributed Checkpoint (written
+    by a parallel run) loads at any layout, in one process too; a one-process state.pt loads in one process."""
+    if trainer.par is not None:
+        return trainer.par.checkpoint.load_latest(out, trainer)
+    from dsalite.parallel import checkpoint as dcp_checkpoint
+
+    found = dcp_checkpoint.latest(out)
+    if found is not None and found[2] == "dcp":
+        dcp_checkpoint.load(found[1], trainer)
+        return True
+    s = checkpointing.load_latest(out)
+    if s is None:
+        return False
+    trainer.load_state(s)
+    return True
+
+
+def _main_first(par, fn):
+    """fn() on rank 0, then on the other ranks (which find rank 0's files); fn() alone in one process."""
+    if par is None:
+        return fn()
+    if par.is_main:
+        res = fn()
+    par.barrier()
+    if not par.is_main:
+        res = fn()
+    return res
 
 
 def export_model(trainer: Trainer, tok_dir: str, out: str) -> str:
@@ -378,7 +448,8 @@ def export_model(trainer: Trainer, tok_dir: str, out: str) -> str:
     for block in model.model.layers.values():
         block.__dict__.pop("forward", None)  # drop the recompute wrapper
     path = os.path.join(out, "hf")
-    model.save_pretrained(path)
+    layout = getattr(model, "checkpoint_layout", None)  # V4: the on-disk layout it was loaded from
+    model.save_pretrained(path, **({"layout": layout} if layout else {}))
     for name in ("tokenizer.json", "tokenizer_config.json"):
         if os.path.isfile(os.path.join(tok_dir, name)):
             shutil.copyfile(os.path.join(tok_dir, name), os.path.join(path, name))

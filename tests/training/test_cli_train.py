@@ -45,21 +45,3 @@ def test_train_command_errors(tmp_path, capsys):
     for opt in ("--out", "--max-steps", "--resume", "--init-from", "--quiet"):
         assert opt in help_text
 
-
-def test_train_refuses_deepseek_v4_before_the_first_step(tmp_path, capsys):
-    """V4 does not train yet: a preset or an --init-from V4 checkpoint is refused by name, before any step or file."""
-    corpus = write_corpus(tmp_path / "c.txt")
-    recipe = tmp_path / "v4.toml"
-    recipe.write_text(RECIPE.format(corpus=corpus).replace('preset = "glm-5.2-tiny"', 'preset = "deepseek-v4-tiny"')
-                      .replace("overrides = {{ hidden_size = 64, num_hidden_layers = 4, index_topk = 8, "
-                               "moe_intermediate_size = 32 }}", ""))
-    out = tmp_path / "run"
-    assert main(["train", str(recipe), "--out", str(out), "--quiet"]) == 2
-    assert "model.preset='deepseek-v4-tiny': model_type='deepseek_v4' cannot be trained" in capsys.readouterr().err
-    assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()
-    assert main(["create", "--preset", "deepseek-v4-tiny", str(tmp_path / "v4")]) == 0
-    plain = tmp_path / "plain.toml"
-    plain.write_text(RECIPE.format(corpus=corpus))
-    assert main(["train", str(plain), "--init-from", str(tmp_path / "v4"), "--out", str(out), "--quiet"]) == 2
-    assert "model_type='deepseek_v4' cannot be trained" in capsys.readouterr().err
-    assert not (out / "metrics.jsonl").exists()
