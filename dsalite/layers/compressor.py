@@ -145,20 +145,31 @@ class CSAIndexer(Compressor):
     @torch.no_grad()
     def select(self, x, q_resid, cos, sin, positions, rope, state=None, segments=None) -> torch.Tensor:
         """Entry indices [B,S,K] (int64, −1 = none), K = min(index_topk, W); segments: packed documents."""
-        if segments is None:
-            k = self(x, rope, state)  # [B, W, Di]
-        else:
-            k, ends, docs = self.documents(x, rope, segments)
+        k, packed = self.keys(x, rope, state, segments)
         q, w = self.queries(x, q_resid, cos, sin)
-        W = k.shape[1]
+        return self.pick(q, k, w, positions, packed)
 
-        def allowed(s0, s1, k0, k1):
-            if segments is not None:
-                return entry_visible(positions[:, s0:s1], W, self.ratio,
-                                     (segments[:, s0:s1], ends[:, k0:k1], docs[:, k0:k1]))
-            return entry_visible(positions[:, s0:s1], W, self.ratio)[..., k0:k1]
+    def keys(self, x, rope, state=None, segments=None):
+        """The indexer's own entries k [B,W,Di] and, for packed documents, (segments, ends, docs) (else None)."""
+        if segments is None:
+            return self(x, rope, state), None
+        k, ends, docs = self.documents(x, rope, segments)
+        return k, (segments, ends, docs)
 
-        return topk_indices(q, k, w, allowed, self.topk, self.width**-0.5)
+    def visible(self, positions, n_entries: int, packed):
+        """allowed(s0, s1, k0=0, k1=W) → [B, s1−s0, k1−k0]: which entries queries s0..s1−1 may see."""
+        def allowed(s0, s1, k0=0, k1=n_entries):
+            if packed is not None:
+                seg, ends, docs = packed
+                return entry_visible(positions[:, s0:s1], n_entries, self.ratio,
+                                     (seg[:, s0:s1], ends[:, k0:k1], docs[:, k0:k1]))
+            return entry_visible(positions[:, s0:s1], n_entries, self.ratio)[..., k0:k1]
+
+        return allowed
+
+    @torch.no_grad()
+    def pick(self, q, k, w, positions, packed) -> torch.Tensor:
+        return topk_indices(q, k, w, self.visible(positions, k.shape[1], packed), self.topk, self.width**-0.5)
 
 
 class CSACompressor(Compressor):
@@ -169,12 +180,42 @@ class CSACompressor(Compressor):
         super().__init__(dim, head_dim, ratio, overlap=True, eps=eps)
         self.indexer = CSAIndexer(dim, q_lora_rank, index_n_heads, index_head_dim, ratio, index_topk, eps)
 
-    def entries(self, x, q_resid, cos, sin, positions, rope, states=None, segments=None):
+    def entries(self, x, q_resid, cos, sin, positions, rope, states=None, segments=None, dsa=None, q_main=None,
+                layer_idx: int = -1):
         """(entries [B,W,c], per-query entry indices [B,S,K] with −1 = none); states: the layer's
-        {"compressor", "indexer"} cache states or None; segments: packed documents (no cache)."""
+        {"compressor", "indexer"} cache states or None; segments: packed documents (no cache). dsa (training's
+        DSATraining) with q_main [B,S,H,c], the attention's roped queries: the indexer's KL term is recorded."""
         own, idx = (None, None) if states is None else (states["compressor"], states["indexer"])
         e = self(x, rope, own) if segments is None else self.documents(x, rope, segments)[0]
-        return e, self.indexer.select(x, q_resid, cos, sin, positions, rope, idx, segments)
+        if dsa is None:
+            return e, self.indexer.select(x, q_resid, cos, sin, positions, rope, idx, segments)
+        return e, self._train_indexer(e, x, q_resid, cos, sin, positions, rope, segments, dsa, q_main, layer_idx)
+
+    def _train_indexer(self, e, x, q_resid, cos, sin, positions, rope, segments, dsa, q_main, layer_idx):
+        """Picks for a training forward, and the indexer's KL term against the attention's distribution over the
+        compressed entries. The teacher: per head, the attention logits q·e·c^-0.5 of the visible entries under a
+        softmax of their own (the entry part of the joint window + entries + sink softmax, renormalised — the
+        window keys and the sink are not the indexer's to choose), summed over heads and L1-normalised; detached.
+        The indexer sees detached inputs, so nothing else learns from its loss (Megatron-Core's isolation).
+        Dense warm-up (`dsa.dense_attention`): attention over every visible entry, KL over all of them."""
+        ix = self.indexer
+        k, packed = ix.keys(x.detach(), rope, None, segments)
+        q, w = ix.queries(x.detach(), q_resid.detach(), cos, sin)
+        W = k.shape[1]
+        allowed = ix.visible(positions, W, packed)
+        if dsa.dense_attention:
+            picks = torch.arange(W, device=x.device).expand(*positions.shape, W)
+            picks = picks.masked_fill(~allowed(0, positions.shape[1]), -1)
+        else:
+            picks = ix.pick(q, k, w, positions, packed)
+        q_t, e_t, scale = q_main.detach(), e.detach(), q_main.shape[-1] ** -0.5
+
+        def teacher(s0: int, s1: int) -> torch.Tensor:  # [B, s, H, W]
+            return torch.einsum("bshc,bwc->bshw", q_t[:, s0:s1], e_t).float() * scale
+
+        sel = None if dsa.dense_attention or not dsa.sparse_target else picks
+        dsa.add_term(layer_idx, q, k, w, ix.width**-0.5, teacher, allowed, sel, q_main.shape[2])
+        return picks
 
 
 class HCACompressor(Compressor):

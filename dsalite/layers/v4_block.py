@@ -80,8 +80,10 @@ class V4Attention(nn.Module):
         entries = picks = None
         if hasattr(self, "compressor"):  # entries [B, E, c], picks [B, S, K] (−1 = none)
             states = None if cache is None else cache.compressor_states(self.layer_idx)
+            extra = {} if ctx.dsa is None or self.kind != CSA else {"dsa": ctx.dsa, "q_main": q,
+                                                                     "layer_idx": self.layer_idx}
             entries, picks = self.compressor.entries(x, q_resid, cos, sin, ctx.positions, ctx.tables["compress"],
-                                                     states, ctx.vis.segments)
+                                                     states, ctx.vis.segments, **extra)
         key_valid = ctx.vis.key_valid if cache is None else None  # a cache holds no padding (V4Cache checks)
         o = window_attention(q, keys, self.window, c**-0.5, self.sinks, entries, picks, key_valid, ctx.vis.segments)
         o = apply_rope_trailing(o, cos_h, -sin_h)  # undo the values' rope

@@ -118,8 +118,12 @@ class DSATraining:
         q, k, w = proj
         c, k_r = latent[..., :mla.rank], latent[..., mla.rank:]
         sel = None if (self.dense_attention or not self.sparse_target) else topk
-        self.terms[mla.layer_idx] = indexer_kl(
-            q, k, w, mla.indexer.head_dim**-0.5, _teacher_fn(mla, q_nope, q_r, c, k_r), vis.block, sel, mla.n_heads)
+        self.add_term(mla.layer_idx, q, k, w, mla.indexer.head_dim**-0.5, _teacher_fn(mla, q_nope, q_r, c, k_r),
+                      vis.block, sel, mla.n_heads)
+
+    def add_term(self, layer: int, q, k, w, scale: float, teacher_logits, allowed_fn, sel, n_heads: int) -> None:
+        """One indexer's KL term (see `indexer_kl`); the MLA layers and DeepSeek-V4's CSA indexers both land here."""
+        self.terms[layer] = indexer_kl(q, k, w, scale, teacher_logits, allowed_fn, sel, n_heads)
 
     def layer_losses(self) -> dict[int, torch.Tensor]:
         """Per-layer mean KL over valid query rows."""

@@ -38,10 +38,6 @@ from dsalite.training.recipe import Recipe
 # ----- model setup -----
 
 
-# what the trainer cannot do yet, per model_type: refused before the first step, by name
-UNSUPPORTED_STAGES = {"deepseek_v4": ("dsa_warmup", "dsa_sparse")}  # the CSA indexer's KL loss is not written yet
-
-
 def model_config(r: Recipe) -> ModelConfig:
     """The config the recipe builds (read from init_from's config.json, or the preset with its overrides)."""
     if r.model.init_from:
@@ -55,23 +51,13 @@ def model_config(r: Recipe) -> ModelConfig:
 
 
 def build_model(r: Recipe) -> Transformer:
-    cfg = model_config(r)
     if r.model.init_from:
         from dsalite.checkpoint.pretrained import from_pretrained
 
-        _check_trainable(cfg, r, f"model.init_from={r.model.init_from!r}")
         return from_pretrained(r.model.init_from, dtype=torch.float32)
-    _check_trainable(cfg, r, f"model.preset={r.model.preset!r}")
-    model = Transformer(cfg)
+    model = Transformer(model_config(r))
     model.init_weights(std=r.model.init_std, generator=torch.Generator().manual_seed(r.model.seed))
     return model
-
-
-def _check_trainable(cfg: ModelConfig, r: Recipe, where: str) -> None:
-    if r.train.stage in UNSUPPORTED_STAGES.get(cfg.model_type, ()):
-        raise ValueError(f"train.stage={r.train.stage!r} is not implemented for {where} (model_type="
-                         f"{cfg.model_type!r}): the compressed-attention indexer's KL loss is not written yet; "
-                         "use pretrain, sft or lora")
 
 
 def is_indexer_param(name: str) -> bool:
@@ -217,7 +203,8 @@ class Trainer:
             self.par.parallelize(self.model)  # expert parallel, then FSDP2: parameters become DTensor shards
         self.optimizers = build_optimizers(self.model, r)
         self.base_lrs = [[g["lr"] for g in o.param_groups] for o in self.optimizers]
-        self.use_kl = self.model.cfg.has_indexer and r.train.indexer_coeff > 0
+        # MLA lightning indexers and DeepSeek-V4's CSA indexers alike
+        self.use_kl = r.train.indexer_coeff > 0 and any(is_indexer_param(n) for n, _ in self.model.named_parameters())
         if r.dense_attention and not self.use_kl:
             raise ValueError("train.stage = 'dsa_warmup' trains only the indexers: train.indexer_coeff must be > 0")
         self.params = [p for p in self.model.parameters() if p.requires_grad]

@@ -1,6 +1,7 @@
 """DeepSeek-V4 trains: CE gradients equal transformers' for every parameter it trains, packed documents give the
-per-token losses of the documents run alone, and `dsalite train` runs V4 end to end (MTP, router bias, recompute,
-resume, export in the checkpoint's own layout)."""
+per-token losses of the documents run alone, the CSA indexer's KL equals a dense reference in both DSA stages and
+reaches only the indexer, and `dsalite train` runs V4 end to end (MTP, router bias, recompute, resume, both DSA
+stages, LoRA, export in the checkpoint's own layout)."""
 
 from __future__ import annotations
 
@@ -122,14 +123,93 @@ def test_train_v4_end_to_end_resume_and_export_layout(tmp_path, capsys):
     assert [r["loss"] for r in again] == [r["loss"] for r in recs]
 
 
-def test_dsa_stages_on_v4_are_refused_by_name(tmp_path, capsys):
-    recipe = tmp_path / "r.toml"
-    recipe.write_text(RECIPE.format(model='preset = "deepseek-v4-tiny"', corpus=write_corpus(tmp_path / "c.txt"),
-                                    stage="dsa_warmup"))
-    assert main(["train", str(recipe), "--out", str(tmp_path / "run"), "--quiet"]) == 2
-    assert "train.stage='dsa_warmup' is not implemented for model.preset='deepseek-v4-tiny'" in \
-        capsys.readouterr().err
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+def reference_csa_kl(attn, x, ctx, sparse_picks=None):
+    """Written from the formulas, dense and unchunked: the teacher is each head's softmax of q·e·c^-0.5 over the
+    visible entries, summed over heads and L1-normalised; the student the softmax of the index scores."""
+    from dsalite.layers.norm import unweighted_rms_norm
+    from dsalite.layers.rope import apply_rope_trailing
+
+    B, S, _ = x.shape
+    H, c = attn.n_heads, attn.head_dim
+    cos, sin = ctx.rope["compress"]
+    rope = ctx.tables["compress"]
+    q_resid = attn.q_a_norm(attn.q_a_proj(x))
+    q = apply_rope_trailing(unweighted_rms_norm(attn.q_b_proj(q_resid).view(B, S, H, c), attn.eps),
+                            cos[:, :, None], sin[:, :, None])
+    e = attn.compressor(x, rope)  # [B, W, c]
+    ix = attn.compressor.indexer
+    k = ix(x, rope)
+    qi, w = ix.queries(x, q_resid, cos, sin)
+    W = e.shape[1]
+    vis = torch.arange(W)[None, None, :] < ((ctx.positions + 1) // ix.ratio)[..., None]  # [B, S, W]
+    if sparse_picks is not None:
+        sel = torch.zeros(B, S, W + 1, dtype=torch.bool).scatter_(-1, sparse_picks.clamp(min=-1) % (W + 1), True)
+        vis = vis & sel[..., :W]
+    lg = torch.einsum("bshc,bwc->bshw", q, e) * c**-0.5
+    p = torch.softmax(lg.masked_fill(~vis[:, :, None], float("-inf")), -1).nan_to_num(0.0).sum(2)
+    p = p / p.sum(-1, keepdim=True).clamp(min=1e-30)
+    sc = torch.einsum("bsh,bshw->bsw", w * ix.width**-0.5, torch.relu(torch.einsum("bshd,bwd->bshw", qi, k)))
+    logq = torch.log_softmax(sc.masked_fill(~vis, float("-inf")), -1).masked_fill(~vis, 0.0)
+    kl = (p * (torch.where(p > 0, p, torch.ones_like(p)).log() - logq)).sum(-1)
+    rows = vis.any(-1)
+    return kl[rows].sum() / rows.sum()
+
+
+@pytest.mark.parametrize("stage", ["dense", "sparse"])
+def test_csa_indexer_kl_matches_dense_reference_and_reaches_only_the_indexer(stage):
+    from dsalite.training.losses import DSATraining
+
+    cfg = ModelConfig.from_hf(dict(PRESETS["deepseek-v4-tiny"]))
+    m = Transformer(cfg)
+    m.init_weights(std=0.2, generator=torch.Generator().manual_seed(0))
+    seen = {}
+    for i, blk in m.model.layers.items():
+        blk.self_attn.register_forward_pre_hook(lambda mod, a, i=i: seen.__setitem__(int(i), a))
+    ids = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(1))  # 16 CSA entries, top 8
+    dsa = DSATraining(dense_attention=stage == "dense", sparse_target=stage == "sparse")
+    picks = {}
+    for i in (2, 4):
+        comp = m.model.layers[str(i)].self_attn.compressor
+        orig = comp._train_indexer
+        comp._train_indexer = lambda *a, orig=orig, i=i: picks.setdefault(i, orig(*a))
+    out = m(ids, dsa=dsa)
+    losses = dsa.layer_losses()
+    assert sorted(losses) == [2, 4]  # the CSA layers; sliding and HCA layers have no indexer
+    for i, got in losses.items():
+        x, ctx = seen[i][:2]
+        if stage == "sparse":
+            assert bool((picks[i] >= 0).sum(-1).max() < 16), "the selection must leave entries out"
+        with torch.no_grad():
+            ref = reference_csa_kl(m.model.layers[str(i)].self_attn, x, ctx,
+                                   picks[i] if stage == "sparse" else None)
+        assert got.item() > 1e-4
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7)
+    dsa.loss().backward(retain_graph=True)
+    grads = {n for n, p in m.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert grads and all(".indexer." in n for n in grads), sorted(grads - {g for g in grads if ".indexer." in g})
+    m.zero_grad(set_to_none=True)
+    out.logits.logsumexp(-1).mean().backward()
+    assert all(p.grad is None for n, p in m.named_parameters() if ".indexer." in n), "CE must not reach an indexer"
+
+
+def test_v4_dsa_stages_train(tmp_path):
+    """dsa_warmup changes only the CSA indexers' weights; dsa_sparse then trains everything with the KL term."""
+    corpus = write_corpus(tmp_path / "c.txt")
+    assert main(["create", "--preset", "deepseek-v4-tiny", str(tmp_path / "v4")]) == 0
+    warm = tmp_path / "warm.toml"
+    warm.write_text(RECIPE.format(model=f'init_from = "{tmp_path / "v4"}"', corpus=corpus, stage="dsa_warmup"))
+    assert main(["train", str(warm), "--out", str(tmp_path / "w"), "--quiet"]) == 0
+    before, after = from_pretrained(str(tmp_path / "v4")).state_dict(), from_pretrained(str(tmp_path / "w" / "hf"))
+    changed = {n for n, t in after.state_dict().items() if not torch.equal(t, before[n])}
+    assert changed and all(".indexer." in n for n in changed), sorted(changed)[:5]
+    recs = [json.loads(ln) for ln in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["kl"] > 0 for r in recs)
+    sparse = tmp_path / "sparse.toml"
+    sparse.write_text(RECIPE.format(model=f'init_from = "{tmp_path / "w" / "hf"}"', corpus=corpus,
+                                    stage="dsa_sparse"))
+    assert main(["train", str(sparse), "--out", str(tmp_path / "s"), "--quiet"]) == 0
+    recs = [json.loads(ln) for ln in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["kl"] > 0 and r["ce"] > 0 for r in recs)
 
 
 def test_lora_on_v4_trains_the_adapters_and_merges_exactly(tmp_path):
