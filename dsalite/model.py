@@ -222,29 +222,25 @@ class Transformer(nn.Module):
 
     def flops_per_token(self, seq_len: int, training: bool = True, mtp: bool = True) -> float:
         """Model FLOPs per token at context `seq_len` (causal): 2 per multiply-add of every weight a token uses
-        (routed experts: only the k it is sent to), plus attention over the keys it sees (min(index_topk, visible)
-        on DSA layers, all visible otherwise) and the indexer's scoring; ×3 for forward + backward when training."""
+        (routed experts: only the k it is sent to), plus each layer's attention over the keys it sees and its
+        indexer's scoring (`attention_flops` of MLA / V4 attention), plus the mHC stream mixing; ×3 for forward +
+        backward when training."""
         c = self.cfg
         per_expert = 3 * c.hidden_size * c.moe_intermediate_size
         dense = 0
         for name, p in self.named_parameters():
             if "embed_tokens" in name or (not mtp and name.startswith("mtp.")):
                 continue
-            if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
-                continue
+            if name.endswith(("experts.gate_up_proj", "experts.down_proj", "position_bias")):
+                continue  # experts counted per routed token below; position biases are added, not multiplied
             if p.dim() >= 2:
                 dense += p.numel()
-        n_moe = sum(1 for t in c.mlp_types if t == "sparse") + (c.num_nextn_predict_layers if mtp else 0)
+        blocks = list(self.model.layers.values()) + (list(self.mtp) if mtp else [])
+        n_moe = sum(1 for b in blocks if hasattr(b.mlp, "experts"))
         dense += n_moe * c.num_experts_per_tok * per_expert
-        visible = (seq_len + 1) / 2
-        attn = 0.0
-        layers = c.num_hidden_layers + (c.num_nextn_predict_layers if mtp else 0)
-        for i in range(layers):
-            t = c.layer_indexer_type(i)
-            keys = visible if t is None else sum(min(c.index_topk, j + 1) for j in range(seq_len)) / seq_len
-            attn += 2 * c.num_attention_heads * (c.qk_head_dim + c.v_head_dim) * keys
-            if t == "full":
-                attn += 2 * c.index_n_heads * c.index_head_dim * visible + 2 * c.index_n_heads * visible
+        attn = sum(b.self_attn.attention_flops(seq_len) for b in blocks)
+        if c.hyper:  # two hyper-connections a block: combᵀ @ x (N×N×D) and post·out (N×D) multiply-adds
+            attn += len(blocks) * 2 * 2 * (c.hc_mult * c.hc_mult + c.hc_mult) * c.hidden_size
         return (2 * dense + attn) * (3 if training else 1)
 
     def num_params(self) -> int:

@@ -83,6 +83,18 @@ class MLA(nn.Module):
             dsa.add(self, proj, q[..., :n], q_r, latent, vis, topk)
         return self.o_proj(o.reshape(B, S, H * self.v_dim)), topk
 
+    def attention_flops(self, seq_len: int) -> float:
+        """Per token, averaged over a causal sequence of seq_len: attention over the keys it sees (min(index_topk,
+        visible) on DSA layers, all visible otherwise) and, on full layers, the indexer's scoring."""
+        visible = (seq_len + 1) / 2
+        keys = visible if self.indexer_type is None else \
+            sum(min(self.index_topk, j + 1) for j in range(seq_len)) / seq_len
+        flops = 2 * self.n_heads * (self.nope + self.rope + self.v_dim) * keys
+        if self.indexer_type == "full":
+            ix = self.indexer
+            flops += 2 * ix.n_heads * ix.head_dim * visible + 2 * ix.n_heads * visible
+        return flops
+
     def _expand(self, latent):
         """Per-head keys [B,T,H,n+p] and values [B,T,H,v] from the latents, through kv_b_proj."""
         B, T, _ = latent.shape

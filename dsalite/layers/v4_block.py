@@ -90,6 +90,23 @@ class V4Attention(nn.Module):
         o = self.o_a_proj(o.reshape(B, S, self.o_a_proj.groups, -1)).flatten(2)  # [B, S, G·r]
         return self.o_b_proj(o)
 
+    def attention_flops(self, seq_len: int) -> float:
+        """Per token, averaged over a causal sequence of seq_len: q·k and p·v over the window keys and the entries it
+        reads (HCA: every complete one; CSA: the top-k of them, plus the indexer scoring every complete one)."""
+        H, c = self.n_heads, self.head_dim
+        comp = getattr(self, "compressor", None)
+        total = 0.0
+        for j in range(seq_len):
+            keys = min(self.window, j + 1)
+            if comp is not None:
+                done = (j + 1) // comp.ratio
+                ix = getattr(comp, "indexer", None)
+                keys += done if ix is None else min(ix.topk, done)
+                if ix is not None:
+                    total += 2 * ix.n_heads * ix.width * done + 2 * ix.n_heads * done
+            total += 2 * H * 2 * c * keys
+        return total / seq_len
+
     @staticmethod
     def _check(S: int, vis, cache) -> None:
         """Padding (`key_valid`) hides window keys only, as in HF; packed documents (`segments`) only without a
