@@ -71,7 +71,7 @@ def generate(
     if compile and kind is not LatentCache:
         raise ValueError(f"compile=True supports the latent cache (MLA models); {kind.__name__} "
                          f"({model.cfg.model_type}) decodes eagerly")
-    if speculative == "mtp" and not kind.rewinds:
+    if speculative == "mtp" and not (kind.rewinds or hasattr(kind, "snapshot")):
         raise ValueError(f"speculative='mtp' needs a cache that rewinds rejected drafts; {kind.__name__} cannot "
                          f"({model.cfg.model_type}); use speculative=None")
     if not kind.pads and attention_mask is not None and not bool(attention_mask.bool().all()):

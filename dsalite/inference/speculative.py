@@ -16,20 +16,20 @@ import time
 
 import torch
 
-from dsalite.inference.cache import LatentCache
-from dsalite.inference.runner import Runner, Stats, compiled, left_pad
+from dsalite.inference.runner import Runner, Stats, cache_class, compiled, left_pad, new_cache
 from dsalite.inference.sampling import SamplingParams, probs, probs_and_sample
 from dsalite.layers.mask import Visibility
 
 
 class MTPDrafter:
-    """The first MTP layer with its own latent cache, fed confirmed (hidden, next token) pairs."""
+    """The first MTP layer with its own cache (the family's kind, for that one layer), fed confirmed (hidden, next
+    token) pairs; it never holds a rejected token, so it never rewinds."""
 
     def __init__(self, model, capacity: int, dtype, compile: bool = False):
         cfg = model.cfg
         self.model, self.layer = model, model.mtp[0]
-        self.cache = LatentCache(cfg, 1, capacity, layers=[cfg.num_hidden_layers], dtype=dtype,
-                                 device=model.head_weight().device)
+        self.cache = cache_class(cfg)(cfg, 1, capacity, layers=[cfg.num_hidden_layers], dtype=dtype,
+                                      device=model.head_weight().device)
         self._step = compiled(self._draft) if compile else self._draft
 
     @torch.no_grad()
@@ -66,7 +66,7 @@ def mtp_generate(model, input_ids, max_new_tokens, params: SamplingParams, eos: 
         input_ids = input_ids[:, attention_mask[0].bool()]
     S = input_ids.shape[1]
     dtype, dev = next(model.parameters()).dtype, input_ids.device
-    cache = LatentCache(model.cfg, 1, S + max_new_tokens + 2, dtype=dtype, device=dev)
+    cache = new_cache(model, 1, S + max_new_tokens + 2)
     stats.cache_bytes_per_token = cache.bytes_per_token()
     runner = Runner(model, cache, prefill_chunk, compile)
     drafter = MTPDrafter(model, S + max_new_tokens + 2, dtype, compile)
@@ -93,6 +93,7 @@ def mtp_generate(model, input_ids, max_new_tokens, params: SamplingParams, eos: 
     while not done:
         q, d = probs_and_sample(d_logits, params, gen)
         pos = torch.tensor([[m, m + 1]], device=dev)
+        snap = None if cache.rewinds else cache.snapshot()  # V4: its compressor state cannot be cropped
         logits, h, topk = runner.feed(torch.stack([t_m, d], 1), torch.ones(1, 2, dtype=torch.bool, device=dev), pos,
                                       all_logits=True, with_topk=True)
         stats.drafted += 1
@@ -106,7 +107,11 @@ def mtp_generate(model, input_ids, max_new_tokens, params: SamplingParams, eos: 
             d_logits = drafter.feed(h, torch.stack([d, bonus], 1), pos, topk)
             t_m, m = bonus, m + 2
         else:
-            cache.crop(cache.seq_len - 1)  # forget d's entry
+            if snap is None:
+                cache.crop(cache.seq_len - 1)  # forget d's entry
+            else:  # back to before the verification, then t_m alone: the state plain decoding has
+                cache.restore(snap)
+                runner.feed(t_m[:, None], torch.ones(1, 1, dtype=torch.bool, device=dev), pos[:, :1])
             t_next = _resample(p0, q, params, gen)
             done = emit(int(t_next))
             if done:

@@ -123,7 +123,7 @@ def test_sliding_memory_is_bounded_and_entries_grow_by_t_over_m(ckpts):
 def test_bad_use_is_named(ckpts):
     model = from_pretrained(ckpts["v4_all_types"])
     ids = ids_for(model, 2, 6, 1)
-    with pytest.raises(ValueError, match="speculative='mtp'.*V4Cache"):
+    with pytest.raises(ValueError, match="speculative='mtp' needs a model with MTP layers"):  # HF drops V4's MTP
         dsalite.generate(model, ids[:1], max_new_tokens=2, speculative="mtp")
     cache = V4Cache(model.cfg, 2, 8)
     with pytest.raises(ValueError, match="no padding"):
@@ -176,3 +176,47 @@ def test_cache_holds_what_transformers_caches(ckpts):
                 torch.testing.assert_close(st.prev[0], layer.overlap_kv[name], rtol=0, atol=1e-5)
                 torch.testing.assert_close(st.prev[1] + comp.position_bias[:, :c], layer.overlap_gate[name],
                                            rtol=0, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def v4_mtp_model():
+    from dsalite.config import ModelConfig
+    from dsalite.model import Transformer
+    from dsalite.presets import PRESETS
+
+    m = Transformer(ModelConfig.from_hf(dict(PRESETS["deepseek-v4-tiny"])))  # window 16, CSA 4 / HCA 16, MTP
+    m.init_weights(std=0.2, generator=torch.Generator().manual_seed(0))
+    return m.eval()
+
+
+@pytest.mark.parametrize("oracle", [False, True])
+def test_v4_speculative_greedy_equals_plain_greedy(v4_mtp_model, oracle):
+    """Drafts rejected (the random MTP layer's, or every other oracle draft) right after entries are compressed:
+    the snapshot + replay leaves the cache as plain decoding has it, so the output is token for token the same."""
+    import dsalite.inference.speculative as spec
+
+    ids = torch.randint(0, 512, (1, 13), generator=torch.Generator().manual_seed(2))
+    plain = dsalite.generate(v4_mtp_model, ids, max_new_tokens=40)
+    st = Stats()
+
+    class HalfOracle(spec.MTPDrafter):  # two drafts right, then one wrong
+        calls = 0
+
+        def feed(self, h, next_ids, positions, topk):
+            super().feed(h, next_ids, positions, topk)
+            nxt = int(positions[0, -1]) + 2
+            want = int(plain[0, nxt]) if nxt < plain.shape[1] else 0
+            HalfOracle.calls += 1
+            logits = torch.full((1, 512), -1e9)
+            logits[0, want if HalfOracle.calls % 3 else (want + 1) % 512] = 0
+            return logits
+
+    orig = spec.MTPDrafter
+    spec.MTPDrafter = HalfOracle if oracle else orig
+    try:
+        out = dsalite.generate(v4_mtp_model, ids, max_new_tokens=40, speculative="mtp", stats=st)
+    finally:
+        spec.MTPDrafter = orig
+    assert torch.equal(out, plain) and st.drafted >= 13
+    if oracle:
+        assert 5 < st.accepted < st.drafted

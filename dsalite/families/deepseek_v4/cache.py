@@ -8,7 +8,9 @@ Per layer (HF `DynamicSlidingWindowLayer` / `DeepseekV4HCACache` / `DeepseekV4CS
   the Ca half of the last complete window, which entry 0 of the next call pools (the overlap).
 Rows must be the same length (no padding): windows are counted from the first cached token, so a left-padded row
 would pool padding into its entries and see them at shifted positions. `engine.generate` decodes padded batches
-one row at a time instead. The compressor state cannot be rewound, so there is no `crop` (no speculation).
+one row at a time instead. The compressor state has no history, so there is no `crop`; MTP speculation takes a
+`snapshot()` before verifying a draft and, when the draft is rejected, `restore`s it and replays the kept token —
+the cache then holds exactly what plain decoding would.
 """
 
 from __future__ import annotations
@@ -60,6 +62,16 @@ class CompressorState:
         self.entries[:, self.count : self.count + W] = entries
         self.count += W
         return self.entries[:, : self.count]
+
+    def snapshot(self) -> tuple:
+        """What `append` and `windows` change: the entry count, the pending tail and the overlap (entries past the
+        count are overwritten later, so they need no copy)."""
+        return self.count, self.n_pending, self.pending_kv.clone(), self.pending_gate.clone(), self.prev
+
+    def restore(self, snap: tuple) -> None:
+        self.count, self.n_pending, kv, gate, self.prev = snap
+        self.pending_kv.copy_(kv)
+        self.pending_gate.copy_(gate)
 
     def per_token_bytes(self) -> float:
         return self.width * self.entries.element_size() / self.ratio
@@ -119,7 +131,20 @@ class V4Cache:
 
     def crop(self, n: int) -> None:
         raise ValueError("deepseek_v4 cache cannot be rewound: its compressor state (pending tokens, overlap, "
-                         "entries) has no history")
+                         "entries) has no history; take a snapshot() before and restore() it")
+
+    def snapshot(self) -> dict:
+        """Everything a later call changes (windows, compressor states, length), for `restore`."""
+        return {"seq_len": self.seq_len, "window": {i: w.clone() for i, w in self.window.items()},
+                "compressors": {i: {k: s.snapshot() for k, s in st.items()} for i, st in self.compressors.items()}}
+
+    def restore(self, snap: dict) -> None:
+        self.seq_len = snap["seq_len"]
+        for i, w in snap["window"].items():
+            self.window[i].copy_(w)
+        for i, st in snap["compressors"].items():
+            for k, s in st.items():
+                self.compressors[i][k].restore(s)
 
     @property
     def device(self) -> torch.device:
