@@ -1,8 +1,8 @@
 """Generation: chunked prefill into the model's cache (`cache_class`), then batched decode steps, MTP speculation.
 
-Layers (nano-vllm style, kept small): `Batch` is the sequence state (ids, finished flags, positions), `Runner`
-turns tokens into logits through the model and the cache (the only code that touches tensors of the model),
-`step()` is one decode iteration, and `generate()` loops it. Sequences of different lengths are left-padded;
+Layers (nano-vllm style, kept small): `Batch` is the sequence state (ids, finished flags, positions), the `Runner`
+(runner.py) turns tokens into logits through the model and the cache, and `generate()` loops decode steps over it
+(speculative.py drives the same runner for MTP speculation). Sequences of different lengths are left-padded;
 padding never becomes a key. Prefill runs in chunks so peak memory stays bounded for long prompts.
 """
 
