@@ -46,15 +46,66 @@ def cmd_convert(args) -> int:
     return 0
 
 
+_LAYOUT_OPTIONS = ("dp_replicate", "dp_shard", "ep")
+
+
 def cmd_train(args) -> int:
+    from dsalite import parallel
     from dsalite.training.recipe import load_recipe
     from dsalite.training.trainer import train
 
     r = load_recipe(args.recipe)
     if args.init_from:
         r.model.init_from = args.init_from
+    for key in _LAYOUT_OPTIONS:
+        if getattr(args, key) is not None:
+            setattr(r.parallel, key, getattr(args, key))
     out = args.out or os.path.join("out", os.path.splitext(os.path.basename(args.recipe))[0])
+    if parallel.in_worker():  # one rank of `--nproc N` or of the user's torchrun
+        from dsalite.parallel.launch import run_worker
+
+        return run_worker(_train_rank, r, out, args)
+    nproc = args.nproc or 1
+    parallel.check_recipe(r, nproc)  # a bad layout fails here, before any process starts
+    if nproc > 1:
+        from dsalite.parallel.launch import launch
+
+        return launch(_worker_argv(args, out), nproc)
     recs = train(r, out, max_steps=args.max_steps, resume=args.resume, progress=not args.quiet)
+    _train_summary(r, out, recs)
+    return 0
+
+
+def _worker_argv(args, out: str) -> list[str]:
+    argv = [args.recipe, "--out", out, "--nproc", str(args.nproc)]
+    for key in ("max_steps", "init_from", *_LAYOUT_OPTIONS):
+        if getattr(args, key) is not None:
+            argv += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    return argv + [flag for flag in ("--resume", "--quiet") if getattr(args, flag[2:])]
+
+
+def _train_rank(r, out: str, args) -> int:
+    import torch.distributed as dist
+
+    from dsalite import parallel
+    from dsalite.training.trainer import train
+
+    world = int(os.environ["WORLD_SIZE"])
+    if args.nproc and args.nproc != world:
+        raise parallel.LayoutError(f"--nproc {args.nproc} but this worker's WORLD_SIZE is {world}")
+    par = parallel.init(r)
+    try:
+        recs = train(r, out, max_steps=args.max_steps, resume=args.resume, progress=not args.quiet, par=par)
+        if par.is_main:
+            print(f"{par.layout.describe()}")
+            _train_summary(r, out, recs)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+def _train_summary(r, out: str, recs: list[dict]) -> None:
     if recs:
         print(f"trained {r.train.stage}: step {recs[-1]['step']}, loss {recs[0]['loss']:.4f} -> {recs[-1]['loss']:.4f}")
     print(f"  metrics     {os.path.join(out, 'metrics.jsonl')} (TensorBoard: {os.path.join(out, 'tensorboard')})")
@@ -62,7 +113,6 @@ def cmd_train(args) -> int:
     print(f"  checkpoints {os.path.join(out, 'checkpoints')}")
     print(f"  HF model    {os.path.join(out, 'hf')}" + (f", adapters {os.path.join(out, 'lora')}"
                                                          if r.train.stage == "lora" else ""))
-    return 0
 
 
 def cmd_generate(args) -> int:
@@ -144,6 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--init-from", metavar="CKPT",
                    help="override model.init_from: start from this HF checkpoint directory")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--nproc", type=int, metavar="N",
+                   help="train on N local processes (torch.distributed: gloo on CPU, NCCL on GPUs) with the recipe's "
+                        "[parallel] layout; data.batch_size stays the global batch. Under your own torchrun "
+                        "(`torchrun ... -m dsalite.cli train RECIPE`) leave it out")
+    t.add_argument("--dp-shard", type=int, metavar="N", help="override parallel.dp_shard (FSDP degree; -1 = fill)")
+    t.add_argument("--dp-replicate", type=int, metavar="N", help="override parallel.dp_replicate (HSDP replicas)")
+    t.add_argument("--ep", type=int, metavar="N",
+                   help="override parallel.ep (expert-parallel degree, carved out of dp_shard)")
     t.set_defaults(func=cmd_train)
 
     gn = sub.add_parser("generate", help="generate text with the latent-cache engine (sparse decode, MTP speculation)",

@@ -1,4 +1,5 @@
-"""Training recipes: a TOML file with [model], [data], [train] and optional [lora] tables, read into dataclasses.
+"""Training recipes: a TOML file with [model], [data], [train] and optional [lora] and [parallel] tables, read into
+dataclasses.
 
 Unknown keys and wrongly typed values are errors that name `section.key`. The stage decides what trains:
   pretrain / sft  all parameters, top-k sparse attention, indexer KL on the selected keys (sft = JSONL prompt masks);
@@ -75,11 +76,28 @@ class LoraSection:
 
 
 @dataclass
+class ParallelSection:
+    """The parallel layout (dsalite/parallel/mesh.py checks it against the world size before any work).
+
+    world size = dp_replicate × dp_shard × pp × cp; ep is carved out of dp_shard × cp (torchtitan's rule), so
+    dp_shard = 2, ep = 2 runs on 2 processes. data.batch_size stays the global batch whatever the layout.
+    """
+
+    dp_replicate: int = 1  # full replicas (HSDP's outer dimension)
+    dp_shard: int = -1  # FSDP2 sharding degree; -1 = whatever the world size leaves
+    ep: int = 1  # expert-parallel degree (routed experts split over this many ranks)
+    pp: int = 1  # pipeline stages (reserved: must be 1 for now)
+    cp: int = 1  # context-parallel degree (reserved: must be 1 for now)
+    param_dtype: str = "fp32"  # fp32 | bf16: the dtype FSDP gathers parameters in (gradients reduce in fp32)
+
+
+@dataclass
 class Recipe:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     lora: LoraSection = field(default_factory=LoraSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
     source: str = ""  # the TOML file it came from
 
     @property
@@ -103,7 +121,8 @@ def _fill(cls, values: dict, section: str):
 
 
 def parse_recipe(d: dict, source: str = "") -> Recipe:
-    sections = {"model": ModelSection, "data": DataSection, "train": TrainSection, "lora": LoraSection}
+    sections = {"model": ModelSection, "data": DataSection, "train": TrainSection, "lora": LoraSection,
+                "parallel": ParallelSection}
     bad = sorted(set(d) - set(sections))
     if bad:
         raise ValueError(f"recipe table [{bad[0]}] is unknown; expected {sorted(sections)}")
@@ -117,6 +136,13 @@ def parse_recipe(d: dict, source: str = "") -> Recipe:
                       ("train", "keep_last"), ("train", "save_every"), ("train", "log_every")):
         if getattr(getattr(r, sec), name) < 1:
             raise ValueError(f"recipe key {sec}.{name} must be >= 1, got {getattr(getattr(r, sec), name)}")
+    for name in ("dp_replicate", "ep", "pp", "cp"):
+        if getattr(r.parallel, name) < 1:
+            raise ValueError(f"recipe key parallel.{name} must be >= 1, got {getattr(r.parallel, name)}")
+    if r.parallel.dp_shard < 1 and r.parallel.dp_shard != -1:
+        raise ValueError(f"recipe key parallel.dp_shard must be >= 1 or -1 (fill), got {r.parallel.dp_shard}")
+    if r.parallel.param_dtype not in ("fp32", "bf16"):
+        raise ValueError(f"recipe key parallel.param_dtype={r.parallel.param_dtype!r}; expected 'fp32' or 'bf16'")
     if len(t.betas) != 2:
         raise ValueError(f"recipe key train.betas must have 2 entries, got {t.betas}")
     base = os.path.dirname(os.path.abspath(source)) if source else os.getcwd()

@@ -1,0 +1,124 @@
+"""Parallel training on torch.distributed, applied to a built model from outside (torchtitan's rule: the model and
+its layers contain no torch.distributed).
+
+  mesh.py             the [parallel] layout → checks with named errors → DeviceMeshes
+  expert_parallel.py  routed experts split over the ep mesh, tokens dispatched with all_to_all_single
+  fsdp.py             FSDP2 units (experts, blocks, MTP layers, embeddings, root) and the global gradient norm
+  data_parallel.py    each rank's slice of the global batch and share of the global losses; global metrics
+  checkpoint.py       training state with Distributed Checkpoint (any layout → any layout), streamed HF export
+  launch.py           `dsalite train --nproc N` (torch.distributed.run's elastic launcher) and worker setup
+
+`Parallel.parallelize(model)` applies, in this fixed order: expert parallel (experts become ep-sharded DTensors),
+then FSDP2 (activation recompute, when on, was applied by the trainer before: it wraps block forwards, which FSDP's
+hooks then surround).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from dsalite.parallel.mesh import Layout, LayoutError, Meshes
+
+
+def check_recipe(r, world: int, cfg=None) -> Layout:
+    """The recipe's resolved layout for `world` processes, or a named error; runs before any process group exists.
+    `cfg` is the model config (built from the recipe when not given)."""
+    if cfg is None:
+        from dsalite.training.trainer import model_config
+
+        cfg = model_config(r)
+    layout = Layout.from_recipe(r.parallel).check(world, cfg.n_routed_experts, r.data.batch_size)
+    if layout.world == 1:
+        return layout
+    if cfg.model_type == "deepseek_v4":
+        raise LayoutError("DeepSeek-V4 (mHC streams, hash routing) does not train under a parallel layout yet; "
+                          "run it in one process")
+    if r.train.optimizer == "muon":
+        raise LayoutError("train.optimizer='muon' needs whole matrices (Newton-Schulz) and is not supported under a "
+                          "parallel layout yet; use 'adamw'")
+    if r.train.stage == "lora":
+        raise LayoutError("train.stage='lora' is not supported under a parallel layout yet; run it in one process")
+    return layout
+
+
+def in_worker() -> bool:
+    """Whether this process was started by torchrun / `--nproc` (torch.distributed's environment variables)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
+
+
+@dataclass
+class Parallel:
+    layout: Layout
+    meshes: Meshes
+    device: torch.device
+    rank: int
+    param_dtype: torch.dtype = torch.float32  # FSDP's gathered-parameter dtype ([parallel] param_dtype)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def dp(self):
+        return self._dp
+
+    def __post_init__(self):
+        from dsalite.parallel.data_parallel import DataParallel
+
+        m = self.meshes
+        self._dp = DataParallel(m.dp_rank, m.dp_size, m.dp.get_group())
+
+    def parallelize(self, model) -> None:
+        """Expert parallel (when ep > 1), then FSDP2, in place."""
+        from dsalite.parallel.expert_parallel import apply_expert_parallel
+        from dsalite.parallel.fsdp import apply_fsdp
+
+        if self.layout.ep > 1:
+            apply_expert_parallel(model, self.meshes.ep)
+        apply_fsdp(model, self.meshes.dense, self.meshes.experts, param_dtype=self.param_dtype)
+
+    @property
+    def checkpoint(self):
+        """dsalite.parallel.checkpoint: save_state / load_latest / export_hf for this run."""
+        from dsalite.parallel import checkpoint
+
+        return checkpoint
+
+    def clip_grad_norm_(self, params, max_norm: float) -> float:
+        from dsalite.parallel.fsdp import clip_grad_norm_
+
+        return clip_grad_norm_(params, max_norm, self.meshes.world.get_group())
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        dist.barrier(group=self.meshes.world.get_group())
+
+    def close(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def init(r) -> Parallel:
+    """Join (or start) the default process group this worker's environment describes, check the layout and build the
+    meshes. NCCL for CUDA devices (with gloo for CPU tensors), gloo on CPU."""
+    import torch.distributed as dist
+
+    cuda = r.train.device.startswith("cuda")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
+    world = dist.get_world_size()
+    layout = check_recipe(r, world)
+    from dsalite.parallel.mesh import build_meshes
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[r.parallel.param_dtype]
+    return Parallel(layout, build_meshes(layout, device.type), device, dist.get_rank(), dtype)
