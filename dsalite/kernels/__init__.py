@@ -33,10 +33,11 @@ import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import warnings
 from pathlib import Path
+
+from dsalite.kernels.wisdom import cpu_flags, find_cached, write_atomic
 
 _SRC = Path(__file__).with_name("dsa_select.cpp")
 _FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-Wno-psabi"]
@@ -62,16 +63,6 @@ _available = False  # a plain bool, so torch.compile reads it without tracing `l
 _decision: dict = {}
 
 
-def cpu_flags() -> set[str]:
-    """This CPU's feature flags (/proc/cpuinfo; empty where there is none)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            line = next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        return set()
-    return set(line.split(":", 1)[1].split()) if ":" in line else set()
-
-
 def cpu_isas() -> list[str]:
     """The build targets this CPU runs, best first (portable always)."""
     flags = cpu_flags()
@@ -92,37 +83,6 @@ def requested_isa() -> str:
 
 def compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
-
-
-def _cache_dirs() -> list[Path]:
-    return [Path(os.environ.get("DSALITE_KERNEL_CACHE", Path.home() / ".cache" / "dsalite" / "kernels")),
-            Path(tempfile.gettempdir()) / f"dsalite-kernels-{os.getuid() if hasattr(os, 'getuid') else 0}"]
-
-
-def write_atomic(name: str, write) -> Path:
-    """write(tmp_path) into a temporary file of the first writable cache directory, renamed to `name` there."""
-    dirs = _cache_dirs()
-    for i, cache in enumerate(dirs):
-        try:
-            cache.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(suffix=Path(name).suffix, dir=cache)
-        except OSError:
-            if i == len(dirs) - 1:
-                raise
-            continue
-        os.close(fd)
-        try:
-            write(tmp)
-            os.replace(tmp, cache / name)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return cache / name
-    raise OSError("no kernel cache directory")
-
-
-def find_cached(name: str) -> Path | None:
-    return next((c / name for c in _cache_dirs() if (c / name).exists()), None)
 
 
 def build_key(cxx: str, flags: list[str]) -> str:
@@ -198,9 +158,9 @@ def _measure(lib: ctypes.CDLL) -> dict:
 def _calibration(lib: ctypes.CDLL) -> dict:
     """The cached kernel-vs-PyTorch measurements of this CPU model and kernel build, measured now (under a file lock,
     so processes started together measure once and agree) when there are none."""
-    from dsalite.kernels import wisdom
-
     import torch
+
+    from dsalite.kernels import wisdom
 
     # the twins' speed depends on the instructions torch itself uses (ATEN_CPU_CAPABILITY can lower them)
     key = {"cpu": wisdom.cpu_key(), "build": build_info(lib), "source": build_key("", []), "torch": torch.__version__,

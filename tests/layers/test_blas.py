@@ -83,6 +83,7 @@ def test_linear_is_an_nn_linear_with_the_same_state_dict(openblas):
 
 
 def test_environment_forces_the_choice(monkeypatch):
+    monkeypatch.setattr(blas, "_why", blas._why)
     for choice, expect in (("torch", False), ("openblas", True)):
         monkeypatch.setenv("DSALITE_BLAS", choice)
         monkeypatch.setattr(blas, "_decided", False)
@@ -113,6 +114,7 @@ def undecided(monkeypatch, tmp_path):
     """`library` decides again, with an empty measurement cache."""
     monkeypatch.setattr(blas, "_decided", False)
     monkeypatch.setattr(blas, "_lib", None)
+    monkeypatch.setattr(blas, "_why", blas._why)  # put back afterwards, with the decision itself
     monkeypatch.delenv("DSALITE_BLAS", raising=False)
     monkeypatch.setenv("DSALITE_KERNEL_CACHE", str(tmp_path))
 

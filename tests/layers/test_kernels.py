@@ -332,6 +332,6 @@ def test_fresh_build_into_an_empty_cache(tmp_path, monkeypatch):
     blocked = tmp_path / "file"
     blocked.write_text("not a directory")
     monkeypatch.setenv("DSALITE_KERNEL_CACHE", str(blocked / "cache"))
-    monkeypatch.setattr(kernels.tempfile, "tempdir", str(tmp_path / "tmp"))
+    monkeypatch.setattr(wisdom.tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
     assert kernels._build(cxx, "portable").parent.parent == tmp_path / "tmp"
