@@ -92,7 +92,11 @@ def dispatch_combine(experts: Experts, x: torch.Tensor, ids: torch.Tensor, w: to
     xs = xr.index_select(0, perm).split(per_expert)
     ys = [dense(swiglu(*dense(xs[e], gate_up[e]).chunk(2, dim=-1), limit=experts.limit), down[e])
           for e, cnt in enumerate(per_expert) if cnt]
-    ye = torch.cat(ys) if ys else xr.new_zeros((0, x.shape[-1]))
+    if ys:
+        ye = torch.cat(ys)
+    else:  # no row came here: stay on the autograd graph, so that this rank's backward still joins the reverse
+        # exchange (its peers wait for it) and the expert weights get (zero) gradients like everyone else's
+        ye = xr + 0.0 * (gate_up.sum() + down.sum())
     back = torch.empty_like(perm)
     back[perm] = torch.arange(perm.numel(), device=perm.device)
     yb = all_to_all(ye.index_select(0, back), send_splits, recv_splits, group)  # [N·k, D] in `order`
