@@ -121,6 +121,12 @@ def cmd_generate(args) -> int:
     return text.run(args)
 
 
+def cmd_serve(args) -> int:
+    from dsalite.inference.serve import server
+
+    return server.run(args)
+
+
 def cmd_export_gguf(args) -> int:
     from dsalite.checkpoint.gguf import export_checkpoint
 
@@ -237,6 +243,16 @@ def build_parser() -> argparse.ArgumentParser:
     gn.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     gn.set_defaults(func=cmd_generate)
 
+
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching (paged latent cache)",
+                        description="Serve a checkpoint over the OpenAI API: /v1/models, /v1/completions, "
+                                    "/v1/chat/completions (streaming too), /health, /metrics. Requests are batched "
+                                    "continuously over a paged latent cache with prefix sharing. MLA families "
+                                    "(GLM-5.x, DeepSeek-V3.2, V3). See docs/serve.md.")
+    from dsalite.inference.serve.options import add_arguments as serve_arguments
+
+    serve_arguments(sv)
+    sv.set_defaults(func=cmd_serve)
 
     g = sub.add_parser("export-gguf", help="write a GGUF file that llama.cpp runs (MTP included)",
                        description="Export an HF checkpoint (GLM-5.x -> glm-dsa, DeepSeek-V3.2 -> deepseek32, "

@@ -22,6 +22,9 @@ from dsalite.inference.serve.scheduler import Scheduler
 from dsalite.inference.serve.sequence import RequestParams, Sequence, Status
 
 
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)  # seconds (/metrics histogram)
+
+
 @dataclass
 class Output:
     """What a step produced for one request since its last Output."""
@@ -43,7 +46,13 @@ class EngineStats:
     generation_tokens: int = 0
     steps: int = 0
     finished: dict = field(default_factory=dict)  # finish_reason -> count
-    ttft: list[float] = field(default_factory=list)  # seconds, one per request that produced a token (recent)
+    ttft_counts: list[int] = field(default_factory=lambda: [0] * (len(TTFT_BUCKETS) + 1))  # histogram
+    ttft_sum: float = 0.0
+
+    def observe_ttft(self, s: float) -> None:
+        self.ttft_sum += s
+        i = next((i for i, b in enumerate(TTFT_BUCKETS) if s <= b), len(TTFT_BUCKETS))
+        self.ttft_counts[i] += 1
 
 
 class Engine:
@@ -78,13 +87,16 @@ class Engine:
             raise ValueError(f"the request needs {self.blocks.blocks_for(need)} cache blocks of "
                              f"{self.blocks.block_size} tokens; the cache has {self.blocks.num_blocks} (--kv-blocks)")
 
-    def add_request(self, prompt: list[int], params: RequestParams, request_id: str | None = None) -> Sequence:
+    def add_request(self, prompt: list[int], params: RequestParams, request_id: str | None = None,
+                    arrival: float | None = None) -> Sequence:
         V = self.model.cfg.vocab_size
         bad = [t for t in prompt if not 0 <= t < V]
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {V})")
         self.check(len(prompt), params.max_tokens)
         seq = Sequence(list(prompt), params, request_id or "", self.eos_ids)
+        if arrival is not None:
+            seq.arrival = arrival  # time.monotonic() when the request arrived (time to first token counts from it)
         if seq.request_id in self.seqs:
             raise ValueError(f"request id {seq.request_id!r} is already running")
         self.seqs[seq.request_id] = seq
@@ -160,8 +172,7 @@ class Engine:
         now = time.monotonic()
         if seq.first_token_time is None:
             seq.first_token_time = now
-            self.stats.ttft.append(now - seq.arrival)
-            del self.stats.ttft[:-1000]
+            self.stats.observe_ttft(now - seq.arrival)
             self.stats.prompt_tokens += len(seq.prompt)
         seq.tokens.append(tok)
         self.stats.generation_tokens += 1
