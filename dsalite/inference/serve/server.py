@@ -165,7 +165,9 @@ def validation_error(errors) -> APIError:
     if err.get("type") == "json_invalid":
         return APIError(400, f"the body is not valid JSON: {err.get('ctx', {}).get('error', err['msg'])}",
                         code="invalid_json")
-    if not loc and err.get("type") in ("model_attributes_type", "dict_type"):
+    if not loc and err.get("type") == "missing":
+        return APIError(400, "the body is empty: send a JSON object", code="invalid_json")
+    if not loc and err.get("type") in ("model_attributes_type", "dict_type", "model_type"):
         return APIError(400, "the body must be a JSON object", code="invalid_body")
     param = ".".join(loc) or None
     msg = err["msg"].removeprefix("Value error, ")
