@@ -126,11 +126,16 @@ def parse_dsml(block: str) -> list[dict]:
 
 
 def parse_v3(block: str) -> list[dict]:
+    """V3: `function<sep>NAME\n```json\n{...}\n```` per call; V3.1: `NAME<sep>{...}`."""
     calls = []
-    for name, args in re.findall(r"<｜tool▁call▁begin｜>(?:function<｜tool▁sep｜>)?(.*?)<｜tool▁sep｜>(.*?)"
-                                 r"<｜tool▁call▁end｜>", block, re.S):
-        args = re.sub(r"^\s*```(?:json)?\s*|\s*```\s*$", "", args)  # V3 wraps the JSON in a code fence
-        parsed = _value(args)
+    for body in re.findall(r"<｜tool▁call▁begin｜>(.*?)<｜tool▁call▁end｜>", block, re.S):
+        kind, _, rest = body.partition("<｜tool▁sep｜>")
+        if kind == "function" and "<｜tool▁sep｜>" not in rest:
+            name, _, args = rest.partition("\n")
+            args = re.sub(r"^\s*```(?:json)?\s*|\s*```\s*$", "", args)
+        else:
+            name, args = kind, rest
+        parsed = _value(args.strip())
         calls.append(_call(name, parsed if isinstance(parsed, dict) else {"arguments": parsed}))
     return calls
 
