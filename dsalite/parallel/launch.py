@@ -30,14 +30,25 @@ def launch(argv: list[str], nproc: int, shutdown_timeout: int = 10) -> int:
         elastic_launch(config, sys.executable)("-m", "dsalite.cli", "train", *argv)
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
-        print(f"dsalite train: rank {rank} of {nproc} failed (exit code {failure.exitcode}): {failure.message}",
-              file=sys.stderr)
+        msg = failure.message  # the worker's recorded error: {"message": "Type: text", "extraInfo": {...}}
+        msg = msg.get("message", msg) if isinstance(msg, dict) else msg
+        print(f"dsalite train: rank {rank} of {nproc} failed (exit code {failure.exitcode}): {msg}", file=sys.stderr)
         return 1
     return 0
 
 
 def run_worker(fn, *args, **kwargs):
-    """Call fn in a worker with torch.distributed.elastic's error recording (the launcher reports the traceback)."""
-    from torch.distributed.elastic.multiprocessing.errors import record
+    """Call fn in a worker, recording any error in torch.distributed.elastic's error file for the launcher. Like
+    elastic's `record`, but also for exceptions that are not `Exception`s (DCP's CheckpointException is a
+    BaseException, which `record` lets through unrecorded)."""
+    from torch.distributed.elastic.multiprocessing.errors import get_error_handler
 
-    return record(fn)(*args, **kwargs)
+    handler = get_error_handler()
+    handler.initialize()
+    try:
+        return fn(*args, **kwargs)
+    except (SystemExit, KeyboardInterrupt):
+        raise
+    except BaseException as e:
+        handler.record_exception(e)
+        raise

@@ -146,7 +146,32 @@ def job_ep_exact(args: dict, par_init) -> dict:
     return out
 
 
-JOBS = {"parity": job_parity, "ep_exact": job_ep_exact}
+def job_kill_during_save(args: dict, par_init) -> dict:
+    """Save step 1 with Distributed Checkpoint, then die by SIGKILL on rank 1 in the middle of saving step 2 (after
+    writing part of its file into the temporary folder)."""
+    import torch.distributed.checkpoint as dcp
+
+    from dsalite.training.trainer import Trainer, _main_first, prepare_data
+
+    r = recipe(args["family"], args["files"], {"dp_shard": 2})
+    par = par_init(r)
+    t = Trainer(r, args["out"], par=par)
+    t.set_data(_main_first(par, lambda: prepare_data(r, args["out"], t.n_mtp))[0])
+    t.train_step()
+    par.checkpoint.save_state(args["out"], t, keep_last=2)
+    t.train_step()
+    if par.rank == 1:
+        def dying_save(state, checkpoint_id):
+            with open(os.path.join(checkpoint_id, "__1_0.distcp"), "wb") as f:
+                f.write(b"partial")
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        dcp.save = dying_save
+    par.checkpoint.save_state(args["out"], t, keep_last=2)
+    return {}
+
+
+JOBS = {"parity": job_parity, "ep_exact": job_ep_exact, "kill_during_save": job_kill_during_save}
 
 
 def worker_main(job: str, args_file: str, result_file: str) -> None:
