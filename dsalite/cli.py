@@ -66,6 +66,11 @@ def cmd_train(args) -> int:
 
         return run_worker(_train_rank, r, out, args)
     nproc = args.nproc or 1
+    if args.dry_run:  # rank 0's share at the real size, on a fake process group: nothing is allocated or trained
+        from dsalite.parallel.plan import plan
+
+        print(plan(r, nproc).table())
+        return 0
     parallel.check_recipe(r, nproc)  # a bad layout fails here, before any process starts
     if nproc > 1:
         from dsalite.parallel.launch import launch
@@ -204,6 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train on N local processes (torch.distributed: gloo on CPU, NCCL on GPUs) with the recipe's "
                         "[parallel] layout; data.batch_size stays the global batch. Under your own torchrun "
                         "(`torchrun ... -m dsalite.cli train RECIPE`) leave it out")
+    t.add_argument("--dry-run", action="store_true",
+                   help="plan the layout for --nproc N at the model's real size without training: the model is built "
+                        "on the meta device and sharded on a fake process group; prints per-rank bytes of parameters, "
+                        "gradients and optimizer state, an activation estimate and the communication per step")
     t.add_argument("--dp-shard", type=int, metavar="N", help="override parallel.dp_shard (FSDP degree; -1 = fill)")
     t.add_argument("--dp-replicate", type=int, metavar="N", help="override parallel.dp_replicate (HSDP replicas)")
     t.add_argument("--ep", type=int, metavar="N",
