@@ -85,6 +85,18 @@ class Parallel:
             apply_expert_parallel(model, self.meshes.ep)
         apply_fsdp(model, self.meshes.dense, self.meshes.experts, param_dtype=self.param_dtype)
 
+    def model_on_meta(self, r):
+        """The recipe's init_from model on the meta device (see load.py)."""
+        from dsalite.parallel.load import model_on_meta
+
+        return model_on_meta(r.model.init_from)
+
+    def load_pretrained(self, model, path: str) -> None:
+        """Storage for this rank's shards of the parallelized meta `model`, filled with its slices of `path`."""
+        from dsalite.parallel.load import load_sharded
+
+        load_sharded(model, path, self.device)
+
     @property
     def checkpoint(self):
         """dsalite.parallel.checkpoint: save_state / load_latest / export_hf for this run."""

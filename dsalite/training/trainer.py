@@ -193,7 +193,9 @@ class Trainer:
         if r.train.threads:
             torch.set_num_threads(r.train.threads)
         self.device = torch.device(r.train.device) if self.par is None else self.par.device
-        self.model = build_model(r).to(self.device)
+        sharded_load = self.par is not None and bool(r.model.init_from)
+        # parallel --init-from: built on meta, each rank later reads only its slices (parallel/load.py)
+        self.model = self.par.model_on_meta(r) if sharded_load else build_model(r).to(self.device)
         self.n_mtp = self.model.cfg.num_nextn_predict_layers if r.train.mtp_coeff > 0 else 0
         freeze_for_stage(self.model, r)
         if r.train.recompute:
@@ -201,6 +203,8 @@ class Trainer:
         self.stats = RouterStats(self.model, r.train.aux_loss_coeff > 0)
         if self.par is not None:
             self.par.parallelize(self.model)  # expert parallel, then FSDP2: parameters become DTensor shards
+            if sharded_load:
+                self.par.load_pretrained(self.model, r.model.init_from)
         self.optimizers = build_optimizers(self.model, r)
         self.base_lrs = [[g["lr"] for g in o.param_groups] for o in self.optimizers]
         # MLA lightning indexers and DeepSeek-V4's CSA indexers alike

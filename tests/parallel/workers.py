@@ -171,7 +171,82 @@ def job_kill_during_save(args: dict, par_init) -> dict:
     return {}
 
 
-JOBS = {"parity": job_parity, "ep_exact": job_ep_exact, "kill_during_save": job_kill_during_save}
+class PeakRSS:
+    """The largest resident set size seen while the block runs, sampled from /proc/self/statm every millisecond
+    (ru_maxrss cannot see a peak below the one `import torch` left)."""
+
+    def __enter__(self):
+        import threading
+
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.start = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._watch, daemon=True)
+        self._t.start()
+        return self
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def _watch(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            self._stop.wait(0.001)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, self._rss())
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.start
+
+
+def job_sharded_load(args: dict, par_init) -> dict:
+    """--init-from under a layout, for each of args["ckpts"]: each rank's peak RSS growth while building on meta,
+    sharding and reading its slices (after loading the small args["warmup"] checkpoint the same way, so that imports
+    and first collectives are not counted); then (rank 0) the largest difference between the loaded model and a
+    one-process `from_pretrained` of the same checkpoint."""
+    import gc
+
+    import torch.distributed as dist
+
+    from dsalite.checkpoint.pretrained import from_pretrained
+    from dsalite.training.recipe import parse_recipe
+
+    def recipe_for(path):
+        return parse_recipe({"model": {"init_from": path}, "data": {"batch_size": 4}, "parallel": args["parallel"]})
+
+    par = par_init(recipe_for(args["warmup"]))
+    m = par.model_on_meta(recipe_for(args["warmup"]))  # first use of every code path before measuring
+    par.parallelize(m)
+    par.load_pretrained(m, args["warmup"])
+    del m
+    results = []
+    for path in args["ckpts"]:
+        r = recipe_for(path)
+        gc.collect()
+        with PeakRSS() as rss:
+            model = par.model_on_meta(r)
+            par.parallelize(model)
+            par.load_pretrained(model, path)
+        peaks = [torch.zeros(1) for _ in range(dist.get_world_size())]
+        dist.all_gather(peaks, torch.tensor([float(rss.growth)]))
+        full = full_state(model)
+        out = {"rss_growth": [float(p) for p in peaks]}
+        if par.is_main:
+            ref = from_pretrained(path).state_dict()
+            assert ref.keys() == full.keys(), set(ref) ^ set(full)
+            out["max_diff"] = max(float((ref[k] - full[k]).abs().max()) for k in ref)
+            out["model_bytes"] = sum(v.numel() * v.element_size() for v in ref.values())
+        results.append(out)
+        del model, full
+    return {"results": results}
+
+
+JOBS = {"parity": job_parity, "sharded_load": job_sharded_load, "ep_exact": job_ep_exact, "kill_during_save": job_kill_during_save}
 
 
 def worker_main(job: str, args_file: str, result_file: str) -> None:
