@@ -55,7 +55,8 @@ def list_dcp(out: str) -> list[tuple[int, str]]:
 
 def latest(out: str) -> tuple[int, str, str] | None:
     """(step, folder, "dcp" | "torch") of the newest complete checkpoint of either kind, or None."""
-    every = [(s, p, "dcp") for s, p in list_dcp(out)] + [(s, p, "torch") for s, p in checkpointing.list_checkpoints(out)]
+    every = [(s, p, "dcp") for s, p in list_dcp(out)]
+    every += [(s, p, "torch") for s, p in checkpointing.list_checkpoints(out)]
     return max(every) if every else None
 
 

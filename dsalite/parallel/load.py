@@ -1,11 +1,11 @@
 """Sharded loading of an HF checkpoint (`--init-from` under a parallel layout): each rank reads only its slices.
 
 The model is built on the `meta` device (no memory), sharded (expert parallel, FSDP2) like any other, given storage
-for its local shards only (`to_empty`), and each shard is filled from the safetensors files: FSDP2
-and EP split every tensor along dim 0, so a rank's piece is a block of rows (of experts, for the fused expert
-weights, which are read expert by expert from the per-expert tensors on disk), read with pread. FP8 weights are dequantised per slice:
-the rows are widened to whole 128-row scale blocks, dequantised with their scale rows and cut back. A rank's peak
-memory is then about its shard plus one tensor's slice, not the model.
+for its local shards only (`to_empty`), and each shard is filled from the safetensors files: FSDP2 and EP split
+every tensor along dim 0, so a rank's piece is a block of rows (of experts, for the fused expert weights, which are
+read expert by expert from the per-expert tensors on disk), read with pread rather than through a memory map. FP8
+weights are dequantised per slice: the rows are widened to whole scale blocks, dequantised with their scale rows
+and cut back. A rank's peak memory is then about its shard plus one tensor's slice, not the model.
 
 Names come from `checkpoint/names.py` (MTP layers as `model.layers.{L+k}`). Every tensor the model needs is checked
 against the headers (present, shape) before anything is read, and all problems are reported at once.

@@ -7,7 +7,8 @@ from workers import run_ranks
 
 @pytest.mark.timeout(180)
 def test_dispatch_combine_equals_one_process_exactly(tmp_path):
-    res = run_ranks("ep_exact", {"cases": ["random", "sparse", "one_expert", "idle_rank"]}, 2, str(tmp_path), timeout=150)
+    cases = ["random", "sparse", "one_expert", "idle_rank"]
+    res = run_ranks("ep_exact", {"cases": cases}, 2, str(tmp_path), timeout=150)
     for case, r in res.items():
         assert r["max_diff"] == [0.0, 0.0, 0.0, 0.0], (case, r)  # output, input grad, both expert weight grads
     assert res["sparse"]["tokens_per_expert"][-1] == 0  # an expert no rank sends a token to

@@ -20,8 +20,17 @@ from workers import HERE, run_ranks, write_documents
 RECIPE = """
 [model]
 preset = "glm-5.2-tiny"
-overrides = {{ hidden_size = 64, num_hidden_layers = 4, index_topk = 8, moe_intermediate_size = 32, index_n_heads = 4, index_head_dim = 16, q_lora_rank = 32, kv_lora_rank = 32, index_topk_pattern = "FFSF" }}
 init_std = 0.05
+[model.overrides]
+hidden_size = 64
+num_hidden_layers = 4
+index_topk = 8
+moe_intermediate_size = 32
+index_n_heads = 4
+index_head_dim = 16
+q_lora_rank = 32
+kv_lora_rank = 32
+index_topk_pattern = "FFSF"
 
 [data]
 files = ["{corpus}"]
@@ -74,11 +83,12 @@ def test_nproc_2_train_resume_export(tmp_path):
     # the export: same files and tensor names as one process (MTP included), values within 1e-5
     from safetensors.torch import load_file
 
-    ea, eb = load_file(os.path.join(one, "hf", "model.safetensors")), load_file(os.path.join(two, "hf", "model.safetensors"))
+    ea, eb = (load_file(os.path.join(d, "hf", "model.safetensors")) for d in (one, two))
     assert ea.keys() == eb.keys() and any(k.startswith("model.layers.4.") for k in ea)  # MTP = layer L
     for k, a in ea.items():
         assert float((a.double() - eb[k].double()).norm() / a.double().norm().clamp(min=1e-30)) <= 1e-5, k
-    assert json.load(open(os.path.join(two, "hf", "config.json"))) == json.load(open(os.path.join(one, "hf", "config.json")))
+    configs = [json.load(open(os.path.join(d, "hf", "config.json"))) for d in (one, two)]
+    assert configs[0] == configs[1]
     assert os.path.isfile(os.path.join(two, "hf", "tokenizer.json"))
 
     # same layout: bit-identical continuation from step 2

@@ -31,7 +31,8 @@ def _padded(cfg, dp_shard, ep=1):
     return 4 * total
 
 
-@pytest.mark.parametrize("family, layout, n", [("glm-5.2", {"dp_shard": 4}, 4), ("deepseek-v3", {"dp_shard": 4, "ep": 2}, 4),
+@pytest.mark.parametrize("family, layout, n", [("glm-5.2", {"dp_shard": 4}, 4),
+                                              ("deepseek-v3", {"dp_shard": 4, "ep": 2}, 4),
                                               ("deepseek-v3.2", {"dp_shard": 2, "dp_replicate": 2}, 4)])
 def test_tiny_plans_equal_the_analytic_figures(family, layout, n):
     r = recipe(family, [], layout)

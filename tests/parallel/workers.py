@@ -246,7 +246,8 @@ def job_sharded_load(args: dict, par_init) -> dict:
     return {"results": results}
 
 
-JOBS = {"parity": job_parity, "sharded_load": job_sharded_load, "ep_exact": job_ep_exact, "kill_during_save": job_kill_during_save}
+JOBS = {"parity": job_parity, "sharded_load": job_sharded_load, "ep_exact": job_ep_exact,
+        "kill_during_save": job_kill_during_save}
 
 
 def worker_main(job: str, args_file: str, result_file: str) -> None:
