@@ -11,7 +11,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 from dsalite.cli import main
 from dsalite.parallel import checkpoint as pc

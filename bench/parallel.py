@@ -1,0 +1,209 @@
+"""Parallel training on this machine: per-rank memory, communication per step, step time (not a test).
+
+bench-medium GLM (D 1024, 1 dense + 3 MoE layers of 8 experts top-2, no MTP), fp32, AdamW, the global batch split
+over the data-parallel ranks. For each layout (1 process; dp_shard 2; dp_shard 2 + ep 2; dp_shard 4; dp_shard 4 +
+ep 2) the ranks are started as subprocesses (gloo, one thread each) and rank 0 reports:
+  - its bytes of parameters, gradients and AdamW state (local shards, measured), against the one-process figure
+    divided by the world size (the goal: within 5 %);
+  - the bytes its collectives moved during one step, counted by wrapping torch.distributed's functions: FSDP's
+    all-gathers (output bytes) and reduce-scatters (input bytes), EP's all-to-alls (bytes sent), the small
+    all-reduces; against the analytic figures (FSDP: the parameters gathered in forward and again in backward,
+    except the root unit's, plus one reduce-scatter of fp32 gradients; EP: 4 exchanges per MoE layer of
+    tokens·k·D fp32 values, forward and backward, dispatch and combine);
+  - the median wall time of a step. On a 2-core machine more processes cannot be faster: the figure says what the
+    parallel machinery costs here, not what it gains on a cluster.
+
+    .venv/bin/python bench/parallel.py [--seq 512] [--batch 4] [--steps 3] [--layouts 1,2,2e2,4,4e2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import header  # noqa: E402
+
+from dsalite.presets import BENCH_MEDIUM  # noqa: E402
+
+LAYOUTS = {"1": (1, 1), "2": (2, 1), "2e2": (2, 2), "4": (4, 1), "4e2": (4, 2)}  # name -> (dp_shard, ep)
+
+
+class CommCounter:
+    """Bytes through torch.distributed's collectives, per kind, while installed (wraps the module functions that
+    FSDP2 and dsalite.parallel call through `torch.distributed.<name>`)."""
+
+    KINDS = {"all_gather_into_tensor": "all-gather", "all_gather_single": "all-gather",
+             "reduce_scatter_tensor": "reduce-scatter", "reduce_scatter_single": "reduce-scatter",
+             "all_to_all_single": "all-to-all", "all_reduce": "all-reduce"}
+
+    def __init__(self):
+        import torch.distributed as dist
+
+        self.dist, self.bytes, self.saved, self.on = dist, {}, {}, False
+        for name, kind in self.KINDS.items():
+            fn = getattr(dist, name, None)
+            if fn is None:
+                continue
+            self.saved[name] = fn
+            setattr(dist, name, self._wrap(fn, kind))
+
+    def _wrap(self, fn, kind):
+        def counted(*args, **kwargs):
+            if self.on:  # all-gather: the gathered output; reduce-scatter and all-to-all: the input
+                key = ("output_tensor", 0) if kind == "all-gather" else (("input", 1) if kind != "all-reduce"
+                                                                         else ("tensor", 0))
+                t = kwargs.get(key[0], args[key[1]] if len(args) > key[1] else None)
+                self.bytes[kind] = self.bytes.get(kind, 0) + t.numel() * t.element_size()
+            return fn(*args, **kwargs)
+        return counted
+
+
+def worker(args) -> None:
+    import torch.distributed as dist
+
+    from dsalite.config import ModelConfig
+    from dsalite.model import Transformer
+    from dsalite.parallel import Parallel
+    from dsalite.parallel.mesh import Layout, build_meshes
+    from dsalite.training.losses import IGNORE, head_lm_loss
+
+    torch.set_num_threads(1)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dp_shard, ep = LAYOUTS[args.layout]
+    counter = CommCounter() if world > 1 else None
+    cfg = ModelConfig.from_hf(dict(BENCH_MEDIUM))
+    model = Transformer(cfg)
+    model.init_weights(std=0.02, generator=torch.Generator().manual_seed(0))
+    n_params = model.num_params()
+    expert_params = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    rank, dp_rank = 0, 0
+    par = None
+    if world > 1:
+        dist.init_process_group("gloo")
+        layout = Layout(dp_shard=dp_shard, ep=ep).check(world, cfg.n_routed_experts, args.batch)
+        par = Parallel(layout, build_meshes(layout, "cpu"), torch.device("cpu"), dist.get_rank())
+        par.parallelize(model)
+        rank, dp_rank = par.rank, par.dp.rank
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=g)
+    rows = slice(dp_rank * args.batch // world, (dp_rank + 1) * args.batch // world)
+    x, labels = ids[rows, :-1], ids[rows, 1:]
+    share = (labels != IGNORE).sum() / (args.batch * args.seq)  # this rank's share of the global mean
+
+    def step(measure=None):
+        out = model(x, compute_logits=False)
+        (head_lm_loss(model, out.last_hidden, labels) * share).backward()
+        if measure is not None:
+            measure["grads"] = sum(local(p.grad) for p in model.parameters() if p.grad is not None)
+        if par is not None:
+            par.clip_grad_norm_(list(model.parameters()), 1.0)
+        else:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def local(t):
+        t = t.to_local() if hasattr(t, "to_local") else t
+        return t.numel() * t.element_size()
+
+    m = {}
+    step(m)  # warm-up (and the AdamW state exists afterwards)
+    m["params"] = sum(local(p) for p in model.parameters())
+    m["optimizer"] = sum(local(v) for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
+    if counter is not None:
+        counter.on = True
+        step()
+        counter.on = False
+        m["comm"] = counter.bytes
+    times = []
+    for _ in range(args.steps):
+        if par is not None:
+            par.barrier()
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    m.update(step_s=statistics.median(times), n_params=n_params, world=world, layout=args.layout,
+             moe_layers=sum(t == "sparse" for t in cfg.mlp_types), root_params=model.model.norm.weight.numel()
+             + model.lm_head.weight.numel(), expert_params=expert_params)
+    if rank == 0:
+        print("RESULT " + json.dumps(m), flush=True)
+    if par is not None:
+        par.close()
+
+
+def run(layout: str, args) -> dict:
+    world = LAYOUTS[layout][0]
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 1000), OMP_NUM_THREADS="1",
+               WORLD_SIZE=str(world))
+    cmd = [sys.executable, __file__, "--worker", "--layout", layout, "--seq", str(args.seq), "--batch",
+           str(args.batch), "--steps", str(args.steps)]
+    procs = [subprocess.Popen(cmd, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)) if world > 1 else env,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) for r in range(world)]
+    outs = [p.communicate(timeout=1200)[0] for p in procs]
+    for p in procs:
+        if p.returncode:
+            raise RuntimeError(f"layout {layout}: a rank exited with {p.returncode}")
+    line = next(ln for ln in outs[0].splitlines() if ln.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=4, help="global batch (divided over the data-parallel ranks)")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--layouts", default="1,2,2e2,4,4e2")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--layout", default="1", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        return worker(args)
+    header(f"bench/parallel.py: bench-medium GLM, global batch {args.batch} × {args.seq} tokens, fp32, AdamW")
+    res = {name: run(name, args) for name in args.layouts.split(",")}
+    base = res.get("1") or run("1", args)
+    mib = 2**20
+    state1 = base["params"] + base["grads"] + base["optimizer"]
+    print(f"\n{base['n_params'] / 1e6:.1f}M parameters; one process: parameters + gradients + AdamW = "
+          f"{state1 / mib:.1f} MiB, step {base['step_s']:.2f} s")
+    print("\n| layout | procs | params MiB | grads MiB | AdamW MiB | total / (1-proc / N) | step s | vs 1 proc |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, m in res.items():
+        dp, ep = LAYOUTS[name]
+        total = m["params"] + m["grads"] + m["optimizer"]
+        print(f"| dp_shard {dp}{f' ep {ep}' if ep > 1 else ''} | {m['world']} | {m['params'] / mib:.1f} | "
+              f"{m['grads'] / mib:.1f} | {m['optimizer'] / mib:.1f} | {total / (state1 / m['world']):.3f} | "
+              f"{m['step_s']:.2f} | {m['step_s'] / base['step_s']:.2f}× |")
+    print("\ncommunication in one step on rank 0, counted vs analytic (MiB; gradients that do not exist, e.g. the "
+          "indexers' without the KL loss, are not reduced):")
+    print("| layout | all-gather | analytic | reduce-scatter | analytic | all-to-all | analytic | all-reduce B |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, m in res.items():
+        if m["world"] == 1:
+            continue
+        dp, ep = LAYOUTS[name]
+        c = m["comm"]
+        # what rank 0's units gather: everything, but only an ep-th of the routed experts under expert parallel,
+        # and none of them when efsdp = dp_shard / ep = 1 (an expert shard then lives whole on its rank)
+        efsdp = dp // ep
+        P = 4 * (m["n_params"] - m["expert_params"] + (m["expert_params"] // ep if efsdp > 1 else 0))
+        ag = 2 * P - m["root_params"] * 4  # every unit gathered in forward and backward, the root once
+        rs = P
+        tokens = args.batch // dp * args.seq
+        a2a = 4 * m["moe_layers"] * tokens * BENCH_MEDIUM["num_experts_per_tok"] * BENCH_MEDIUM["hidden_size"] * 4 \
+            if ep > 1 else 0
+        print(f"| dp_shard {dp}{f' ep {ep}' if ep > 1 else ''} | {c.get('all-gather', 0) / mib:.1f} | "
+              f"{ag / mib:.1f} | {c.get('reduce-scatter', 0) / mib:.1f} | {rs / mib:.1f} | "
+              f"{c.get('all-to-all', 0) / mib:.2f} | {a2a / mib:.2f} | {c.get('all-reduce', 0)} |")
+
+
+if __name__ == "__main__":
+    main()
