@@ -72,13 +72,16 @@ def topk_indices(q, k, w, allowed, topk: int, scale: float, key_range=None, key_
     causal prefill, and only keys k0..k1-1 are masked.
     On CPU the fused kernel (`kernels`, through the `dsalite::indexer_topk` op) scores and selects; key_tiles are the
     keys already in its layout (`tile_keys`, kept by the latent cache), which a compiled decode step needs to use it.
-    Without them a compiled step, other devices, or a machine without the kernel take the PyTorch path."""
+    Without them a compiled step, other devices, or a machine without the kernel take the PyTorch path, and so does a
+    compiled step with less scoring work than `kernels.COMPILED_MIN_WORK` (there the fused in-graph ops cost less than
+    the call out of the graph)."""
     B, S = q.shape[:2]
     T = k.shape[1]
     K = min(topk, T)
     compiling = torch.compiler.is_compiling()
+    work = B * S * q.shape[2] * q.shape[3] * T
     if q.device.type == "cpu" and K > 0 and (kernels.available() if compiling else kernels.load() is not None) and (
-            key_tiles is not None or not compiling):
+            not compiling or (key_tiles is not None and work >= kernels.COMPILED_MIN_WORK)):
         tiles = tile_keys(k) if key_tiles is None else key_tiles
         qf, wf = q.detach().float(), (w.detach().float() * scale)
         picks = [torch.ops.dsalite.indexer_topk(qf[:, s0:s1], wf[:, s0:s1], tiles, k0, k1, mask, K)

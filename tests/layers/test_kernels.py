@@ -335,3 +335,33 @@ def test_fresh_build_into_an_empty_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(wisdom.tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
     assert kernels._build(cxx, "portable").parent.parent == tmp_path / "tmp"
+
+
+@pytest.mark.parametrize("min_work,calls", [(1, True), (1 << 40, False)])
+def test_compiled_graphs_call_the_kernel_only_above_the_work_threshold(best_lib, monkeypatch, min_work, calls):
+    """In a compiled graph (dynamo tracing; the eager backend keeps the test quick) the indexer calls the kernel on the
+    cache's tiled keys when the scoring work reaches COMPILED_MIN_WORK, and runs its fused PyTorch ops below that;
+    both select the same keys."""
+    counted = []
+
+    class Counting:
+        def __getattr__(self, name):
+            counted.append(name)
+            return getattr(best_lib, name)
+
+    lib = Counting()
+    monkeypatch.setattr(kernels, "load", lambda: lib)
+    monkeypatch.setattr(kernels, "_available", True)
+    monkeypatch.setattr(kernels, "COMPILED_MIN_WORK", min_work)
+    g = torch.Generator().manual_seed(18)
+    q, k, w, vis, K = case("decode", g)
+    tiles = ix.tile_keys(k)
+    torch._dynamo.reset()
+    fn = torch.compile(lambda q, k, w, t: ix.topk_indices(q, k, w, vis.block, K, SCALE, vis.key_range, t),
+                       backend="eager", fullgraph=True)
+    got = fn(q, k, w, tiles)
+    torch._dynamo.reset()
+    assert ("dsa_select" in counted) == calls
+    want = select(q, k, w, vis, K, None, monkeypatch)
+    clear = clear_rows(reference(q, k, w, vis), K)
+    assert torch.equal(got.sort(-1).values[clear], want.sort(-1).values[clear])
