@@ -123,7 +123,7 @@ def load(path: str, trainer) -> None:
                              "resuming would read other batches than the interrupted run (the global batch, seed "
                              "and sequence length must stay the same; the parallel layout may change)")
     state = _app_state(trainer)
-    dcp.load(state, checkpoint_id=path)
+    dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())  # one process: no group
     set_state_dict(trainer.model, trainer.optimizers, model_state_dict=state["model"], optim_state_dict=state["optim"])
     torch.set_rng_state(state["rng"])
     trainer.step = info["step"]

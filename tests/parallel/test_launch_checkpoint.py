@@ -137,3 +137,27 @@ def test_sigkill_during_distributed_save_keeps_the_previous_checkpoint(tmp_path)
     t = Trainer(recipe("deepseek-v3", files), out)  # resumes in one process
     assert pc.load_latest(out, t) and t.step == 1
     assert os.listdir(os.path.join(out, "checkpoints")) == ["step-00000001"]  # the half-written save is gone
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_resume_across_layouts_4_ep2_then_2_then_1(tmp_path):
+    """Steps 1-2 at dp_shard 4 + ep 2, steps 3-4 at dp_shard 2 (no ep), steps 5-6 in one process: the losses are
+    the uninterrupted one-process run's within 1e-5."""
+    r = tmp_path / "r.toml"
+    text = RECIPE.format(corpus=write_documents(tmp_path / "docs.jsonl"))
+    r.write_text(text.replace("max_steps = 4", "max_steps = 6"))
+    one, run = str(tmp_path / "one"), str(tmp_path / "run")
+    assert main(["train", str(r), "--out", one, "--quiet"]) == 0
+    ckpts = os.path.join(run, "checkpoints")
+    p, _ = dsalite(str(r), "--out", run, "--nproc", "4", "--ep", "2", "--quiet")
+    assert p.returncode == 0, p.stderr[-3000:]
+    for s in (4, 6):
+        shutil.rmtree(os.path.join(ckpts, f"step-{s:08d}"))
+    p, _ = dsalite(str(r), "--out", run, "--nproc", "2", "--resume", "--quiet")
+    assert p.returncode == 0, p.stderr[-3000:]
+    shutil.rmtree(os.path.join(ckpts, "step-00000006"))
+    assert main(["train", str(r), "--out", run, "--resume", "--quiet"]) == 0
+    A, C = losses(one), losses(run)
+    assert [x["step"] for x in C] == [1, 2, 3, 4, 5, 6]
+    assert all(_close(a["loss"], c["loss"]) for a, c in zip(A, C)), (A, C)
