@@ -84,3 +84,107 @@ def test_sixteen_concurrent_requests_equal_each_alone(glm):
             assert [i for i, _ in e["top"]] == ids.tolist()
             torch.testing.assert_close(torch.tensor([v for _, v in e["top"]]), vals, rtol=0, atol=1e-5)
     assert eng.blocks.in_use == 0 and not eng.has_work
+
+
+def test_prefix_cache_hit_gives_the_cold_logits(glm):
+    g = torch.Generator().manual_seed(5)
+    shared = torch.randint(0, 256, (21,), generator=g).tolist()  # 2 full blocks of 8 and a partial one
+    a, b = shared + [5, 6, 7], shared + [9]
+    params = RequestParams(max_tokens=6, temperature=0.0, logprobs=True)
+    cold = Engine(glm, num_blocks=64, block_size=8, prefix_caching=False).generate([b], params)[0]
+    eng = Engine(glm, num_blocks=64, block_size=8)
+    eng.generate([a], params)
+    assert eng.blocks.hit_tokens == 0 and len(eng.blocks.idle) >= 2  # a's full blocks stay named after it ends
+    warm = eng.generate([b], params)[0]
+    assert eng.blocks.hit_tokens == 16  # b's first two blocks came from a
+    assert warm.output == cold.output
+    torch.testing.assert_close(torch.tensor([e["logprob"] for e in warm.logprobs]),
+                               torch.tensor([e["logprob"] for e in cold.logprobs]), rtol=0, atol=1e-5)
+
+
+def test_lru_eviction_and_block_accounting():
+    blocks = BlockManager(4, 2)
+    s1 = Sequence([1, 2, 3, 4, 5], RequestParams())
+    blocks.allocate(s1)
+    s1.num_cached = 5
+    blocks.commit(s1)
+    assert len(s1.block_table) == 3 and blocks.in_use == 3
+    blocks.free_seq(s1)
+    assert blocks.in_use == 0 and len(blocks.idle) == 2 and len(blocks.free) == 2
+    s2 = Sequence([1, 2, 3, 4, 9], RequestParams())
+    assert blocks.can_allocate(s2.tokens)
+    blocks.allocate(s2)
+    assert s2.num_cached == 4 and blocks.in_use == 3  # two shared, one new
+    s3 = Sequence([7, 7, 7], RequestParams())
+    assert not blocks.can_allocate(s3.tokens)  # one block left, s3 needs two
+    blocks.free_seq(s2)
+    named = dict(blocks.key_of)
+    blocks.allocate(s3)  # the two free blocks first: both named blocks survive
+    assert blocks.in_use == 2 and len(blocks.idle) == 2 and not blocks.free
+    assert not set(s3.block_table) & set(named) and blocks.key_of == named
+    s4 = Sequence([8], RequestParams())
+    blocks.allocate(s4)  # nothing free: evicts the least recently released named block, the deeper one ([3, 4])
+    assert named == {0: named[0], 1: named[1]}  # s1's two full blocks: 0 = [1, 2], 1 = [3, 4]
+    assert s4.block_table == [1] and list(blocks.idle) == [0] and list(blocks.key_of) == [0]
+    s5 = Sequence([1, 2, 3, 4, 5], RequestParams())
+    assert blocks.can_allocate(s5.tokens) is False  # needs 3 blocks, 1 available (the shared first block)
+    blocks.free_seq(s3)
+    blocks.allocate(s5)
+    assert s5.num_cached == 2 and s5.block_table[0] == 0  # [1, 2] still hits; [3, 4] was evicted
+
+
+def test_small_cache_preempts_and_still_equals_each_alone(glm):
+    """A cache too small for every sequence at once: the newest are preempted and recomputed, outputs unchanged."""
+    g = torch.Generator().manual_seed(8)
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (12, 7, 15, 9)]
+    params = RequestParams(max_tokens=12, temperature=0.0)
+    eng = Engine(glm, num_blocks=12, block_size=4, max_batch=4, prefill_tokens=16)
+    seqs = eng.generate(prompts, params)
+    assert eng.scheduler.preemptions > 0
+    for p, s in zip(prompts, seqs):
+        assert s.output == dsalite.generate(glm, torch.tensor([p]), max_new_tokens=12)[0, len(p):].tolist()
+    assert eng.blocks.in_use == 0
+
+
+def test_abort_frees_at_once_and_stops(glm):
+    eng = Engine(glm, num_blocks=64, block_size=4)
+    a = eng.add_request(list(range(1, 20)), RequestParams(max_tokens=50, temperature=0.0))
+    b = eng.add_request(list(range(3, 9)), RequestParams(max_tokens=3, temperature=0.0, stop_token_ids=[]))
+    eng.step()
+    eng.step()
+    held = eng.blocks.in_use
+    out = eng.abort(a.request_id)
+    assert out.finished and out.finish_reason == "abort" and eng.blocks.in_use < held
+    while eng.has_work:
+        eng.step()
+    assert b.finish_reason == "length" and len(b.output) == 3 and eng.blocks.in_use == 0
+
+
+def test_stop_token_ids_and_eos(glm):
+    p = list(range(10, 30))
+    free = Engine(glm, num_blocks=32, block_size=8).generate([p], RequestParams(max_tokens=8, temperature=0))[0]
+    stop = free.output[3]
+    first = free.output.index(stop)
+    s = Engine(glm, num_blocks=32, block_size=8).generate(
+        [p], RequestParams(max_tokens=8, temperature=0, stop_token_ids=[stop]))[0]
+    assert s.output == free.output[: first + 1] and s.finish_reason == "stop"
+    e = Engine(glm, num_blocks=32, block_size=8, eos_ids=[stop]).generate([p], RequestParams(max_tokens=8,
+                                                                                              temperature=0))[0]
+    assert e.output == s.output
+    ign = Engine(glm, num_blocks=32, block_size=8, eos_ids=[stop]).generate(
+        [p], RequestParams(max_tokens=8, temperature=0, ignore_eos=True))[0]
+    assert ign.output == free.output
+
+
+def test_requests_that_cannot_fit_are_refused(glm):
+    eng = Engine(glm, num_blocks=4, block_size=4, max_model_len=64)
+    with pytest.raises(ValueError, match="maximum context length is 64"):
+        eng.add_request(list(range(60)), RequestParams(max_tokens=10))
+    with pytest.raises(ValueError, match="cache blocks"):
+        eng.add_request(list(range(10)), RequestParams(max_tokens=10))
+    with pytest.raises(ValueError, match="vocabulary"):
+        eng.add_request([1, 100000], RequestParams(max_tokens=1))
+    with pytest.raises(ValueError, match="max_tokens"):
+        RequestParams(max_tokens=0)
+    with pytest.raises(ValueError, match="top_p"):
+        RequestParams(top_p=0)
