@@ -14,7 +14,6 @@ from typing import Callable
 
 import torch
 
-from dsalite.inference.cache import LatentCache
 from dsalite.inference.runner import Runner, Stats, cache_class, left_pad, new_cache
 from dsalite.inference.sampling import SamplingParams, sample
 from dsalite.inference.speculative import mtp_generate
@@ -51,7 +50,7 @@ def generate(
     on_token: Callable[[int, int], None] | None = None,  # called (sequence, token) as tokens are produced
     should_stop: Callable[[int, list[int]], bool] | None = None,  # (sequence, new ids) → stop that sequence
     stats: Stats | None = None,
-    compile: bool = False,  # torch.compile the decode steps (MLA models): seconds to compile, then faster steps
+    compile: bool = False,  # torch.compile the decode steps: seconds to compile, then faster steps
 ) -> torch.Tensor:
     """Input ids followed by up to max_new_tokens new ids per row (rows that stop early are padded with their
     last id), like HF `generate`. Greedy when temperature == 0."""
@@ -68,15 +67,9 @@ def generate(
     if speculative not in (None, "mtp"):
         raise ValueError(f"speculative must be None or 'mtp', got {speculative!r}")
     kind = cache_class(model.cfg)
-    if compile and kind is not LatentCache:
-        raise ValueError(f"compile=True supports the latent cache (MLA models); {kind.__name__} "
-                         f"({model.cfg.model_type}) decodes eagerly")
     if speculative == "mtp" and not (kind.rewinds or hasattr(kind, "snapshot")):
         raise ValueError(f"speculative='mtp' needs a cache that rewinds rejected drafts; {kind.__name__} cannot "
                          f"({model.cfg.model_type}); use speculative=None")
-    if not kind.pads and attention_mask is not None and not bool(attention_mask.bool().all()):
-        return _row_by_row(model, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p,
-                           eos_token_id, seed, prefill_chunk, on_token, should_stop, stats)
     if speculative == "mtp":
         return mtp_generate(model, input_ids, max_new_tokens, params, _eos_set(eos_token_id), attention_mask,
                             gen, prefill_chunk, on_token, should_stop, stats, compile)
@@ -118,22 +111,3 @@ def generate(
         batch.next_pos += 1
     stats.decode_s += time.perf_counter() - t0
     return out
-
-
-def _row_by_row(model, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p, eos_token_id, seed,
-                prefill_chunk, on_token, should_stop, stats) -> torch.Tensor:
-    """A left-padded batch for a cache that cannot hold padding: each row alone (exact, not batched), then laid out
-    as the batched result (input ids, new ids, rows that stopped early padded with their last id)."""
-    left_pad(input_ids, attention_mask)
-    rows = []
-    for b in range(input_ids.shape[0]):
-        ids = input_ids[b : b + 1, attention_mask[b].bool()]
-        cb = None if on_token is None else (lambda _, t, b=b: on_token(b, t))
-        sb = None if should_stop is None else (lambda _, new, b=b: should_stop(b, new))
-        out = generate(model, ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, seed=seed,
-                       prefill_chunk=prefill_chunk, on_token=cb, should_stop=sb, stats=stats)
-        rows.append(out[0, ids.shape[1] :])
-    n = max(len(r) for r in rows)
-    new = torch.stack([torch.cat([r, r[-1:].expand(n - len(r))]) for r in rows])  # [B, n]
-    return torch.cat([input_ids, new], 1)
-

@@ -8,9 +8,10 @@ CSA projects 2c channels, two series: Ca = [:c], Cb = [c:]; entry w pools window
 slots (stride m); window 0 has no predecessor, its Ca slots get gate −inf (weight 0).
 Query at position t may see entry w iff w < (t+1) // m — the entry's last token is at or before t.
 Without a cache every call compresses the complete windows of the tokens it is given, from position 0 (the
-incomplete tail is dropped). With one (`state`, a `cache_v4.CompressorState`), the pending tokens of earlier calls
-are completed first, window 0 of this call pools the previous call's last window's Ca, entries are roped at their
-absolute positions and appended: chunked calls give the entries of one call over all the tokens.
+incomplete tail is dropped). With one (`state`, a `families.deepseek_v4.cache.Step`), each row's pending tokens of
+earlier calls are completed first (its padding skipped), window 0 of this call pools the row's previous last
+window's Ca, entries are roped at the row's own positions and appended: chunked calls give the entries of one call
+over all the tokens, and a left-padded row the entries it has alone.
 Packed documents (`segments`, training): windows restart at each document's first token, each document is
 compressed as if it ran alone (window 0 without a predecessor, entries roped at in-document positions, an incomplete
 tail at the document's end makes no entry, exactly as at the end of a sequence), and a query sees only its own
@@ -46,8 +47,8 @@ class Compressor(nn.Module):
         if state is None:
             n = kv.shape[1] // self.ratio * self.ratio
             return self.pool(kv[:, :n], gate[:, :n], 0, None, rope)
-        kv, gate, first, prev = state.windows(kv, gate)
-        return state.append(self.pool(kv, gate, first, prev, rope))
+        kv, gate, first, prev, n = state.windows(kv, gate)
+        return state.append(self.pool(kv, gate, first, prev, rope), n)
 
     def documents(self, x: torch.Tensor, rope, segments: torch.Tensor):
         """Packed rows x [B,S,D], segments [B,S] → (entries [B,W,c], ends [B,W], docs [B,W]), W the most entries
@@ -78,9 +79,10 @@ class Compressor(nn.Module):
                 w += n
         return entries, ends, docs
 
-    def pool(self, kv, gate, first: int, prev, rope) -> torch.Tensor:
-        """Whole windows kv, gate [B, W·m, series·c] (gate without bias) → entries [B, W, c] for entries first..;
-        prev = (kv, gate) [B, m, c] of the Ca half of the window before them (CSA), or None."""
+    def pool(self, kv, gate, first, prev, rope) -> torch.Tensor:
+        """Whole windows kv, gate [B, W·m, series·c] (gate without bias) → entries [B, W, c] for entries first..
+        (an int, or [B] per row); prev = (kv, gate) [B, m, c] of the Ca half of the window before them (CSA; gate
+        −inf where a row has none), or None."""
         B = kv.shape[0]
         m, c = self.ratio, self.width
         W = kv.shape[1] // m
@@ -100,8 +102,10 @@ class Compressor(nn.Module):
             gate = torch.cat([prev_gate, gate[..., c:]], dim=2)
         pooled = (kv * gate.softmax(dim=2, dtype=torch.float32).to(kv.dtype)).sum(dim=2)  # [B, W, c]
         entries = self.kv_norm(pooled)
-        cos, sin = cos_sin(rope[0], (first + torch.arange(W, device=kv.device)) * m, rope[1], entries.dtype)
-        return apply_rope_trailing(entries, cos, sin)  # cos, sin [W, p/2]
+        w = torch.arange(W, device=kv.device)
+        w = first[:, None] + w if isinstance(first, torch.Tensor) else first + w
+        cos, sin = cos_sin(rope[0], w * m, rope[1], entries.dtype)
+        return apply_rope_trailing(entries, cos, sin)  # cos, sin [W or B×W, p/2]
 
 
 def entry_visible(positions: torch.Tensor, n_entries: int, ratio: int, packed=None) -> torch.Tensor:

@@ -77,14 +77,19 @@ class V4Attention(nn.Module):
         cache = ctx.cache
         self._check(S, ctx.vis, cache)
         keys = kv if cache is None else cache.update_window(self.layer_idx, kv)  # [B, T, c], T ≥ S
+        valid = ctx.vis.key_valid if ctx.vis.hides_keys else None  # [B, T0 + S] False = padding
+        new_valid = None if valid is None else valid[:, valid.shape[1] - S :]  # [B, S]
         entries = picks = None
         if hasattr(self, "compressor"):  # entries [B, E, c], picks [B, S, K] (−1 = none)
-            states = None if cache is None else cache.compressor_states(self.layer_idx)
+            states = None if cache is None else cache.compressor_states(self.layer_idx, new_valid, S)
             extra = {} if ctx.dsa is None or self.kind != CSA else {"dsa": ctx.dsa, "q_main": q,
                                                                      "layer_idx": self.layer_idx}
             entries, picks = self.compressor.entries(x, q_resid, cos, sin, ctx.positions, ctx.tables["compress"],
                                                      states, ctx.vis.segments, **extra)
-        key_valid = ctx.vis.key_valid if cache is None else None  # a cache holds no padding (V4Cache checks)
+        if cache is None:  # padding hides window keys only, as in HF
+            key_valid = ctx.vis.key_valid
+        else:  # left padding: hidden as window keys, skipped by the compressors (rows' own windows, V4Cache)
+            key_valid = None if valid is None else valid[:, valid.shape[1] - keys.shape[1] :]
         o = window_attention(q, keys, self.window, c**-0.5, self.sinks, entries, picks, key_valid, ctx.vis.segments)
         o = apply_rope_trailing(o, cos_h, -sin_h)  # undo the values' rope
         o = self.o_a_proj(o.reshape(B, S, self.o_a_proj.groups, -1)).flatten(2)  # [B, S, G·r]
@@ -109,13 +114,12 @@ class V4Attention(nn.Module):
 
     @staticmethod
     def _check(S: int, vis, cache) -> None:
-        """Padding (`key_valid`) hides window keys only, as in HF; packed documents (`segments`) only without a
-        cache (training: each document's windows and compression start at its first token)."""
+        """Without a cache padding (`key_valid`) hides window keys only, as in HF; with one it is left padding, which
+        the compressors skip too. Packed documents (`segments`) only without a cache (training: each document's
+        windows and compression start at its first token)."""
         if cache is not None and not hasattr(cache, "update_window"):
             raise ValueError(f"deepseek_v4 needs its own cache (families/deepseek_v4/cache.py V4Cache), "
                              f"got {type(cache).__name__}")
-        if cache is not None and vis.hides_keys:
-            raise ValueError("deepseek_v4 with a cache: attention_mask must be all ones (no padding)")
         if cache is None and (vis.offset or vis.num_keys != S):
             raise ValueError("deepseek_v4 attention without a cache sees exactly the given tokens (offset 0)")
         if vis.segments is not None and cache is not None:

@@ -1,16 +1,22 @@
 """DeepSeek-V4 decode cache: per layer the sliding window's K=V, and on CSA/HCA layers the compressors' state.
 
-Legend: B sequences, N capacity in tokens, Wn sliding window, c head_dim, Di index_head_dim, m tokens per entry.
+Legend: B sequences, N capacity in tokens, Wn sliding window, c head_dim, Di index_head_dim, m tokens per entry,
+S new tokens of a call, L = m − 1 + S the longest a row's run of pending + new tokens can be.
 Per layer (HF `DynamicSlidingWindowLayer` / `DeepseekV4HCACache` / `DeepseekV4CSACache`, same contents):
 - window: the last Wn − 1 tokens' K=V [B, Wn−1, c] — fixed size, so sliding layers cost nothing per token;
-- per compressor (CSA: "compressor" at c and "indexer" at Di; HCA: "compressor"): entries [B, N//m, width]
+- per compressor (CSA: "compressor" at c and "indexer" at Di; HCA: "compressor"): entries [B, N//m (+1 scratch), width]
   preallocated (they grow by T/m), the pending tokens of an incomplete window (< m, raw kv and gate), and on CSA
   the Ca half of the last complete window, which entry 0 of the next call pools (the overlap).
-Rows must be the same length (no padding): windows are counted from the first cached token, so a left-padded row
-would pool padding into its entries and see them at shifted positions. `engine.generate` decodes padded batches
-one row at a time instead. The compressor state has no history, so there is no `crop`; MTP speculation takes a
-`snapshot()` before verifying a draft and, when the draft is rejected, `restore`s it and replays the kept token —
-the cache then holds exactly what plain decoding would.
+Rows may be left-padded to different lengths (`key_valid`, like the latent cache): every compressor count is per row
+— entries, pending tokens and the overlap of row b are counted from its own first real token, so a row's entries are
+the ones it would have alone, roped at its own positions. A call gathers each row's pending tokens and its real new
+tokens into one run (padding skipped), pools the whole windows of every row at once (a row with fewer complete
+windows pools junk there, which is written to the scratch slot), and keeps each row's tail pending. Queries see
+entry w iff w < (position + 1) // m at their in-row position, so entries a row has not made yet stay hidden; the
+window keys of padding are hidden by `key_valid`. All per-row state is tensors (no Python counts), so a compiled
+decode step is one graph at every length. The compressor state has no history, so there is no `crop`; MTP
+speculation takes a `snapshot()` before verifying a draft and, when the draft is rejected, `restore`s it and replays
+the kept token — the cache then holds exactly what plain decoding would.
 """
 
 from __future__ import annotations
@@ -22,63 +28,99 @@ from dsalite.presets import CSA, HCA
 
 
 class CompressorState:
-    """One compressor's running state: entries so far, the pending tail, the last window's Ca (overlap)."""
+    """One compressor's running state, per row: entries so far, the pending tail, the last window's Ca (overlap)."""
 
     def __init__(self, batch: int, ratio: int, width: int, overlap: bool, capacity: int, dtype, device):
         series = 2 if overlap else 1
         self.ratio, self.width, self.overlap = ratio, width, overlap
-        self.entries = torch.zeros(batch, capacity // ratio, width, dtype=dtype, device=device)
-        self.count = 0
+        self.entries = torch.zeros(batch, capacity // ratio + 1, width, dtype=dtype, device=device)  # last: scratch
+        self.count = torch.zeros(batch, dtype=torch.long, device=device)  # [B] entries made
         self.pending_kv = torch.zeros(batch, ratio, series * width, dtype=dtype, device=device)
         self.pending_gate = torch.zeros_like(self.pending_kv)
-        self.n_pending = 0
-        self.prev: tuple[torch.Tensor, torch.Tensor] | None = None  # [B, m, c] each, Ca of the last window
+        self.n_pending = torch.zeros(batch, dtype=torch.long, device=device)  # [B] tokens pending
+        if overlap:  # Ca (kv, gate without position bias) of each row's last complete window; gate −inf: none yet
+            self.prev_kv = torch.zeros(batch, ratio, width, dtype=dtype, device=device)
+            self.prev_gate = torch.full((batch, ratio, width), float("-inf"), dtype=dtype, device=device)
 
-    def windows(self, kv: torch.Tensor, gate: torch.Tensor):
-        """New tokens' raw kv, gate [B, S, series·c] → (kv, gate) of the whole windows now complete [B, W·m, ·],
-        index of their first entry, the Ca (kv, gate) of the window before them (None at the start). Keeps the
-        remaining tail pending and this call's last window as the next overlap."""
-        m, p = self.ratio, self.n_pending
-        if p:
-            kv = torch.cat([self.pending_kv[:, :p], kv], dim=1)
-            gate = torch.cat([self.pending_gate[:, :p], gate], dim=1)
-        n = kv.shape[1] // m * m
-        tail = kv.shape[1] - n
-        self.pending_kv[:, :tail] = kv[:, n:]
-        self.pending_gate[:, :tail] = gate[:, n:]
-        self.n_pending = tail
-        prev = self.prev
-        if self.overlap and n:
-            c = self.width
-            self.prev = (kv[:, n - m : n, :c].clone(), gate[:, n - m : n, :c].clone())
-        return kv[:, :n], gate[:, :n], self.count, prev
+    def windows(self, kv: torch.Tensor, gate: torch.Tensor, valid: torch.Tensor | None):
+        """New tokens' raw kv, gate [B, S, series·c] and which are real ([B, S], a suffix of each row; None: all) →
+        (kv, gate [B, W·m, ·] of each row's run of pending + real tokens, W = L // m windows of which the first `n`
+        [B] are complete, index of their first entry [B], the Ca (kv, gate) [B, m, c] of the window before them or
+        None). Keeps each row's tail pending and its last complete window as the next overlap."""
+        B, S, X = kv.shape
+        m, L = self.ratio, self.ratio - 1 + S
+        v = valid.sum(1) if valid is not None else torch.full((B,), S, device=kv.device)
+        p = self.n_pending
+        j = torch.arange(L, device=kv.device)[None]  # run position → pending slot, or new token m + S − v + (j − p)
+        src = torch.where(j < p[:, None], j, m + S - v[:, None] + j - p[:, None]).clamp(max=m + S - 1)
+        run_kv = self._take(torch.cat([self.pending_kv, kv], 1), src)  # [B, L, X]
+        run_gate = self._take(torch.cat([self.pending_gate, gate], 1), src)
+        t = p + v
+        n = t // m  # complete windows per row
+        first = self.count.clone()
+        prev = (self.prev_kv.clone(), self.prev_gate.clone()) if self.overlap else None
+        tail = ((n * m)[:, None] + torch.arange(m, device=kv.device)).clamp(max=L - 1)
+        self.pending_kv.copy_(self._take(run_kv, tail))
+        self.pending_gate.copy_(self._take(run_gate, tail))
+        self.n_pending.copy_(t - n * m)
+        if self.overlap:
+            c, has = self.width, (n > 0)[:, None, None]
+            last = ((n - 1).clamp(min=0) * m)[:, None] + torch.arange(m, device=kv.device)
+            self.prev_kv.copy_(torch.where(has, self._take(run_kv[..., :c], last), self.prev_kv))
+            self.prev_gate.copy_(torch.where(has, self._take(run_gate[..., :c], last), self.prev_gate))
+        W = L // m
+        return run_kv[:, : W * m], run_gate[:, : W * m], first, prev, n
 
-    def append(self, entries: torch.Tensor) -> torch.Tensor:
-        """Store new entries [B, W, width]; return every entry so far [B, count, width] (a view)."""
+    @staticmethod
+    def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """x [B, T, X], idx [B, n] → x[b, idx[b]] [B, n, X]."""
+        return x.gather(1, idx[..., None].expand(*idx.shape, x.shape[-1]))
+
+    def append(self, entries: torch.Tensor, n: torch.Tensor, limit: int) -> torch.Tensor:
+        """Store the first n[b] of new entries [B, W, width] after each row's count; return the first `limit`
+        entry slots [B, limit, width] (a view; a row's slots past its count are hidden by position)."""
         W = entries.shape[1]
-        if self.count + W > self.entries.shape[1]:
-            raise ValueError(f"cache capacity exceeded: {self.count} + {W} compressed entries of ratio {self.ratio} "
-                             f"(room for {self.entries.shape[1]})")
-        self.entries[:, self.count : self.count + W] = entries
-        self.count += W
-        return self.entries[:, : self.count]
+        if W:
+            w = torch.arange(W, device=entries.device)[None]
+            scratch = self.entries.shape[1] - 1
+            slot = torch.where(w < n[:, None], self.count[:, None] + w, scratch)  # [B, W]
+            self.entries.scatter_(1, slot[..., None].expand(*slot.shape, self.width), entries.to(self.entries.dtype))
+            self.count.add_(n)
+        return self.entries[:, :limit]
 
     def snapshot(self) -> tuple:
-        """What `append` and `windows` change: the entry count, the pending tail and the overlap (entries past the
-        count are overwritten later, so they need no copy)."""
-        return self.count, self.n_pending, self.pending_kv.clone(), self.pending_gate.clone(), self.prev
+        """What `append` and `windows` change: counts, pending tails and the overlap (entries past a row's count are
+        overwritten later, so they need no copy)."""
+        keep = [self.count, self.n_pending, self.pending_kv, self.pending_gate]
+        keep += [self.prev_kv, self.prev_gate] if self.overlap else []
+        return tuple(t.clone() for t in keep)
 
     def restore(self, snap: tuple) -> None:
-        self.count, self.n_pending, kv, gate, self.prev = snap
-        self.pending_kv.copy_(kv)
-        self.pending_gate.copy_(gate)
+        keep = [self.count, self.n_pending, self.pending_kv, self.pending_gate]
+        keep += [self.prev_kv, self.prev_gate] if self.overlap else []
+        for t, s in zip(keep, snap):
+            t.copy_(s)
 
     def per_token_bytes(self) -> float:
         return self.width * self.entries.element_size() / self.ratio
 
 
+class Step:
+    """One call's view of a `CompressorState`: which of the new tokens are real and how many entry slots any query
+    of the call may see ((cached + S) // m, a bound from the lengths alone, so a compiled graph keeps it symbolic)."""
+
+    def __init__(self, state: CompressorState, valid: torch.Tensor | None, limit: int):
+        self.state, self.valid, self.limit = state, valid, limit
+
+    def windows(self, kv, gate):
+        return self.state.windows(kv, gate, self.valid)
+
+    def append(self, entries, n):
+        return self.state.append(entries, n, self.limit)
+
+
 class V4Cache:
-    pads, rewinds = False, False  # see the file header
+    pads, rewinds = True, False  # left-padded rows (see the file header); snapshot/restore instead of crop
 
     def __init__(self, cfg: ModelConfig, batch: int, capacity: int, layers: list[int] | None = None,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
@@ -96,6 +138,7 @@ class V4Cache:
             if kind == CSA:
                 st["indexer"] = CompressorState(batch, m, cfg.index_head_dim, True, capacity, dtype, device)
             self.compressors[i] = st
+        self.key_valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
         self.seq_len = 0
 
     # ----- what the model calls -----
@@ -109,25 +152,35 @@ class V4Cache:
         buf[:, buf.shape[1] - k :] = keys[:, keys.shape[1] - k :]
         return keys
 
-    def compressor_states(self, layer: int) -> dict[str, CompressorState] | None:
-        return self.compressors.get(layer)
+    def compressor_states(self, layer: int, valid: torch.Tensor | None, S: int) -> dict[str, Step] | None:
+        """The layer's compressor states for a call of S new tokens, valid [B, S] marking the real ones (None: all)."""
+        if layer not in self.compressors:
+            return None
+        if self.seq_len + S > self.capacity:
+            raise ValueError(f"cache capacity {self.capacity} tokens exceeded: {self.seq_len} cached + {S} new "
+                             f"(layer {layer})")
+        return {k: Step(s, valid, (self.seq_len + S) // s.ratio) for k, s in self.compressors[layer].items()}
 
     def advance(self, n: int) -> None:
         self.seq_len += n
 
     # ----- what the engine calls -----
     def append_tokens(self, mask: torch.Tensor, positions: torch.Tensor) -> None:
-        """Check the tokens about to be written: no padding, capacity left."""
-        if not bool(mask.all()):
-            raise ValueError("deepseek_v4 cache: rows must have the same length (no padding in attention_mask); "
-                             "compression windows count from the first cached token")
-        if self.seq_len + mask.shape[1] > self.capacity:
-            raise ValueError(f"cache capacity {self.capacity} tokens exceeded: {self.seq_len} cached + "
-                             f"{mask.shape[1]} new")
+        """Record validity [B, S] of the tokens about to be written at seq_len (padding only before a row's first
+        real token: left padding); positions are the rows' own (the model is given them)."""
+        S = mask.shape[1]
+        if self.seq_len + S > self.capacity:
+            raise ValueError(f"cache capacity {self.capacity} tokens exceeded: {self.seq_len} cached + {S} new")
+        mask = mask.bool()
+        seen = self.key_valid[:, self.seq_len - 1 : self.seq_len] if self.seq_len else mask[:, :1]
+        if bool((torch.cat([seen, mask], 1).int().diff(dim=1) < 0).any()):
+            raise ValueError("deepseek_v4 cache: padding must come before a row's first real token (left padding); "
+                             "compression windows count from it")
+        self.key_valid[:, self.seq_len : self.seq_len + S] = mask
 
     def valid(self, extra: int = 0) -> torch.Tensor:
-        """[B, seq_len + extra] key validity: all True (no padding), made on demand, not stored."""
-        return torch.ones(self.batch, self.seq_len + extra, dtype=torch.bool, device=self.device)
+        """[B, seq_len + extra] key validity including tokens recorded but not yet advanced."""
+        return self.key_valid[:, : self.seq_len + extra]
 
     def crop(self, n: int) -> None:
         raise ValueError("deepseek_v4 cache cannot be rewound: its compressor state (pending tokens, overlap, "
