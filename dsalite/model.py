@@ -100,7 +100,11 @@ class Transformer(nn.Module):
         output_hidden_states: bool = False,
         compute_logits: bool = True,
         dsa=None,  # training.losses.DSATraining for the indexer loss / dense warm-up; None for inference
+        hidden_in: torch.Tensor | None = None,  # pipeline stage: the previous stage's hidden state [B, S, D]
+        topk_in=NOT_GIVEN,  # pipeline stage: the top-k the previous stage's last layer passed on (carried)
     ) -> Output:
+        """A pipeline stage is this model with other layers deleted (parallel/pipeline_stage.py): without
+        `embed_tokens` it starts from `hidden_in`, without `norm` it returns its last block's output unnormed."""
         B, S = input_ids.shape
         if cache is not None and not hasattr(cache, "advance"):
             want = getattr(family(self.cfg.model_type).cache, "__name__", "LatentCache")
@@ -111,12 +115,12 @@ class Transformer(nn.Module):
             position_ids = torch.arange(offset, offset + S, device=input_ids.device).expand(B, S)
         vis = Visibility(S, offset + S, offset, None if attention_mask is None else attention_mask.bool(), segment_ids,
                          input_ids.device)
-        x = self.model.embed_tokens(input_ids)
+        x = self.model.embed_tokens(input_ids) if hidden_in is None else hidden_in
         ctx = self.context(input_ids, position_ids, vis, x.dtype, cache, dsa)
-        if self.cfg.hyper:  # [B, S, D] -> [B, S, N, D]
+        if self.cfg.hyper and hidden_in is None:  # [B, S, D] -> [B, S, N, D]
             x = x.unsqueeze(2).expand(B, S, self.cfg.hc_mult, x.shape[-1]).contiguous()
         hidden, topks = [x] if output_hidden_states else [], []
-        topk = NOT_GIVEN
+        topk = topk_in
         for block in self.model.layers.values():
             x, topk = block(x, ctx, topk)
             topks.append(topk)
@@ -124,6 +128,8 @@ class Transformer(nn.Module):
                 hidden.append(x)
         if cache is not None:
             cache.advance(S)
+        if self.model.norm is None:  # a pipeline stage before the last one
+            return Output(None, x, hidden, topks)
         streams = None
         if self.cfg.hyper:
             streams, x = x, self.model.hc_head(x)
@@ -225,23 +231,39 @@ class Transformer(nn.Module):
         (routed experts: only the k it is sent to), plus each layer's attention over the keys it sees and its
         indexer's scoring (`attention_flops` of MLA / V4 attention), plus the mHC stream mixing; ×3 for forward +
         backward when training."""
+        return sum(self.flops_by_part(seq_len, training, mtp).values())
+
+    def flops_by_part(self, seq_len: int, training: bool = True, mtp: bool = True) -> dict[str, float]:
+        """`flops_per_token` split by where the work happens: "layers.i" per trunk block, "mtp.k" per MTP layer
+        (its projections and head included), "head" for everything else (final norm, head, mHC head); the
+        embedding lookup costs nothing. The pipeline split balances stages by these figures."""
         c = self.cfg
         per_expert = 3 * c.hidden_size * c.moe_intermediate_size
-        dense = 0
+        parts: dict[str, float] = {f"layers.{i}": 0 for i in self.model.layers}
+        parts.update({f"mtp.{k}": 0 for k in range(len(self.mtp))} if mtp else {})
+        parts["head"] = 0
+
+        def part(name: str) -> str:
+            if name.startswith("model.layers."):
+                return "layers." + name.split(".")[2]
+            return ".".join(name.split(".")[:2]) if name.startswith("mtp.") else "head"
+
         for name, p in self.named_parameters():
             if "embed_tokens" in name or (not mtp and name.startswith("mtp.")):
                 continue
             if name.endswith(("experts.gate_up_proj", "experts.down_proj", "position_bias")):
                 continue  # experts counted per routed token below; position biases are added, not multiplied
             if p.dim() >= 2:
-                dense += p.numel()
-        blocks = list(self.model.layers.values()) + (list(self.mtp) if mtp else [])
-        n_moe = sum(1 for b in blocks if hasattr(b.mlp, "experts"))
-        dense += n_moe * c.num_experts_per_tok * per_expert
-        attn = sum(b.self_attn.attention_flops(seq_len) for b in blocks)
-        if c.hyper:  # two hyper-connections a block: combᵀ @ x (N×N×D) and post·out (N×D) multiply-adds
-            attn += len(blocks) * 2 * 2 * (c.hc_mult * c.hc_mult + c.hc_mult) * c.hidden_size
-        return (2 * dense + attn) * (3 if training else 1)
+                parts[part(name)] += 2 * p.numel()
+        blocks = {f"layers.{i}": b for i, b in self.model.layers.items()}
+        blocks.update({f"mtp.{k}": b for k, b in enumerate(self.mtp)} if mtp else {})
+        for key, b in blocks.items():
+            if hasattr(b.mlp, "experts"):
+                parts[key] += 2 * c.num_experts_per_tok * per_expert
+            parts[key] += b.self_attn.attention_flops(seq_len)
+            if c.hyper:  # two hyper-connections a block: combᵀ @ x (N×N×D) and post·out (N×D) multiply-adds
+                parts[key] += 2 * 2 * (c.hc_mult * c.hc_mult + c.hc_mult) * c.hidden_size
+        return {k: v * (3 if training else 1) for k, v in parts.items()}
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

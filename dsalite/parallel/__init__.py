@@ -7,8 +7,10 @@ its layers contain no torch.distributed).
   data_parallel.py    each rank's slice of the global batch and share of the global losses; global metrics
   checkpoint.py       training state with Distributed Checkpoint (any layout → any layout), streamed HF export
   launch.py           `dsalite train --nproc N` (torch.distributed.run's elastic launcher) and worker setup
+  pipeline.py         where pipeline stages cut the model (IndexShare guard, FLOPs balance); pipeline_stage.py
+                      runs them (a stage = the model with the other layers deleted; torch.distributed.pipelining)
 
-`Parallel.parallelize(model)` applies, in this fixed order: expert parallel (experts become ep-sharded DTensors),
+`Parallel.parallelize(model)` applies, in this fixed order: the pipeline cut (pp > 1), expert parallel (experts become ep-sharded DTensors),
 then FSDP2 (activation recompute, when on, was applied by the trainer before: it wraps block forwards, which FSDP's
 hooks then surround).
 """
@@ -33,6 +35,10 @@ def check_recipe(r, world: int, cfg=None) -> Layout:
     layout = Layout.from_recipe(r.parallel).check(world, cfg.n_routed_experts, r.data.batch_size)
     if layout.world == 1:
         return layout
+    if layout.pp > 1:
+        from dsalite.parallel import pipeline
+
+        pipeline.check(r, cfg, layout)
     if cfg.model_type == "deepseek_v4":
         raise LayoutError("DeepSeek-V4 (mHC streams, hash routing) does not train under a parallel layout yet; "
                           "run it in one process")
@@ -61,6 +67,7 @@ class Parallel:
     device: torch.device
     rank: int
     param_dtype: torch.dtype = torch.float32  # FSDP's gathered-parameter dtype ([parallel] param_dtype)
+    pipeline: object = None  # pipeline_stage.Pipeline: this rank's stage (None when pp = 1)
 
     @property
     def is_main(self) -> bool:
@@ -81,6 +88,10 @@ class Parallel:
         from dsalite.parallel.expert_parallel import apply_expert_parallel
         from dsalite.parallel.fsdp import apply_fsdp
 
+        if self.pipeline is not None:  # delete the layers other stages hold
+            from dsalite.parallel.pipeline_stage import cut
+
+            cut(model, self.pipeline.split, self.pipeline.stage)
         if self.layout.ep > 1:
             apply_expert_parallel(model, self.meshes.ep)
         apply_fsdp(model, self.meshes.dense, self.meshes.experts, param_dtype=self.param_dtype)
@@ -102,9 +113,19 @@ class Parallel:
         """dsalite.parallel.checkpoint: save_state / load_latest / export_hf for this run."""
         from dsalite.parallel import checkpoint
 
+        if self.pipeline is not None:  # the export reads the final checkpoint back (pipeline_stage.export_hf)
+            from types import SimpleNamespace
+
+            from dsalite.parallel.pipeline_stage import export_hf
+
+            return SimpleNamespace(**{**vars(checkpoint), "export_hf": export_hf})
         return checkpoint
 
     def clip_grad_norm_(self, params, max_norm: float) -> float:
+        if self.pipeline is not None:
+            from dsalite.parallel.pipeline_stage import clip_grad_norm_ as clip
+
+            return clip(params, max_norm, self.meshes.stage.get_group(), self.meshes.world.get_group())
         from dsalite.parallel.fsdp import clip_grad_norm_
 
         return clip_grad_norm_(params, max_norm, self.meshes.world.get_group())
@@ -138,4 +159,11 @@ def init(r) -> Parallel:
     from dsalite.parallel.mesh import build_meshes
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[r.parallel.param_dtype]
-    return Parallel(layout, build_meshes(layout, device.type), device, dist.get_rank(), dtype)
+    par = Parallel(layout, build_meshes(layout, device.type), device, dist.get_rank(), dtype)
+    if layout.pp > 1:
+        from dsalite.parallel.pipeline import PipelineSpec, check
+        from dsalite.parallel.pipeline_stage import Pipeline
+        from dsalite.training.trainer import model_config
+
+        par.pipeline = Pipeline(par, PipelineSpec.from_recipe(r.parallel), check(r, model_config(r), layout))
+    return par

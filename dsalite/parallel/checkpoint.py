@@ -194,20 +194,26 @@ def export_hf(trainer, tok_dir: str, out: str, max_shard_bytes: int = 5 * 2**30)
     path = os.path.join(out, "hf")
     sd = model.state_dict()
     gather = _Gather(sd)
-    shards, names = plan_shards(export_items(sd, cfg, gather), lambda item: item[2], max_shard_bytes)
+    items = export_items(sd, cfg, gather)
     if par.is_main:
-        config = cfg.to_hf()
-        config.pop("quantization_config", None)  # a trained model is written in its training dtype
-        with atomic_dir(path) as tmp:
-            write_json(os.path.join(tmp, CONFIG_NAME), config)
-            write_shards(tmp, shards, names, "exporting")
-            for name in ("tokenizer.json", "tokenizer_config.json"):
-                if os.path.isfile(os.path.join(tok_dir, name)):
-                    shutil.copyfile(os.path.join(tok_dir, name), os.path.join(tmp, name))
+        write_hf(cfg, items, tok_dir, path, max_shard_bytes)
     else:
-        for shard in shards:  # the same gathers in the same order as rank 0's writer
-            for _, produce, _ in shard:
-                produce()
+        for _, produce, _ in items:  # the same gathers in the same order as rank 0's writer
+            produce()
     gather.full = None
     par.barrier()
     return path
+
+
+def write_hf(cfg, items: list, tok_dir: str, path: str, max_shard_bytes: int) -> None:
+    """Write `export_items` (produced one at a time, in order) as an HF checkpoint folder, atomically, with the
+    config and the tokenizer beside them."""
+    shards, names = plan_shards(items, lambda item: item[2], max_shard_bytes)
+    config = cfg.to_hf()
+    config.pop("quantization_config", None)  # a trained model is written in its training dtype
+    with atomic_dir(path) as tmp:
+        write_json(os.path.join(tmp, CONFIG_NAME), config)
+        write_shards(tmp, shards, names, "exporting")
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            if os.path.isfile(os.path.join(tok_dir, name)):
+                shutil.copyfile(os.path.join(tok_dir, name), os.path.join(tmp, name))

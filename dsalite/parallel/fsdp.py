@@ -48,7 +48,7 @@ def apply_fsdp(model: nn.Module, dense_mesh, experts_mesh=None, param_dtype: tor
         shard(layer, dense_mesh)
     for layer in model.mtp:
         register_fsdp_forward_method(layer, "step")
-    if not model.cfg.tie_word_embeddings:
+    if not model.cfg.tie_word_embeddings and model.model.embed_tokens is not None:  # None: a later pipeline stage
         shard(model.model.embed_tokens, dense_mesh)
     shard(model, dense_mesh, reshard=False)
     for u in units:  # plain sums (no PREMUL_SUM, which gloo lacks)

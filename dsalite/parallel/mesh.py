@@ -1,7 +1,8 @@
 """The parallel layout: a recipe's [parallel] degrees checked against the world size, then turned into DeviceMeshes.
 
 Ranks are laid out as torchtitan lays them out: world = pp × dp_replicate × dp_shard × cp (tensor parallel is not
-used; pp and cp are reserved for the next step and must be 1 today, but every check already counts them). Expert
+used; cp is reserved for the next step and must be 1 today, but every check already counts it). Pipeline stages
+(pp) are the outermost dimension: every stage's ranks form the same dp × cp layout. Expert
 parallelism does not add ranks: it is carved out of dp_shard × cp, which is seen a second way as efsdp × ep with ep
 the inner (neighbouring) part. So `dp_shard = 2, ep = 2` runs on 2 processes and `dp_shard = 4, ep = 2` on 4, where
 each expert shard is further FSDP-sharded over efsdp = 2 ranks.
@@ -53,8 +54,6 @@ class Layout:
         """Fill dp_shard = -1 from the world size; refuse degrees that do not multiply to it."""
         if world < 1:
             raise LayoutError(f"world size must be >= 1, got {world}")
-        if self.pp != 1:
-            raise LayoutError(f"parallel.pp={self.pp}: pipeline parallelism is not implemented yet (set pp = 1)")
         if self.cp != 1:
             raise LayoutError(f"parallel.cp={self.cp}: context parallelism is not implemented yet (set cp = 1)")
         rest = self.dp_replicate * self.pp * self.cp
@@ -93,6 +92,8 @@ class Layout:
 
     def describe(self) -> str:
         parts = [f"dp_replicate={self.dp_replicate}", f"dp_shard={self.dp_shard}"]
+        if self.pp > 1:
+            parts.insert(0, f"pp={self.pp}")
         if self.ep > 1:
             parts.append(f"ep={self.ep} (efsdp={self.efsdp})")
         return f"{self.world} processes: " + ", ".join(parts)
@@ -108,6 +109,8 @@ class Meshes:
     dp: object  # 1-D mesh of the data-parallel ranks (loss counts, router loads, metrics are summed over it)
     ep: object | None = None  # 1-D mesh the routed experts are split over (None when ep = 1)
     experts: object | None = None  # FSDP mesh of the routed experts: (dp_replicate, efsdp) or (efsdp,)
+    pp: object | None = None  # 1-D mesh of the pipeline stages this rank's activations pass through (pp > 1)
+    stage: object | None = None  # 1-D mesh of the ranks holding this rank's stage (pp > 1)
 
     @property
     def dp_rank(self) -> int:
@@ -128,6 +131,9 @@ def build_meshes(layout: Layout, device_type: str) -> Meshes:
     dp = world._unflatten(0, (L.pp, L.dp, L.cp), ("pp", "dp", "cp"))["dp"]
     fsdp_dims = ("dp_replicate", "dp_shard") if L.dp_replicate > 1 else ("dp_shard",)
     m = Meshes(L, world, dense[fsdp_dims], dp)
+    if L.pp > 1:
+        stages = world._unflatten(0, (L.pp, L.world // L.pp), ("pp", "stage"))
+        m.pp, m.stage = stages["pp"], stages["stage"]
     if L.ep > 1:
         sparse = world._unflatten(0, (L.pp, L.dp_replicate, L.efsdp, L.ep), ("pp", "dp_replicate", "efsdp", "ep"))
         m.ep = sparse["ep"]

@@ -86,7 +86,11 @@ class ParallelSection:
     dp_replicate: int = 1  # full replicas (HSDP's outer dimension)
     dp_shard: int = -1  # FSDP2 sharding degree; -1 = whatever the world size leaves
     ep: int = 1  # expert-parallel degree (routed experts split over this many ranks)
-    pp: int = 1  # pipeline stages (reserved: must be 1 for now)
+    pp: int = 1  # pipeline stages (torch.distributed.pipelining; parallel/pipeline.py)
+    pp_microbatches: int = 0  # micro-batches per pipeline step (0 = pp); each dp rank's rows split into these
+    pp_schedule: str = "1f1b"  # 1f1b | gpipe
+    pp_split: list = field(default_factory=list)  # first trunk layer of stages 2, 3, ...; empty = automatic
+    pp_carry_topk: bool = False  # let a stage boundary fall between IndexShare source and shared layers
     cp: int = 1  # context-parallel degree (reserved: must be 1 for now)
     param_dtype: str = "fp32"  # fp32 | bf16: the dtype FSDP gathers parameters in (gradients reduce in fp32)
 
@@ -141,6 +145,8 @@ def parse_recipe(d: dict, source: str = "") -> Recipe:
             raise ValueError(f"recipe key parallel.{name} must be >= 1, got {getattr(r.parallel, name)}")
     if r.parallel.dp_shard < 1 and r.parallel.dp_shard != -1:
         raise ValueError(f"recipe key parallel.dp_shard must be >= 1 or -1 (fill), got {r.parallel.dp_shard}")
+    if r.parallel.pp_microbatches < 0:
+        raise ValueError(f"recipe key parallel.pp_microbatches must be >= 0 (0 = pp), got {r.parallel.pp_microbatches}")
     if r.parallel.param_dtype not in ("fp32", "bf16"):
         raise ValueError(f"recipe key parallel.param_dtype={r.parallel.param_dtype!r}; expected 'fp32' or 'bf16'")
     if len(t.betas) != 2:

@@ -268,7 +268,10 @@ class Trainer:
                 g["lr"] = lr * f
         sums: dict[str, float] = {}
         loads: dict[str, torch.Tensor] = {}
-        for micro in range(t.accum_steps):
+        pipe = None if self.par is None else self.par.pipeline
+        if pipe is not None:  # pipeline parallel: the schedule runs every micro-batch's forward and backward
+            sums, loads = pipe.train_step(self)
+        for micro in range(0 if pipe is not None else t.accum_steps):
             idx = self.order.indices(self.step * t.accum_steps + micro)
             b = self.data.batch(idx if self.par is None else self.par.dp.local(idx))
             named = self.losses(b)
@@ -277,7 +280,7 @@ class Trainer:
             (named["loss"] / t.accum_steps).backward()
             for k, v in named.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) / t.accum_steps
-        if self.par is not None:
+        if self.par is not None and pipe is None:
             sums, loads = self.par.dp.reduce_step(sums, loads)
         clip = torch.nn.utils.clip_grad_norm_ if self.par is None else self.par.clip_grad_norm_
         gnorm = float(clip(self.params, t.grad_clip)) if t.grad_clip > 0 else float("nan")

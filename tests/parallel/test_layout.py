@@ -24,7 +24,6 @@ def test_fill_and_sizes():
     (Layout(dp_shard=3, ep=3), 3, 8, 3, ["parallel.ep=3 does not divide n_routed_experts=8"]),
     (Layout(dp_shard=2, ep=4), 2, 8, 4, ["parallel.ep=4 must divide dp_shard × cp", "= 2"]),
     (Layout(dp_shard=3), 3, 8, 4, ["data.batch_size=4", "3 data-parallel ranks"]),
-    (Layout(pp=2), 2, 8, 4, ["parallel.pp=2", "not implemented"]),
     (Layout(cp=2), 2, 8, 4, ["parallel.cp=2", "not implemented"]),
     (Layout(dp_shard=2, ep=2), 2, 0, 4, ["parallel.ep=2 needs a model with routed experts"]),
 ])
