@@ -71,9 +71,11 @@ class MLA(nn.Module):
         latent = torch.cat([self.kv_a_layernorm(c), apply_rope(k_r, cos, sin, self.rope_interleaved)], -1)  # [B,S,r+p]
         if cache is not None:
             latent = cache.update_latent(self.layer_idx, latent)  # [B, T, r+p]
+        elif ctx.gather is not None:  # context parallel: every token's latent (never expanded keys) from its rank
+            latent = ctx.gather(latent)  # [B, T, r+p]
         T = latent.shape[1]
 
-        topk, proj = self._select(x, q_resid, cos, sin, vis, topk_in, cache, T, dsa)
+        topk, proj = self._select(x, q_resid, cos, sin, vis, topk_in, cache, T, dsa, ctx.gather)
 
         if topk is None:
             o = self._attend_dense(q[..., :n], q_r, latent, vis)
@@ -130,9 +132,9 @@ class MLA(nn.Module):
         o_lat = sparse_attention(torch.cat([q_lat, q_r], dim=-1), latent[:, :, None], r, topk, self.scale)  # [B,S,H,r]
         return head_matmul(o_lat, w[:, n:].transpose(1, 2))
 
-    def _select(self, x, q_resid, cos, sin, vis, topk_in, cache, T, dsa=None):
+    def _select(self, x, q_resid, cos, sin, vis, topk_in, cache, T, dsa=None, gather=None):
         """Top-k for this layer (None means every visible key: no DSA, index_topk >= T, or dense warm-up), and the
-        indexer's (q, k, w) when a DSA training loss wants them."""
+        indexer's (q, k, w) when a DSA training loss wants them (k of every token under context parallel)."""
         if self.indexer_type is None:
             return None, None
         if self.indexer_type == "shared":
@@ -148,6 +150,8 @@ class MLA(nn.Module):
         if cache is not None:
             k = cache.update_index_keys(self.layer_idx, k)
             tiles = cache.index_key_tiles(self.layer_idx)
+        elif gather is not None:
+            k = gather(k)  # [B, T, Di]
         proj = (q, k, w) if dsa is not None else None
         if self.index_topk >= T or (dsa is not None and dsa.dense_attention):
             return None, proj

@@ -39,9 +39,6 @@ def check_recipe(r, world: int, cfg=None) -> Layout:
         from dsalite.parallel import pipeline
 
         pipeline.check(r, cfg, layout)
-    if cfg.model_type == "deepseek_v4":
-        raise LayoutError("DeepSeek-V4 (mHC streams, hash routing) does not train under a parallel layout yet; "
-                          "run it in one process")
     if r.train.optimizer == "muon":
         raise LayoutError("train.optimizer='muon' needs whole matrices (Newton-Schulz) and is not supported under a "
                           "parallel layout yet; use 'adamw'")

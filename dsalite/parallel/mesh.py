@@ -1,11 +1,14 @@
 """The parallel layout: a recipe's [parallel] degrees checked against the world size, then turned into DeviceMeshes.
 
 Ranks are laid out as torchtitan lays them out: world = pp × dp_replicate × dp_shard × cp (tensor parallel is not
-used; cp is reserved for the next step and must be 1 today, but every check already counts it). Pipeline stages
-(pp) are the outermost dimension: every stage's ranks form the same dp × cp layout. Expert
+used). Pipeline stages (pp) are the outermost dimension: every stage's ranks form the same dp × cp layout. Expert
 parallelism does not add ranks: it is carved out of dp_shard × cp, which is seen a second way as efsdp × ep with ep
 the inner (neighbouring) part. So `dp_shard = 2, ep = 2` runs on 2 processes and `dp_shard = 4, ep = 2` on 4, where
 each expert shard is further FSDP-sharded over efsdp = 2 ranks.
+
+Context parallel (cp, the innermost dimension: a sequence's ranks are neighbours) splits every sequence over cp
+ranks that read the same batch rows; FSDP shards over dp_shard × cp (flattened, as torchtitan's dp_shard_cp), so the
+cp ranks' gradients are summed with the data-parallel ones, and the losses and metrics are shared over dp × cp.
 
 Both views of the ranks are `_unflatten`ed from one 1-D world mesh, so they share a root mesh: FSDP2 requires the
 mesh an expert weight is sharded over for EP and the mesh it is FSDP-sharded over to come from the same root.
@@ -54,8 +57,6 @@ class Layout:
         """Fill dp_shard = -1 from the world size; refuse degrees that do not multiply to it."""
         if world < 1:
             raise LayoutError(f"world size must be >= 1, got {world}")
-        if self.cp != 1:
-            raise LayoutError(f"parallel.cp={self.cp}: context parallelism is not implemented yet (set cp = 1)")
         rest = self.dp_replicate * self.pp * self.cp
         shard = self.dp_shard
         if shard == -1:
@@ -94,6 +95,8 @@ class Layout:
         parts = [f"dp_replicate={self.dp_replicate}", f"dp_shard={self.dp_shard}"]
         if self.pp > 1:
             parts.insert(0, f"pp={self.pp}")
+        if self.cp > 1:
+            parts.append(f"cp={self.cp}")
         if self.ep > 1:
             parts.append(f"ep={self.ep} (efsdp={self.efsdp})")
         return f"{self.world} processes: " + ", ".join(parts)
@@ -106,9 +109,13 @@ class Meshes:
     layout: Layout
     world: object  # 1-D DeviceMesh over every rank
     dense: object  # FSDP mesh of everything but the routed experts: (dp_replicate, dp_shard) or (dp_shard,)
-    dp: object  # 1-D mesh of the data-parallel ranks (loss counts, router loads, metrics are summed over it)
+    #                (dp_shard_cp = dp_shard × cp in their place under context parallel)
+    dp: object  # 1-D mesh of the data-parallel ranks (each reads its own rows of the global batch)
     ep: object | None = None  # 1-D mesh the routed experts are split over (None when ep = 1)
     experts: object | None = None  # FSDP mesh of the routed experts: (dp_replicate, efsdp) or (efsdp,)
+    cp: object | None = None  # 1-D mesh of the ranks sharing each sequence (None when cp = 1)
+    tokens: object | None = None  # 1-D mesh over dp × cp: ranks holding different tokens (loss counts, router
+    #                               loads and metrics are summed over it); `dp` when cp = 1
     pp: object | None = None  # 1-D mesh of the pipeline stages this rank's activations pass through (pp > 1)
     stage: object | None = None  # 1-D mesh of the ranks holding this rank's stage (pp > 1)
 
@@ -130,7 +137,12 @@ def build_meshes(layout: Layout, device_type: str) -> Meshes:
     dense = world._unflatten(0, (L.pp, L.dp_replicate, L.dp_shard, L.cp), ("pp", "dp_replicate", "dp_shard", "cp"))
     dp = world._unflatten(0, (L.pp, L.dp, L.cp), ("pp", "dp", "cp"))["dp"]
     fsdp_dims = ("dp_replicate", "dp_shard") if L.dp_replicate > 1 else ("dp_shard",)
-    m = Meshes(L, world, dense[fsdp_dims], dp)
+    m = Meshes(L, world, dense[fsdp_dims], dp, tokens=dp)
+    if L.cp > 1:  # FSDP over dp_shard × cp; sequences split over cp
+        m.cp = dense["cp"]
+        flat = world._unflatten(0, (L.pp, L.dp_replicate, L.dp_shard * L.cp), ("pp", "dp_replicate", "dp_shard_cp"))
+        m.dense = flat[("dp_replicate", "dp_shard_cp") if L.dp_replicate > 1 else ("dp_shard_cp",)]
+        m.tokens = world._unflatten(0, (L.pp, L.dp * L.cp), ("pp", "dp_cp"))["dp_cp"]
     if L.pp > 1:
         stages = world._unflatten(0, (L.pp, L.world // L.pp), ("pp", "stage"))
         m.pp, m.stage = stages["pp"], stages["stage"]

@@ -111,6 +111,9 @@ def plan(r, nproc: int, cfg=None) -> Plan:
         parallel.check_recipe(r, nproc, cfg)
     except LayoutError as e:
         notes.append(f"training this recipe at this layout is refused today: {e}")
+    if cfg.model_type == "deepseek_v4":
+        notes.append("DeepSeek-V4: the activation figure counts its blocks with the MLA formula (mHC streams and "
+                     "compressed attention not modelled): a rough figure")
     compute = {"fp32": torch.float32, "bf16": torch.bfloat16}[r.parallel.param_dtype]
     cb = torch.empty((), dtype=compute).element_size()
     if dist.is_initialized():

@@ -224,6 +224,9 @@ class Trainer:
         t = r.train
         b = b.to(self.device)
         ids, seg, pos = b.tokens[:, :S], b.segments[:, :S], b.positions[:, :S]
+        cp = None if self.par is None else self.par.cp  # context parallel: this rank's tokens of each sequence
+        if cp is not None:  # queries, positions and labels split; `seg` stays whole: the keys' documents
+            ids, pos = cp.take(ids), cp.take(pos)
         dsa = DSATraining(dense_attention=r.dense_attention, sparse_target=not r.dense_attention) if self.use_kl \
             else None
         if dsa is not None and self.par is not None:  # FSDP2 would copy a plain dict (data_parallel.OpaqueTerms)
@@ -234,14 +237,19 @@ class Trainer:
         with amp, cached:
             out = m(ids, position_ids=pos, segment_ids=seg, dsa=dsa, compute_logits=False)
             ce_labels = shifted_labels(b.tokens, b.segments, b.loss_mask, S, 1)
+            if cp is not None:
+                ce_labels = cp.take(ce_labels)
             named = {"ce": head_lm_loss(m, out.last_hidden, ce_labels)}  # no [B, S, V] logits kept
             if self.n_mtp:
-                mtp_logits = m.mtp_forward(out.mtp_input, b.tokens[:, 1:S + 1], pos, segment_ids=seg, dsa=dsa,
-                                           topk=out.topk)
+                nxt = b.tokens[:, 1:S + 1]
+                mtp_logits = m.mtp_forward(out.mtp_input, nxt if cp is None else cp.take(nxt), pos, segment_ids=seg,
+                                           dsa=dsa, topk=out.topk)
                 labels = [shifted_labels(b.tokens, b.segments, b.loss_mask, S, 2 + d) for d in range(self.n_mtp)]
                 for d, lab in enumerate(labels):  # the last d positions read a padded input id (mtp_forward)
                     if d:
                         lab[:, S - d:] = -100
+                if cp is not None:
+                    labels = [cp.take(lab) for lab in labels]
                 named["mtp"] = (mtp_loss if self.par is None else self.par.dp.mtp_loss)(mtp_logits, labels)
         kl = dsa.loss() if dsa is not None else None
         if kl is not None:

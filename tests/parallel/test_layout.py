@@ -24,7 +24,8 @@ def test_fill_and_sizes():
     (Layout(dp_shard=3, ep=3), 3, 8, 3, ["parallel.ep=3 does not divide n_routed_experts=8"]),
     (Layout(dp_shard=2, ep=4), 2, 8, 4, ["parallel.ep=4 must divide dp_shard × cp", "= 2"]),
     (Layout(dp_shard=3), 3, 8, 4, ["data.batch_size=4", "3 data-parallel ranks"]),
-    (Layout(cp=2), 2, 8, 4, ["parallel.cp=2", "not implemented"]),
+    (Layout(dp_shard=2, cp=2), 2, 8, 4, ["dp_replicate × dp_shard × pp × cp = 1 × 2 × 1 × 2 = 4",
+                                          "world size is 2"]),
     (Layout(dp_shard=2, ep=2), 2, 0, 4, ["parallel.ep=2 needs a model with routed experts"]),
 ])
 def test_bad_layouts_are_named(layout, world, experts, batch, words):
@@ -52,9 +53,8 @@ def test_recipe_section_is_checked():
         parse_recipe({"parallel": {"tp": 2}})
     with pytest.raises(ValueError, match="parallel.param_dtype"):
         parse_recipe({"parallel": {"param_dtype": "fp16"}})
-    r = parse_recipe({"model": {"preset": "deepseek-v4-tiny"}, "parallel": {"dp_shard": 2}})
-    with pytest.raises(LayoutError, match="DeepSeek-V4"):
-        parallel.check_recipe(r, 2)
+    r = parse_recipe({"model": {"preset": "deepseek-v4-tiny"}, "parallel": {"dp_shard": 2, "ep": 2}})
+    assert parallel.check_recipe(r, 2).ep == 2  # DeepSeek-V4 trains under FSDP2 + expert parallel
 
 
 def test_cli_refuses_a_bad_layout_before_starting_anything(tmp_path, capsys):

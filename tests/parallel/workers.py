@@ -27,6 +27,9 @@ FAMILIES = {
     "deepseek-v3.2": ("deepseek-v3.2-tiny", dict(_SMALL, index_topk=8, index_n_heads=4, index_head_dim=16)),
     "deepseek-v3": ("deepseek-v3-tiny", dict(_SMALL)),
 }
+# DeepSeek-V4 (trained by its own parity test): 2 mHC streams, hash-routed layers 0-1, a CSA layer whose 8 entries
+# of a 32-token window the indexer cuts to 3, an HCA layer, an MTP layer; the preset as it is.
+V4 = ("deepseek-v4-tiny", {})
 
 
 def write_documents(path, n_docs: int = 400, seed: int = 0) -> str:
@@ -46,7 +49,7 @@ def write_documents(path, n_docs: int = 400, seed: int = 0) -> str:
 def recipe(family: str, files: list[str], parallel: dict | None = None, **train):
     from dsalite.training.recipe import parse_recipe
 
-    preset, overrides = FAMILIES[family]
+    preset, overrides = V4 if family == "deepseek-v4" else FAMILIES[family]
     t = dict(stage="pretrain", max_steps=5, lr=3e-3, warmup_steps=2, save_every=100, threads=1)
     t.update(train)
     return parse_recipe({
@@ -66,14 +69,30 @@ def full_state(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def train_steps(r, out: str, steps: int, par=None) -> dict:
-    """`steps` optimizer steps of recipe r; per-step records and the final full state."""
+def train_steps(r, out: str, steps: int, par=None, first_grads: bool = False) -> dict:
+    """`steps` optimizer steps of recipe r; per-step records and the final full state (and with `first_grads` every
+    parameter's full gradient of step 1, after clipping, as the optimizer received it)."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
     from dsalite.training.trainer import Trainer, _main_first, prepare_data
 
     t = Trainer(r, out, par=par)
     t.set_data(_main_first(par, lambda: prepare_data(r, out, t.n_mtp))[0])
-    recs = [t.train_step() for _ in range(steps)]
-    return {"recs": recs, "state": full_state(t.model)}
+    grads: dict[str, torch.Tensor] = {}
+
+    def capture(opt, args, kwargs):  # every rank runs it at the same point: full_tensor() is a collective
+        if first_grads and not grads:
+            for k, p in t.model.named_parameters():
+                if p.grad is not None:
+                    g = p.grad.detach()
+                    grads[k] = (g.full_tensor() if hasattr(g, "full_tensor") else g).clone()
+
+    handle = register_optimizer_step_pre_hook(capture)
+    try:
+        recs = [t.train_step() for _ in range(steps)]
+    finally:
+        handle.remove()
+    return {"recs": recs, "state": full_state(t.model), "grads": grads}
 
 
 # ----- worker side -----
@@ -85,7 +104,7 @@ def job_parity(args: dict, par_init) -> dict:
     for run in args["runs"]:
         r = recipe(run["family"], run["files"], run.get("parallel"), **run.get("train", {}))
         par = par_init(r)
-        results.append(train_steps(r, run["out"], run["steps"], par))
+        results.append(train_steps(r, run["out"], run["steps"], par, run.get("first_grads", False)))
     return {"results": results}
 
 
