@@ -3,6 +3,7 @@ its layers contain no torch.distributed).
 
   mesh.py             the [parallel] layout → checks with named errors → DeviceMeshes
   expert_parallel.py  routed experts split over the ep mesh, tokens dispatched with all_to_all_single
+  context_parallel.py sequences split over the cp mesh (zigzag); latents and indexer keys gathered, nothing else
   fsdp.py             FSDP2 units (experts, blocks, MTP layers, embeddings, root) and the global gradient norm
   data_parallel.py    each rank's slice of the global batch and share of the global losses; global metrics
   checkpoint.py       training state with Distributed Checkpoint (any layout → any layout), streamed HF export
@@ -10,9 +11,10 @@ its layers contain no torch.distributed).
   pipeline.py         where pipeline stages cut the model (IndexShare guard, FLOPs balance); pipeline_stage.py
                       runs them (a stage = the model with the other layers deleted; torch.distributed.pipelining)
 
-`Parallel.parallelize(model)` applies, in this fixed order: the pipeline cut (pp > 1), expert parallel (experts become ep-sharded DTensors),
-then FSDP2 (activation recompute, when on, was applied by the trainer before: it wraps block forwards, which FSDP's
-hooks then surround).
+`Parallel.parallelize(model)` applies, in this fixed order: the pipeline cut (pp > 1), context parallel (cp > 1: the
+model's per-call Context gets the split's visibility and gather), expert parallel (experts become ep-sharded
+DTensors), then FSDP2 (activation recompute, when on, was applied by the trainer before: it wraps block forwards,
+which FSDP's hooks then surround).
 """
 
 from __future__ import annotations
@@ -39,6 +41,10 @@ def check_recipe(r, world: int, cfg=None) -> Layout:
         from dsalite.parallel import pipeline
 
         pipeline.check(r, cfg, layout)
+    if layout.cp > 1:  # before the families' own refusals: cp names what it cannot split (DeepSeek-V4 among them)
+        from dsalite.parallel import context_parallel
+
+        context_parallel.check(r, cfg, layout)
     if r.train.optimizer == "muon":
         raise LayoutError("train.optimizer='muon' needs whole matrices (Newton-Schulz) and is not supported under a "
                           "parallel layout yet; use 'adamw'")
@@ -65,6 +71,7 @@ class Parallel:
     rank: int
     param_dtype: torch.dtype = torch.float32  # FSDP's gathered-parameter dtype ([parallel] param_dtype)
     pipeline: object = None  # pipeline_stage.Pipeline: this rank's stage (None when pp = 1)
+    cp: object = None  # context_parallel.ZigzagSplit: this rank's share of every sequence (None when cp = 1)
 
     @property
     def is_main(self) -> bool:
@@ -78,10 +85,11 @@ class Parallel:
         from dsalite.parallel.data_parallel import DataParallel
 
         m = self.meshes
-        self._dp = DataParallel(m.dp_rank, m.dp_size, m.dp.get_group())
+        # batch rows by data-parallel rank; losses, loads and metrics summed over every rank holding other tokens
+        self._dp = DataParallel(m.dp_rank, m.dp_size, m.tokens.get_group())
 
     def parallelize(self, model) -> None:
-        """Expert parallel (when ep > 1), then FSDP2, in place."""
+        """The pipeline cut (pp > 1), context parallel (cp > 1), expert parallel (ep > 1), then FSDP2, in place."""
         from dsalite.parallel.expert_parallel import apply_expert_parallel
         from dsalite.parallel.fsdp import apply_fsdp
 
@@ -89,6 +97,10 @@ class Parallel:
             from dsalite.parallel.pipeline_stage import cut
 
             cut(model, self.pipeline.split, self.pipeline.stage)
+        if self.cp is not None:
+            from dsalite.parallel.context_parallel import apply_context_parallel
+
+            apply_context_parallel(model, self.cp)
         if self.layout.ep > 1:
             apply_expert_parallel(model, self.meshes.ep)
         apply_fsdp(model, self.meshes.dense, self.meshes.experts, param_dtype=self.param_dtype)
@@ -156,7 +168,12 @@ def init(r) -> Parallel:
     from dsalite.parallel.mesh import build_meshes
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[r.parallel.param_dtype]
-    par = Parallel(layout, build_meshes(layout, device.type), device, dist.get_rank(), dtype)
+    meshes = build_meshes(layout, device.type)
+    par = Parallel(layout, meshes, device, dist.get_rank(), dtype)
+    if layout.cp > 1:
+        from dsalite.parallel.context_parallel import ZigzagSplit
+
+        par.cp = ZigzagSplit(r.data.seq_len, meshes.cp.get_local_rank(), layout.cp, meshes.cp.get_group())
     if layout.pp > 1:
         from dsalite.parallel.pipeline import PipelineSpec, check
         from dsalite.parallel.pipeline_stage import Pipeline
