@@ -7,8 +7,8 @@
   parameter gradient equal one process within 1e-5, in the sparse stage and the dense warm-up, GLM-5.2 (IndexShare,
   MTP) and DeepSeek-V3.2; the bytes gathered per layer are the latents and indexer keys, nothing else.
 - The trainer: cp = 2 and (slow, 4 processes) cp = 2 × dp_shard = 2 with FSDP2: 5 steps of losses, KL, gradients of
-  the first step and final parameters within 1e-5 of one process; a cp = 2 checkpoint resumes in one process within
-  1e-6 and the export is the trained model.
+  the first step and final parameters within 1e-5 of one process; a cp = 2 checkpoint loads in one process bit for
+  bit and continues within 1e-6 (losses); the export is the trained model.
 """
 
 import pytest
@@ -310,17 +310,21 @@ def job_cp_train(args: dict, par_init) -> dict:
 
 
 def job_cp_resume(args: dict, par_init) -> dict:
-    """cp = 2: 2 steps saved with Distributed Checkpoint into args["out_b"]; 4 uninterrupted steps (exported) into
-    args["out_a"]."""
-    from dsalite.training.trainer import train
+    """cp = 2: 2 steps saved with Distributed Checkpoint into args["out_b"] (and the full state they left); 4
+    uninterrupted steps, exported, into args["out_a"]."""
+    from dsalite.training.trainer import Trainer, _main_first, prepare_data, train
 
-    res = {}
-    for key, steps in (("b", 2), ("a", 4)):
-        r = cp_recipe(args["family"], args["files"], {"cp": 2}, save_every=2)
-        par = par_init(r)
-        res[f"recs_{key}"] = train(r, args[f"out_{key}"], max_steps=steps, progress=False, export=key == "a",
-                                   par=par)
-    return res
+    r = cp_recipe(args["family"], args["files"], {"cp": 2}, save_every=2)
+    par = par_init(r)
+    t = Trainer(r, args["out_b"], par=par)
+    t.set_data(_main_first(par, lambda: prepare_data(r, args["out_b"], t.n_mtp))[0])
+    for _ in range(2):
+        t.train_step()
+    par.checkpoint.save_state(args["out_b"], t, keep_last=2)
+    state_b = full_state(t.model)
+    r = cp_recipe(args["family"], args["files"], {"cp": 2}, save_every=2)
+    recs_a = train(r, args["out_a"], max_steps=4, progress=False, par=par_init(r))
+    return {"state_b": state_b, "recs_a": recs_a}
 
 
 JOBS = {"cp_model": job_cp_model, "cp_train": job_cp_train, "cp_resume": job_cp_resume}
@@ -401,8 +405,9 @@ def test_trainer_cp2_dp_shard2_equals_one_process(tmp_path):
 
 @pytest.mark.timeout(400)
 def test_cp2_checkpoint_resumes_in_one_process(tmp_path):
-    """Steps 3-4 resumed in one process from the cp = 2 checkpoint of step 2 equal the uninterrupted cp = 2 run's
-    within 1e-6; the cp run's HF export loads as the model it trained."""
+    """The cp = 2 checkpoint of step 2 loads in one process as the state the ranks held (bit for bit); steps 3-4
+    resumed there equal the uninterrupted cp = 2 run's losses within 1e-6 (the small indexer KL within 1e-5); the cp
+    run's HF export loads as the model it trained."""
     from dsalite.checkpoint.pretrained import from_pretrained
     from dsalite.parallel import checkpoint as pc
     from dsalite.training.trainer import Trainer, _resume, prepare_data
@@ -416,10 +421,14 @@ def test_cp2_checkpoint_resumes_in_one_process(tmp_path):
     t = Trainer(r, b)
     t.set_data(prepare_data(r, b, t.n_mtp)[0])
     assert _resume(t, b) and t.step == 2
+    for k, v in t.model.state_dict().items():  # the state the cp ranks held, bit for bit
+        assert torch.equal(v, got["state_b"][k]), k
     recs = [t.train_step() for _ in range(2)]
     for s, (x, y) in enumerate(zip(got["recs_a"][2:], recs)):
-        for key in ("loss", "ce", "mtp", "kl"):
+        for key in ("loss", "ce", "mtp"):
             assert _rel(x[key], y[key]) <= 1e-6, f"step {s + 3} {key}: resumed {y[key]} vs cp=2 {x[key]}"
+        # the indexer KL (about 0.006 here) moves by the layouts' summation order alone, as the model test shows
+        assert _rel(x["kl"], y["kl"]) <= TOL, f"step {s + 3} kl: resumed {y['kl']} vs cp=2 {x['kl']}"
     exported = from_pretrained(f"{a}/hf").state_dict()
     t4 = Trainer(r, a)
     pc.load(pc.list_dcp(a)[-1][1], t4)
