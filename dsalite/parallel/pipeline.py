@@ -188,9 +188,6 @@ def allowed_starts(cfg, carry: bool) -> list[bool]:
 def plan_split(cfg, spec: PipelineSpec, seq_len: int) -> Split:
     """The split the run uses: the user's `pp_split` (checked) or the automatic balanced one."""
     L, n_mtp = cfg.num_hidden_layers, cfg.num_nextn_predict_layers
-    if spec.pp > L:
-        raise SplitError(f"parallel.pp={spec.pp} is more than the model's num_hidden_layers={L}: every stage needs "
-                         "at least one trunk layer")
     if not spec.split:
         costs, tail = layer_costs(cfg, seq_len)
         return balanced_split(costs, tail, spec.pp, allowed_starts(cfg, spec.carry_topk), n_mtp)
@@ -232,6 +229,9 @@ def check(r, cfg, layout) -> Split:
     if layout.dp_replicate > 1:
         raise LayoutError(f"parallel.pp={layout.pp} with dp_replicate={layout.dp_replicate}: pipeline with HSDP "
                           "replicas is not supported yet (use dp_shard)")
+    if spec.pp > cfg.num_hidden_layers:
+        raise SplitError(f"parallel.pp={spec.pp} is more than the model's num_hidden_layers={cfg.num_hidden_layers}: "
+                         "every stage needs at least one trunk layer")
     if cfg.tie_word_embeddings:
         raise LayoutError("parallel.pp > 1 needs untied embeddings (tie_word_embeddings = true would put one weight on "
                           "the first and the last stage)")
