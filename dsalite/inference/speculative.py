@@ -48,10 +48,17 @@ class MTPDrafter:
         logits [1, V] of the last entry."""
         self.cache.seq_len = cached
         n = h.shape[1]
-        vis = Visibility(n, cached + n, cached, valid)
-        ctx = self.model.context(next_ids, positions, vis, h.dtype, self.cache)
-        _, logits, _ = self.layer.step(h, next_ids, ctx, self.model.model.embed_tokens, self.model.head, topk)
-        return logits[:, -1]
+        return draft_logits(self.model, h, next_ids, positions, Visibility(n, cached + n, cached, valid), self.cache,
+                            topk)[:, -1]
+
+
+def draft_logits(model, h, next_ids, positions, vis: Visibility, cache, topk) -> torch.Tensor:
+    """The first MTP layer over entries (h_i, t_{i+1}) [B, n] at `positions`, its keys in `cache` as `vis` describes
+    them → draft logits [B, n, V] (the entry at position i drafts t_{i+2}). Shared by the drafter above and the
+    serving engine's per-sequence speculation (serve/runner.py), whose cache is paged."""
+    ctx = model.context(next_ids, positions, vis, h.dtype, cache)
+    _, logits, _ = model.mtp[0].step(h, next_ids, ctx, model.model.embed_tokens, model.head, topk)
+    return logits
 
 
 @torch.no_grad()

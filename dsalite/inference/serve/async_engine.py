@@ -183,6 +183,10 @@ class AsyncEngine:
         metric("cache_block_size", "gauge", "Tokens per cache block.", [("", e.blocks.block_size)])
         metric("prefix_cache_hit_tokens_total", "counter", "Prompt tokens served from the prefix cache.",
                [("", e.blocks.hit_tokens)])
+        metric("spec_draft_tokens_total", "counter", "MTP draft tokens verified (--speculative mtp).",
+               [("", e.stats.drafted)])
+        metric("spec_accepted_tokens_total", "counter", "MTP draft tokens accepted (--speculative mtp).",
+               [("", e.stats.accepted)])
         metric("preemptions_total", "counter", "Sequences preempted (recomputed later) for lack of cache blocks.",
                [("", e.scheduler.preemptions)])
         return "\n".join(lines) + "\n"

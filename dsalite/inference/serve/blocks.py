@@ -21,8 +21,11 @@ def block_key(parent: bytes, tokens) -> bytes:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True, lookahead: int = 0):
+        """lookahead: tokens after a block that its content depends on, so they are part of its name (1 under MTP
+        speculation: the MTP layer's entry at a block's last slot is computed from the next token)."""
         self.num_blocks, self.block_size, self.prefix_caching = num_blocks, block_size, prefix_caching
+        self.lookahead = lookahead
         self.free: deque[int] = deque(range(num_blocks))  # blocks holding nothing worth keeping
         self.idle: OrderedDict[int, None] = OrderedDict()  # unreferenced blocks kept for prefix hits, oldest first
         self.ref = [0] * num_blocks
@@ -49,9 +52,9 @@ class BlockManager:
         logits are the point of the forward)."""
         if not self.prefix_caching:
             return []
-        bs, out, parent = self.block_size, [], b""
-        for i in range((len(tokens) - 1) // bs):
-            parent = block_key(parent, tokens[i * bs : (i + 1) * bs])
+        bs, la, out, parent = self.block_size, self.lookahead, [], b""
+        for i in range((len(tokens) - max(1, la)) // bs):
+            parent = block_key(parent, tokens[i * bs : (i + 1) * bs + la])
             b = self.block_of.get(parent)
             if b is None:
                 break
@@ -90,13 +93,14 @@ class BlockManager:
             seq.block_table.append(self._take())
 
     def commit(self, seq) -> None:
-        """Name the blocks that seq's cached tokens now fill completely, so later prompts can share them."""
+        """Name the blocks that seq's cached tokens now fill completely (and whose lookahead tokens are known), so
+        later prompts can share them."""
         if not self.prefix_caching:
             return
-        bs = self.block_size
-        while len(seq.block_keys) < seq.num_cached // bs:
+        bs, la = self.block_size, self.lookahead
+        while len(seq.block_keys) < seq.num_cached // bs and (len(seq.block_keys) + 1) * bs + la <= len(seq.tokens):
             i = len(seq.block_keys)
-            key = block_key(seq.block_keys[-1] if i else b"", seq.tokens[i * bs : (i + 1) * bs])
+            key = block_key(seq.block_keys[-1] if i else b"", seq.tokens[i * bs : (i + 1) * bs + la])
             seq.block_keys.append(key)
             b = seq.block_table[i]
             if key not in self.block_of and b not in self.key_of:

@@ -4,6 +4,13 @@ with its own options -> detokenize and check stops -> outputs. `generate()` loop
 
 A sequence whose model call or sampling raises fails alone: a prefill chunk runs per sequence, and a batched decode
 that raises is retried row by row so that only the row that raises again is failed.
+
+speculative="mtp": every decoding sequence carries the MTP layer's draft for its next-but-one token; a decode step
+feeds each row [newest token, draft] (S = 2, one batched call), accepts or rejects per row with its own sampling
+options (speculative.py's rule: greedy output equals plain greedy; sampled output keeps the target distribution),
+then one batched MTP call over the same slots refreshes every row's draft. The MTP layer's entries live in the paged
+cache beside the trunk's (same slots, same block table), so preemption, prefix sharing and freeing cover them; a
+rejected draft's slot is simply overwritten by the next step.
 """
 
 from __future__ import annotations
@@ -14,12 +21,13 @@ from dataclasses import dataclass, field
 import torch
 
 from dsalite.families import family
-from dsalite.inference.sampling import sample
+from dsalite.inference.sampling import probs, probs_and_sample, sample
 from dsalite.inference.serve.blocks import BlockManager
 from dsalite.inference.serve.paged_cache import PagedLatentCache
 from dsalite.inference.serve.runner import ModelRunner
 from dsalite.inference.serve.scheduler import Scheduler
 from dsalite.inference.serve.sequence import RequestParams, Sequence, Status
+from dsalite.inference.speculative import _accept, _resample
 
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)  # seconds (/metrics histogram)
@@ -48,6 +56,8 @@ class EngineStats:
     finished: dict = field(default_factory=dict)  # finish_reason -> count
     ttft_counts: list[int] = field(default_factory=lambda: [0] * (len(TTFT_BUCKETS) + 1))  # histogram
     ttft_sum: float = 0.0
+    drafted: int = 0  # MTP drafts verified
+    accepted: int = 0  # MTP drafts accepted
 
     def observe_ttft(self, s: float) -> None:
         self.ttft_sum += s
@@ -58,19 +68,28 @@ class EngineStats:
 class Engine:
     def __init__(self, model, num_blocks: int | None = None, block_size: int = 16, max_batch: int = 32,
                  prefill_tokens: int = 512, prefix_caching: bool = True, tokenizer=None, eos_ids=(),
-                 max_model_len: int | None = None, compile: bool = False, cache_tokens: int = 65536):
+                 max_model_len: int | None = None, compile: bool = False, cache_tokens: int = 65536,
+                 speculative: str | None = None):
         """model: a dsalite Transformer (MLA families); tokenizer: an `inference.text.TextModel` (None: ids only);
-        num_blocks: cache blocks of block_size tokens (default: enough for cache_tokens tokens)."""
+        num_blocks: cache blocks of block_size tokens (default: enough for cache_tokens tokens);
+        speculative: None or "mtp" (per-sequence MTP speculation; the model needs MTP weights)."""
         cfg = model.cfg
         if family(cfg.model_type).cache is not None:
             raise ValueError(f"dsalite serve pages the MLA latent cache; {cfg.model_type} has its own cache "
                              f"({family(cfg.model_type).cache.__name__}) and is not served yet")
+        if speculative not in (None, "mtp"):
+            raise ValueError(f"speculative must be None or 'mtp', got {speculative!r}")
+        if speculative and not len(model.mtp):
+            raise ValueError("speculative='mtp' needs a model with MTP layers (num_nextn_predict_layers >= 1 and MTP "
+                             "weights in the checkpoint)")
         self.model, self.tokenizer, self.eos_ids = model, tokenizer, frozenset(eos_ids)
+        self.speculative = speculative
+        spec = speculative == "mtp"
         num_blocks = num_blocks or -(-cache_tokens // block_size)
         w = model.head_weight()
-        self.cache = PagedLatentCache(cfg, num_blocks, block_size, dtype=w.dtype, device=w.device)
-        self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
-        self.scheduler = Scheduler(self.blocks, max_batch, prefill_tokens)
+        self.cache = PagedLatentCache(cfg, num_blocks, block_size, dtype=w.dtype, device=w.device, mtp=spec)
+        self.blocks = BlockManager(num_blocks, block_size, prefix_caching, lookahead=int(spec))
+        self.scheduler = Scheduler(self.blocks, max_batch, prefill_tokens, step_tokens=1 + int(spec))
         self.runner = ModelRunner(model, self.cache, compile)
         self.max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.seqs: dict[str, Sequence] = {}
@@ -121,12 +140,15 @@ class Engine:
         touched: list[Sequence] = []
         for seq, n in plan.prefill:
             try:
-                c = seq.num_cached
-                logits = self.runner.run([(seq.block_table, c, seq.tokens[c : c + n])])
-                seq.num_cached += n
-                self.blocks.commit(seq)
-                if seq.uncached == 0:
-                    self._emit(seq, logits[0])
+                if self.speculative:
+                    self._prefill_mtp(seq, n)
+                else:
+                    c = seq.num_cached
+                    logits = self.runner.run([(seq.block_table, c, seq.tokens[c : c + n])])
+                    seq.num_cached += n
+                    self.blocks.commit(seq)
+                    if seq.uncached == 0:
+                        self._emit(seq, logits[0])
                 touched.append(seq)
             except Exception as e:  # noqa: BLE001 — this request fails, the others go on
                 self._fail(seq, e)
@@ -138,6 +160,17 @@ class Engine:
                 or s.sent_text < len(s.text)]
 
     def _decode(self, seqs: list[Sequence]) -> list[Sequence]:
+        if self.speculative:
+            try:
+                self._speculate(seqs)
+            except Exception:  # noqa: BLE001 — find the row that raises: run them one by one
+                for s in seqs:
+                    if not s.finished:
+                        try:
+                            self._speculate([s])
+                        except Exception as e:  # noqa: BLE001
+                            self._fail(s, e)
+            return list(seqs)
         rows = lambda ss: [(s.block_table, s.num_cached, s.tokens[-1:]) for s in ss]  # noqa: E731
         try:
             logits = self.runner.run(rows(seqs))
@@ -155,11 +188,64 @@ class Engine:
             self._emit(s, lg)
         return list(seqs)
 
-    def _emit(self, seq: Sequence, logits: torch.Tensor) -> None:
-        """Sample seq's next token from logits [V], record it and its logprobs, check stops."""
+    # ----- MTP speculation -----
+    def _prefill_mtp(self, seq: Sequence, n: int) -> None:
+        """A prefill chunk, then the MTP layer's entries for the same positions: entry i is (h_i, t_{i+1}), t_{i+1}
+        the prompt's next token or, after the last chunk, the token sampled now; the last entry's logits are the
+        first draft."""
+        c = seq.num_cached
+        logits, h, topk, x = self.runner.run_all([(seq.block_table, c, seq.tokens[c : c + n])], last_only=True)
+        last = c + n == len(seq.tokens)
+        tok = self._sample(seq, logits[0, -1]) if last else seq.tokens[c + n]
+        nxt = torch.tensor([seq.tokens[c + 1 : c + n] + [tok]], device=x.ids.device)
+        draft = self.runner.draft(x, h, nxt, topk)
+        seq.num_cached += n
+        self.blocks.commit(seq)
+        if last:
+            seq.draft = draft[0, -1]
+            self._emit(seq, logits[0, -1], tok)
+
+    def _speculate(self, seqs: list[Sequence]) -> None:
+        """One speculative step for seqs: verify each row's draft with the trunk (S = 2), keep what the rule keeps
+        (speculative.py's `_accept` / `_resample`), then refresh every row's draft in one MTP call."""
+        drafts = [probs_and_sample(s.draft[None], s.params.sampling, s.generator) for s in seqs]  # (q [1, V], d [1])
+        rows = [(s.block_table, s.num_cached, [s.tokens[-1], int(d)]) for s, (_, d) in zip(seqs, drafts)]
+        logits, h, topk, x = self.runner.run_all(rows)  # [B, 2, V]
+        kept = []  # per row: the tokens it keeps (draft + bonus, or the correction)
+        for b, (s, (q, d)) in enumerate(zip(seqs, drafts)):
+            p = s.params.sampling
+            p0 = probs(logits[b : b + 1, 0], p)
+            if _accept(p0, q, d, p, s.generator):
+                kept.append([int(d), int(sample(logits[b : b + 1, 1], p, s.generator)[0])])
+            else:
+                kept.append([int(_resample(p0, q, p, s.generator))])
+        # the MTP entries at both slots: (h_m, d), (h_m+1, bonus); a rejected row's second entry is a placeholder
+        # that the next step overwrites (its first entry never sees it: causal)
+        nxt = torch.tensor([[k[0], k[-1]] for k in kept], device=x.ids.device)
+        draft = self.runner.draft(x, h, nxt, topk)
+        for b, (s, k) in enumerate(zip(seqs, kept)):
+            s.draft = draft[b, len(k) - 1]
+            s.drafted += 1
+            s.accepted += len(k) - 1
+            self.stats.drafted += 1
+            self.stats.accepted += len(k) - 1
+            s.num_cached += len(k)
+            for i, t in enumerate(k):
+                self._emit(s, logits[b, i], t)
+                if s.finished:
+                    break
+            self.blocks.commit(s)
+
+    # ----- tokens -----
+    def _sample(self, seq: Sequence, logits: torch.Tensor) -> int:
+        return int(sample(logits[None], seq.params.sampling, seq.generator)[0])
+
+    def _emit(self, seq: Sequence, logits: torch.Tensor, tok: int | None = None) -> None:
+        """Sample seq's next token from logits [V] (or take `tok`, chosen by speculation from these logits), record
+        it and its logprobs, check stops."""
         try:
             p = seq.params
-            tok = int(sample(logits[None], p.sampling, seq.generator)[0])
+            tok = self._sample(seq, logits) if tok is None else tok
             if p.logprobs:
                 lp = torch.log_softmax(logits.float(), -1)
                 top = lp.topk(p.top_logprobs) if p.top_logprobs else None

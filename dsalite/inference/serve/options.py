@@ -19,6 +19,9 @@ def add_arguments(p) -> None:
     p.add_argument("--no-prefix-cache", action="store_true", help="do not share the blocks of identical prefixes")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ endpoints")
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: PATH's name)")
+    p.add_argument("--speculative", choices=["mtp"], default=None,
+                   help="mtp: each sequence drafts its next-but-one token with the checkpoint's MTP layer and the "
+                        "batched step verifies it (greedy output unchanged; needs MTP weights)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (seconds at first)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="compute dtype (default fp32)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")

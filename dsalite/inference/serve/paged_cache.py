@@ -23,12 +23,14 @@ class PagedLatentCache:
     pads, rewinds = True, True
 
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int = 16, dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", mtp: bool = False):
+        """mtp: also the first MTP layer's entries (layer index L, the same slots: its entry at position i is
+        (h_i, t_{i+1}), one per cached token), for per-sequence MTP speculation."""
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"paged cache needs num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
         self.cfg, self.num_blocks, self.block_size = cfg, num_blocks, block_size
         r, p, n = cfg.kv_lora_rank, cfg.qk_rope_head_dim, num_blocks * block_size
-        layers = range(cfg.num_hidden_layers)
+        layers = range(cfg.num_hidden_layers + int(mtp))
         self.latent = {i: torch.zeros(n, r + p, dtype=dtype, device=device) for i in layers}  # [n·bs, r+p]
         self.index_keys = {  # [n·bs, Di], full IndexShare / DSA layers only
             i: torch.zeros(n, cfg.index_head_dim, dtype=dtype, device=device)

@@ -30,10 +30,13 @@ class Plan:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_batch: int = 32, prefill_tokens: int = 512):
+    def __init__(self, blocks: BlockManager, max_batch: int = 32, prefill_tokens: int = 512, step_tokens: int = 1):
+        """step_tokens: cache slots a decoding sequence takes per step (2 under MTP speculation: its newest token
+        and the draft)."""
         if max_batch < 1 or prefill_tokens < 1:
             raise ValueError(f"max_batch and prefill_tokens must be >= 1, got {max_batch}, {prefill_tokens}")
         self.blocks, self.max_batch, self.prefill_tokens = blocks, max_batch, prefill_tokens
+        self.step_tokens = step_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
         self.preemptions = 0
@@ -60,13 +63,13 @@ class Scheduler:
         for seq in list(self.running):
             if seq.status is not Status.RUNNING or seq.uncached != 1:
                 continue
-            while not self.blocks.can_append(seq):
+            while not self.blocks.can_append(seq, self.step_tokens):
                 victim = self.running[-1]
                 self._preempt(victim, plan)
                 if victim is seq:
                     break
             else:
-                self.blocks.append(seq)
+                self.blocks.append(seq, self.step_tokens)
                 plan.decode.append(seq)
         budget = self.prefill_tokens
         for seq in self.running:

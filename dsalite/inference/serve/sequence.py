@@ -62,6 +62,9 @@ class Sequence:
     sent_tokens: int = 0  # generated tokens already handed out
     arrival: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
+    draft: torch.Tensor | None = None  # MTP speculation: draft logits [V] for the token after the newest one
+    drafted: int = 0  # drafts verified
+    accepted: int = 0  # drafts accepted
     seq_id: int = field(default_factory=lambda: next(_ids))
 
     def __post_init__(self):

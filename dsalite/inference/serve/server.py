@@ -414,7 +414,8 @@ def run(args) -> int:
     eos = text.eos_ids if text is not None else checkpoint_eos_ids(args.path)
     engine = Engine(model, num_blocks=args.kv_blocks, block_size=args.block_size, max_batch=args.max_batch,
                     prefill_tokens=args.prefill_tokens, prefix_caching=not args.no_prefix_cache, tokenizer=text,
-                    eos_ids=eos, max_model_len=args.max_model_len, compile=args.compile)
+                    eos_ids=eos, max_model_len=args.max_model_len, compile=args.compile,
+                    speculative=args.speculative)
     name = args.served_model_name or os.path.basename(os.path.normpath(args.path))
     state = ServerState(AsyncEngine(engine, args.max_queue), name, text, args.api_key, int(time.time()),
                         args.shutdown_timeout)
@@ -422,6 +423,7 @@ def run(args) -> int:
     print(f"dsalite serve: {name} ({model.cfg.model_type}) on http://{args.host}:{args.port}  "
           f"cache {cache.num_blocks} blocks x {cache.block_size} tokens ({cache.bytes() / 2**20:.1f} MiB), "
           f"batch <= {args.max_batch}, queue <= {args.max_queue}"
+          + (", MTP speculation" if args.speculative else "")
           + ("" if text else "; no tokenizer.json: token-id prompts only"), file=sys.stderr, flush=True)
     config = uvicorn.Config(build_app(state), host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.shutdown_timeout, access_log=args.log_level == "info")
