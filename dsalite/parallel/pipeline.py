@@ -244,3 +244,40 @@ def check(r, cfg, layout) -> Split:
         raise LayoutError(f"parallel.pp_microbatches={spec.microbatches} is fewer than pp={spec.pp}: 1F1B needs at "
                           "least one micro-batch per stage")
     return plan_split(cfg, spec, r.data.seq_len)
+
+
+def describe_split(split: Split) -> str:
+    """"0-21 | 22-41 | 42-77 + MTP": each stage's trunk layers."""
+    parts = []
+    for s in range(split.stages):
+        r = split.layers(s)
+        parts.append(f"{r[0]}-{r[-1]}" if len(r) > 1 else f"{r[0]}")
+    return " | ".join(parts) + (" + MTP" if split.n_mtp else "")
+
+
+def plan_for(r, cfg, layout) -> tuple[Split, PipelineSpec, list[str]]:
+    """The split a `--dry-run` plans with (the automatic one when the recipe's pp_split is refused) and the lines it
+    prints about it: stages, FLOPs balance, carried top-k bytes."""
+    from dataclasses import replace
+
+    spec = PipelineSpec.from_recipe(r.parallel)
+    S, lines = r.data.seq_len, []
+    try:
+        split = plan_split(cfg, spec, S)
+    except SplitError:
+        spec = replace(spec, split=())
+        split = plan_split(cfg, spec, S)
+        lines.append("pipeline: the recipe's pp_split is refused (see below); planned with the automatic split")
+    costs, tail = layer_costs(cfg, S)
+    rows = r.data.batch_size // layout.dp // spec.microbatches
+    lines.append(f"pipeline: {spec.pp} stages ({spec.schedule}, {spec.microbatches} micro-batches of {rows} rows), "
+                 f"layers {describe_split(split)}; most loaded stage / mean FLOPs = "
+                 f"{imbalance(costs, tail, split):.3f}; rank 0 holds stage 0 (figures above are its)")
+    extra = carry_bytes(cfg, split, rows, S)
+    if any(extra):
+        lines.append(f"pipeline: carried top-k per micro-batch per boundary: {[_mib(b) for b in extra]}")
+    return split, spec, lines
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"

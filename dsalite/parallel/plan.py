@@ -38,17 +38,19 @@ class Plan:
     comm: dict = field(default_factory=dict)  # dimension -> bytes sent or received by rank 0 per optimizer step
     notes: list = field(default_factory=list)
     recompute: bool = False
+    in_flight: int = 1  # micro-batches whose activations rank 0 holds at once (pipeline schedules: more than one)
 
     @property
     def state(self) -> int:
         return self.params + self.grads + self.optimizer
 
     def table(self) -> str:
+        acts = "per micro-batch" if self.in_flight == 1 else f"for {self.in_flight} micro-batches in flight"
         rows = [f"{self.model_type}: {self.n_params / 1e9:.2f}B parameters (MTP included), {self.layout.describe()}",
                 f"  per rank: parameters {_size(self.params)}, gradients {_size(self.grads)}, AdamW state "
                 f"{_size(self.optimizer)}: {_size(self.state)}",
-                f"            + gathered units {_size(self.gathered)} + activations ≈ {_size(self.activations)} per "
-                f"micro-batch ({'with' if self.recompute else 'no'} recompute)"]
+                f"            + gathered units {_size(self.gathered)} + activations ≈ {_size(self.activations)} {acts} "
+                f"({'with' if self.recompute else 'no'} recompute)"]
         rows += [f"  communication per step, {k}: {_size(v)}" for k, v in self.comm.items()]
         rows += [f"  note: {n}" for n in self.notes]
         return "\n".join(rows)
@@ -66,26 +68,27 @@ def _local_bytes(t: torch.Tensor) -> int:
     return local.numel() * local.element_size()
 
 
-def activation_bytes(cfg, tokens: int, dtype_bytes: int, recompute: bool = False) -> int:
+def activation_bytes(cfg, tokens: int, dtype_bytes: int, recompute: bool = False, layers=None) -> int:
     """Saved-for-backward bytes of one micro-batch of `tokens` tokens per rank, estimated per token and layer as
     the tensors an MLA block keeps: 4 normed/residual hidden states (4·D), the query path (q_lora + H·(n+p)), the
     latent (r+p), the attention output (H·v) and the attention probabilities over the top-k selection (H·k_sel);
     for MoE layers the k routed rows through SwiGLU (k·(D + 3·I)) plus the shared expert (3·I_shared), for dense
     layers 3·I. With recompute, a block keeps only its input (D per token) and one block's worth is live at a time.
-    DeepSeek-V4's blocks (mHC streams, compressed attention) are counted with the same formula: a rough figure."""
+    DeepSeek-V4's blocks (mHC streams, compressed attention) are counted with the same formula: a rough figure.
+    `layers`: the global layer indices counted (a pipeline stage's; default every trunk and MTP layer)."""
     D, H = cfg.hidden_size, cfg.num_attention_heads
     qk = (cfg.qk_nope_head_dim or 0) + (cfg.qk_rope_head_dim or 0)
     attn = 4 * D + (cfg.q_lora_rank or 0) + H * qk + (cfg.kv_lora_rank or 0) + (cfg.qk_rope_head_dim or 0) \
         + H * (cfg.v_head_dim or 0) + H * min(cfg.index_topk or 0, 4096)
-    layers = []
-    for i in range(cfg.num_hidden_layers + cfg.num_nextn_predict_layers):
+    per_layer = []
+    for i in range(cfg.num_hidden_layers + cfg.num_nextn_predict_layers) if layers is None else layers:
         if cfg.layer_mlp_type(i) == "sparse":
             mlp = cfg.num_experts_per_tok * (D + 3 * cfg.moe_intermediate_size) \
                 + 3 * cfg.moe_intermediate_size * cfg.n_shared_experts
         else:
             mlp = 3 * cfg.intermediate_size
-        layers.append(attn + mlp)
-    per_token = len(layers) * D + max(layers) if recompute else sum(layers)
+        per_layer.append(attn + mlp)
+    per_token = len(per_layer) * D + max(per_layer) if recompute else sum(per_layer)
     return tokens * per_token * dtype_bytes
 
 
@@ -124,6 +127,15 @@ def plan(r, nproc: int, cfg=None) -> Plan:
         with torch.device("meta"):
             model = Transformer(cfg)
         n_params = sum(p.numel() for p in model.parameters())
+        stage = None  # pipeline: rank 0 holds the first stage
+        if layout.pp > 1:
+            from dsalite.parallel.pipeline import plan_for
+            from dsalite.parallel.pipeline_stage import cut
+
+            split, spec, lines = plan_for(r, cfg, layout)
+            notes[:0] = lines
+            cut(model, split, 0)
+            stage = list(split.layers(0))
         if layout.ep > 1:
             apply_expert_parallel(model, meshes.ep)
         units = apply_fsdp(model, meshes.dense, meshes.experts, param_dtype=compute) if nproc > 1 else [model]
@@ -150,15 +162,21 @@ def plan(r, nproc: int, cfg=None) -> Plan:
                 comm["HSDP all-reduce"] = comm.get("HSDP all-reduce", 0) + 2 * (full / F) * 4 * \
                     (layout.dp_replicate - 1) / layout.dp_replicate
         tokens = r.data.batch_size // layout.dp * r.data.seq_len
+        held = range(cfg.num_hidden_layers + cfg.num_nextn_predict_layers) if stage is None else stage
         if layout.ep > 1:
-            moe = sum(1 for i in range(cfg.num_hidden_layers + cfg.num_nextn_predict_layers)
-                      if cfg.layer_mlp_type(i) == "sparse")
+            moe = sum(1 for i in held if cfg.layer_mlp_type(i) == "sparse")
             comm["EP all-to-all"] = 4 * moe * tokens * cfg.num_experts_per_tok * cfg.hidden_size * cb * \
                 (layout.ep - 1) / layout.ep * r.train.accum_steps
+        acts, live = activation_bytes(cfg, tokens, cb, r.train.recompute), 1
+        if stage is not None:  # per micro-batch, times the micro-batches stage 0 holds at once
+            mb = tokens // spec.microbatches
+            live = min(layout.pp, spec.microbatches) if spec.schedule == "1f1b" else spec.microbatches
+            acts = activation_bytes(cfg, mb, cb, r.train.recompute, stage) * live
+            comm["PP send/recv"] = 2 * tokens * cfg.hidden_size * cb * r.train.accum_steps
         gathered.sort()
         return Plan(layout, cfg.model_type, n_params, params, params, 2 * params,
-                    sum(gathered[-2:]) if nproc > 1 else 0, activation_bytes(cfg, tokens, cb, r.train.recompute),
-                    {k: int(v) for k, v in comm.items()}, notes, r.train.recompute)
+                    sum(gathered[-2:]) if nproc > 1 else 0, acts,
+                    {k: int(v) for k, v in comm.items()}, notes, r.train.recompute, live)
     finally:
         dist.destroy_process_group()
 

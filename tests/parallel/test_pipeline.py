@@ -262,3 +262,23 @@ def test_pp2_checkpoint_resumes_in_one_process_and_exports_the_same_files(tmp_pa
             assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), n
         elif n.endswith(".json") and "tokenizer" not in n:
             assert json.load(open(a)) == json.load(open(b)), n
+
+
+def test_dry_run_plans_the_first_stage():
+    """`--dry-run` with pp: rank 0's figures are the first stage's (its layers only, sharded over dp_shard), and the
+    plan names the split, its balance and the activations the schedule keeps in flight."""
+    from dsalite.model import Transformer
+    from dsalite.parallel.pipeline_stage import cut
+    from dsalite.parallel.plan import activation_bytes, plan
+
+    r = recipe("glm-5.2", [], {"pp": 2, "dp_shard": 2, "pp_microbatches": 2})
+    cfg = model_config(r)
+    p = plan(r, 4)
+    with torch.device("meta"):
+        m = Transformer(cfg)
+    cut(m, Split((0, 3), 4, 1), 0)
+    assert p.params == sum(-(-q.shape[0] // 2) * (q.numel() // q.shape[0]) * 4 for q in m.parameters())
+    assert any("pipeline: 2 stages (1f1b, 2 micro-batches of 1 rows), layers 0-2 | 3 + MTP" in n for n in p.notes)
+    tokens = 2 * 32  # this rank's rows × seq_len
+    assert p.comm["PP send/recv"] == 2 * tokens * cfg.hidden_size * 4
+    assert p.in_flight == 2 and p.activations == 2 * activation_bytes(cfg, tokens // 2, 4, False, [0, 1, 2])
