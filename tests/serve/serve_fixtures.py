@@ -4,7 +4,7 @@ import torch
 
 from dsalite.config import ModelConfig
 from dsalite.model import build_model
-from dsalite.presets import TINY_MLA
+from dsalite.presets import PRESETS, TINY_MLA
 
 
 def tiny_model(model_type: str = "glm_moe_dsa", seed: int = 0, **overrides):
@@ -21,6 +21,14 @@ def tiny_model(model_type: str = "glm_moe_dsa", seed: int = 0, **overrides):
     return m.eval()
 
 
+def demo_model(seed: int = 0):
+    """A random model of `make demo`'s size: the glm-5.2-tiny preset (8 layers, D 128, vocab 512, index_topk 32,
+    one MTP layer)."""
+    m = build_model(ModelConfig.from_hf(dict(PRESETS["glm-5.2-tiny"])))
+    m.init_weights(std=0.02, generator=torch.Generator().manual_seed(seed))
+    return m.eval()
+
+
 WORDS = ["to be or not to be that is the question", "whether tis nobler in the mind to suffer",
          "the slings and arrows of outrageous fortune", "or to take arms against a sea of troubles"] * 20
 # a tiny chat template in the GLM style: role tags, tool calls written back as <tool_call> blocks, tools listed
@@ -34,14 +42,15 @@ TEMPLATE = (
 )
 
 
-def make_checkpoint(root, name: str = "tiny-glm", template: str | None = TEMPLATE) -> str:
-    """A tiny GLM-architecture checkpoint with a byte-level BPE tokenizer.json and a chat template."""
+def make_checkpoint(root, name: str = "tiny-glm", template: str | None = TEMPLATE, demo: bool = False) -> str:
+    """A tiny GLM-architecture checkpoint (demo: `demo_model`'s size) with a byte-level BPE tokenizer.json and a
+    chat template."""
     import json
 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     out = root / name
-    model = tiny_model(vocab_size=320)
+    model = demo_model() if demo else tiny_model(vocab_size=320)
     model.save_pretrained(str(out))
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
