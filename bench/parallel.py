@@ -14,6 +14,12 @@ ep 2) the ranks are started as subprocesses (gloo, one thread each) and rank 0 r
     parallel machinery costs here, not what it gains on a cluster.
 
     .venv/bin/python bench/parallel.py [--seq 512] [--batch 4] [--steps 3] [--layouts 1,2,2e2,4,4e2]
+
+`--pipeline` prints the pipeline figures instead (analytic, no processes, seconds): the stage balance of the
+automatic split on the real GLM-5.2 config (78 layers + MTP, IndexShare freq 4 offset 3, at S = 4096) at pp = 2, 4,
+8 — the most loaded stage's training FLOPs (`Transformer.flops_by_part`) over the mean — for the guarded split, for
+the split carried top-k allows, and for the naive even split; and the bytes a carried top-k adds per micro-batch per
+boundary against the hidden state that crosses it anyway.
 """
 
 from __future__ import annotations
@@ -156,17 +162,55 @@ def run(layout: str, args) -> dict:
     return json.loads(line[len("RESULT "):])
 
 
+def pipeline_figures(seq: int) -> None:
+    from dsalite.config import ModelConfig
+    from dsalite.parallel.pipeline import (Split, allowed_starts, balanced_split, carry_bytes, describe_split,
+                                           imbalance, layer_costs, violations)
+    from dsalite.training.recipe import load_recipe
+    from dsalite.training.trainer import model_config
+
+    r = load_recipe(os.path.join(os.path.dirname(__file__), "..", "recipes", "glm5-744b.toml"))
+    r.model.overrides.update(index_topk_freq=4, index_skip_topk_offset=3)  # GLM-5.2's IndexShare schedule
+    cfg: ModelConfig = model_config(r)
+    costs, tail = layer_costs(cfg, seq)
+    L = cfg.num_hidden_layers
+    print(f"\nGLM-5.2 at real widths: {L} layers + {cfg.num_nextn_predict_layers} MTP, "
+          f"{cfg.indexer_types[:L].count('full')} full indexer layers, S = {seq}; training FLOPs per token: "
+          f"MoE layer {costs[-1] / 1e9:.2f} G, dense {costs[0] / 1e9:.2f} G, head + MTP {tail / 1e9:.2f} G")
+    print("\n| pp | split | stages (trunk layers) | max / mean | shared layers cut from their source |")
+    print("|---|---|---|---|---|")
+    for pp in (2, 4, 8):
+        naive = Split(tuple(round(L * s / pp) for s in range(pp)), L, cfg.num_nextn_predict_layers)
+        for name, split in (("guarded (automatic)", balanced_split(costs, tail, pp, allowed_starts(cfg, False), 1)),
+                            ("carried top-k (automatic)", balanced_split(costs, tail, pp, allowed_starts(cfg, True),
+                                                                         1)),
+                            ("naive even", naive)):
+            print(f"| {pp} | {name} | {describe_split(split)} | {imbalance(costs, tail, split):.3f} | "
+                  f"{len(violations(cfg.indexer_types, split))} |")
+    rows, K = 1, cfg.index_topk
+    carried = balanced_split(costs, tail, 8, allowed_starts(cfg, True), 1)
+    extra = [b for b in carry_bytes(cfg, carried, rows, seq) if b]
+    hidden = rows * seq * cfg.hidden_size * 2
+    print(f"\ncarried top-k: int32 [b, S, K = {K}] = {extra[0] / 2**20:.1f} MiB per micro-batch of b = {rows} row per "
+          f"boundary that begins with a shared layer ({len(extra)} of the 7 at pp = 8 carried), against "
+          f"{hidden / 2**20:.1f} MiB of bf16 hidden state (+{extra[0] / hidden:.0%} on those boundaries, forward only)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--batch", type=int, default=4, help="global batch (divided over the data-parallel ranks)")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--layouts", default="1,2,2e2,4,4e2")
+    ap.add_argument("--pipeline", action="store_true", help="pipeline stage balance and carried top-k figures")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--layout", default="1", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         return worker(args)
+    if args.pipeline:
+        header("bench/parallel.py --pipeline: GLM-5.2 stage balance (analytic, the model's own FLOPs per layer)")
+        return pipeline_figures(4096 if args.seq == 512 else args.seq)
     header(f"bench/parallel.py: bench-medium GLM, global batch {args.batch} × {args.seq} tokens, fp32, AdamW")
     res = {name: run(name, args) for name in args.layouts.split(",")}
     base = res.get("1") or run("1", args)

@@ -247,12 +247,12 @@ def check(r, cfg, layout) -> Split:
 
 
 def describe_split(split: Split) -> str:
-    """"0-21 | 22-41 | 42-77 + MTP": each stage's trunk layers."""
+    """"0-21, 22-41, 42-77 + MTP": each stage's trunk layers."""
     parts = []
     for s in range(split.stages):
         r = split.layers(s)
         parts.append(f"{r[0]}-{r[-1]}" if len(r) > 1 else f"{r[0]}")
-    return " | ".join(parts) + (" + MTP" if split.n_mtp else "")
+    return ", ".join(parts) + (" + MTP" if split.n_mtp else "")
 
 
 def plan_for(r, cfg, layout) -> tuple[Split, PipelineSpec, list[str]]:

@@ -87,6 +87,7 @@ class Pipeline:
         self.par, self.spec, self.split = par, spec, split
         self.stage = par.meshes.pp.get_local_rank()
         self.schedule = None
+        self.sent = {"hidden": 0, "topk": 0}  # bytes this stage sent forward in its latest micro-batch
 
     @property
     def first(self) -> bool:
@@ -208,12 +209,15 @@ class Pipeline:
         y = out.last_hidden
         if torch.is_tensor(loss) and loss.requires_grad:
             y = _AttachLoss.apply(y, loss)
+        self.sent["hidden"] = y.numel() * y.element_size()
         if not self.carry_out:
             return y
         topk = out.topk[-1] if out.topk else carried_in
         if topk is None:
             topk = torch.empty(*y.shape[:2], 0, dtype=torch.long, device=y.device)
-        return y, topk.to(torch.int32)
+        topk = topk.to(torch.int32)
+        self.sent["topk"] = topk.numel() * topk.element_size()
+        return y, topk
 
     def train_step(self, trainer) -> tuple[dict, dict]:
         """Forward and backward of one optimizer step (every accumulation step one schedule run of M micro-batches);

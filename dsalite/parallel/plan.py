@@ -49,8 +49,8 @@ class Plan:
         rows = [f"{self.model_type}: {self.n_params / 1e9:.2f}B parameters (MTP included), {self.layout.describe()}",
                 f"  per rank: parameters {_size(self.params)}, gradients {_size(self.grads)}, AdamW state "
                 f"{_size(self.optimizer)}: {_size(self.state)}",
-                f"            + gathered units {_size(self.gathered)} + activations ≈ {_size(self.activations)} {acts} "
-                f"({'with' if self.recompute else 'no'} recompute)"]
+                f"            + gathered units {_size(self.gathered)} + activations ≈ {_size(self.activations)} "
+                f"{acts} ({'with' if self.recompute else 'no'} recompute)"]
         rows += [f"  communication per step, {k}: {_size(v)}" for k, v in self.comm.items()]
         rows += [f"  note: {n}" for n in self.notes]
         return "\n".join(rows)

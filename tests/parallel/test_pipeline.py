@@ -163,6 +163,7 @@ def job_pipeline(args: dict, par_init) -> dict:
         par = par_init(r)
         results.append(run_steps(r, run["out"], STEPS, par, tuple(run.get("grads_at", (1, STEPS)))))
         results[-1]["split"] = par.pipeline.split.starts if par.pipeline is not None else None
+        results[-1]["sent"] = dict(par.pipeline.sent) if par.pipeline is not None else None  # rank 0: stage 0
     return {"results": results}
 
 
@@ -206,6 +207,9 @@ def test_pp2_equals_one_process_carry_equals_guarded_recompute_exact(tmp_path):
     got = run_ranks("pipeline", {"module": "test_pipeline", "runs": runs}, 2, str(tmp_path), timeout=400)["results"]
     plain, carry, recompute = got
     assert plain["split"] == (0, 3) and carry["split"] == (0, 2)  # the carried run cuts layer 2 from its source
+    hidden = 2 * 32 * 64 * 4  # fp32 [b, S, D] per micro-batch; the top-k adds int32 [b, S, K]: carry_bytes' figure
+    assert plain["sent"] == {"hidden": hidden, "topk": 0}
+    assert carry["sent"] == {"hidden": hidden, "topk": 2 * 32 * 8 * 4}
     assert_same(ref, plain, "pp=2 (guarded split)")
     assert_same(ref, carry, "pp=2, carried top-k")
     for a, b in zip(plain["recs"], carry["recs"]):  # same losses as the guarded split's
@@ -278,7 +282,7 @@ def test_dry_run_plans_the_first_stage():
         m = Transformer(cfg)
     cut(m, Split((0, 3), 4, 1), 0)
     assert p.params == sum(-(-q.shape[0] // 2) * (q.numel() // q.shape[0]) * 4 for q in m.parameters())
-    assert any("pipeline: 2 stages (1f1b, 2 micro-batches of 1 rows), layers 0-2 | 3 + MTP" in n for n in p.notes)
+    assert any("pipeline: 2 stages (1f1b, 2 micro-batches of 1 rows), layers 0-2, 3 + MTP" in n for n in p.notes)
     tokens = 2 * 32  # this rank's rows × seq_len
     assert p.comm["PP send/recv"] == 2 * tokens * cfg.hidden_size * 4
     assert p.in_flight == 2 and p.activations == 2 * activation_bytes(cfg, tokens // 2, 4, False, [0, 1, 2])
