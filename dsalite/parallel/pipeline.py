@@ -232,6 +232,9 @@ def check(r, cfg, layout) -> Split:
     if spec.pp > cfg.num_hidden_layers:
         raise SplitError(f"parallel.pp={spec.pp} is more than the model's num_hidden_layers={cfg.num_hidden_layers}: "
                          "every stage needs at least one trunk layer")
+    if cfg.hyper:
+        raise LayoutError(f"parallel.pp={layout.pp}: pipeline stages of DeepSeek-V4 (mHC streams between stages) are "
+                          "not supported yet")
     if cfg.tie_word_embeddings:
         raise LayoutError("parallel.pp > 1 needs untied embeddings (tie_word_embeddings = true would put one weight on "
                           "the first and the last stage)")

@@ -45,6 +45,8 @@ def cut(model, split: Split, stage: int) -> None:
         model.model.embed_tokens = None
     if stage < split.stages - 1:
         model.model.norm = None
+        if hasattr(model.model, "hc_head"):
+            del model.model.hc_head
         if hasattr(model, "lm_head"):
             del model.lm_head
         model.mtp = nn.ModuleList()

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from dsalite.cli import main
 from dsalite.config import ModelConfig
 from dsalite.parallel import check_recipe
-from dsalite.parallel.mesh import LayoutError
+from dsalite.parallel.mesh import Layout, LayoutError
 from dsalite.parallel.pipeline import (PipelineSpec, Split, SplitError, allowed_starts, balanced_split, carry_bytes,
                                        imbalance, layer_costs, plan_split, violations)
 from dsalite.training.trainer import model_config
@@ -72,6 +72,16 @@ def test_unsupported_pipeline_layouts_are_named(parallel, words):
     with pytest.raises(LayoutError) as e:
         check_recipe(r, world)
     assert words in str(e.value)
+
+
+def test_deepseek_v4_stages_are_refused_by_name():
+    from dsalite import presets
+    from dsalite.parallel.pipeline import check
+
+    cfg = ModelConfig.from_hf(dict(presets.PRESETS["deepseek-v4-tiny"]))
+    r = recipe("glm-5.2", [], {"pp": 2, "pp_microbatches": 2})
+    with pytest.raises(LayoutError, match="parallel.pp=2: pipeline stages of DeepSeek-V4"):
+        check(r, cfg, Layout(pp=2, dp_shard=1))
 
 
 def test_cli_refuses_bad_split_before_any_work(tmp_path, capsys):
