@@ -188,3 +188,13 @@ def test_requests_that_cannot_fit_are_refused(glm):
         RequestParams(max_tokens=0)
     with pytest.raises(ValueError, match="top_p"):
         RequestParams(top_p=0)
+
+
+def test_deepseek_v4_is_refused_by_name():
+    from dsalite.config import ModelConfig
+    from dsalite.model import build_model
+    from dsalite.presets import tiny
+
+    v4 = build_model(ModelConfig.from_hf(tiny("deepseek_v4")))
+    with pytest.raises(ValueError, match=r"deepseek_v4 has its own cache \(V4Cache.*not served yet"):
+        Engine(v4, num_blocks=8)

@@ -76,7 +76,8 @@ class Engine:
         cfg = model.cfg
         if family(cfg.model_type).cache is not None:
             raise ValueError(f"dsalite serve pages the MLA latent cache; {cfg.model_type} has its own cache "
-                             f"({family(cfg.model_type).cache.__name__}) and is not served yet")
+                             f"({family(cfg.model_type).cache.__name__}: sliding windows and compressor state per "
+                             f"sequence, not paged yet) and is not served yet; use dsalite generate")
         if speculative not in (None, "mtp"):
             raise ValueError(f"speculative must be None or 'mtp', got {speculative!r}")
         if speculative and not len(model.mtp):
