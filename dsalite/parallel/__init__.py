@@ -93,17 +93,17 @@ class Parallel:
         from dsalite.parallel.expert_parallel import apply_expert_parallel
         from dsalite.parallel.fsdp import apply_fsdp
 
+        roots = [model]  # FSDP roots: the model, or each of this rank's pipeline stages
         if self.pipeline is not None:  # delete the layers other stages hold
-            from dsalite.parallel.pipeline_stage import cut
-
-            cut(model, self.pipeline.split, self.pipeline.stage)
+            roots = self.pipeline.cut(model)
         if self.cp is not None:
             from dsalite.parallel.context_parallel import apply_context_parallel
 
             apply_context_parallel(model, self.cp)
         if self.layout.ep > 1:
             apply_expert_parallel(model, self.meshes.ep)
-        apply_fsdp(model, self.meshes.dense, self.meshes.experts, param_dtype=self.param_dtype)
+        for root in roots:
+            apply_fsdp(root, self.meshes.dense, self.meshes.experts, param_dtype=self.param_dtype)
 
     def model_on_meta(self, r):
         """The recipe's init_from model on the meta device (see load.py)."""

@@ -25,8 +25,11 @@ from dataclasses import dataclass
 from dsalite.indexshare import source_layer
 from dsalite.parallel.mesh import LayoutError
 
-SCHEDULES = ("1f1b", "gpipe")  # one stage per rank
-MULTI_STAGE = ("interleaved-1f1b", "looped-bfs")  # need several model chunks per rank: not yet
+# recipe name -> torch.distributed.pipelining schedule; the last two run several stages per rank (looped: stage s on
+# rank s mod pp), each its own model (pipeline_stage.stage_model)
+SCHEDULES = {"1f1b": "Schedule1F1B", "gpipe": "ScheduleGPipe", "interleaved-1f1b": "ScheduleInterleaved1F1B",
+             "looped-bfs": "ScheduleLoopedBFS"}
+MULTI_STAGE = ("interleaved-1f1b", "looped-bfs")
 
 
 class SplitError(LayoutError):
@@ -40,11 +43,17 @@ class PipelineSpec:
     schedule: str
     split: tuple[int, ...]  # first trunk layer of stages 1 .. P-1 (0-based stage index); () = automatic
     carry_topk: bool
+    per_rank: int = 1  # stages per rank
 
     @classmethod
     def from_recipe(cls, section) -> "PipelineSpec":
+        v = section.pp_stages_per_rank or (2 if section.pp_schedule in MULTI_STAGE else 1)
         return cls(section.pp, section.pp_microbatches or section.pp, section.pp_schedule,
-                   tuple(section.pp_split), section.pp_carry_topk)
+                   tuple(section.pp_split), section.pp_carry_topk, v)
+
+    @property
+    def stages(self) -> int:
+        return self.pp * self.per_rank
 
 
 @dataclass(frozen=True)
@@ -166,7 +175,7 @@ def balanced_split(costs: list[float], tail: float, pp: int, allowed: list[bool]
                 if cand < best[s][j]:
                     best[s][j], back[s][j] = cand, k
     if best[pp][L] == INF:
-        raise SplitError(f"parallel.pp={pp}: the model's {L} trunk layers cannot be split into {pp} stages that each "
+        raise SplitError(f"parallel.pp: the model's {L} trunk layers cannot be split into {pp} stages that each "
                          "begin with an IndexShare full layer (only "
                          f"{sum(allowed[1:])} full layers after layer 0); lower pp or set parallel.pp_carry_topk = "
                          "true")
@@ -190,11 +199,11 @@ def plan_split(cfg, spec: PipelineSpec, seq_len: int) -> Split:
     L, n_mtp = cfg.num_hidden_layers, cfg.num_nextn_predict_layers
     if not spec.split:
         costs, tail = layer_costs(cfg, seq_len)
-        return balanced_split(costs, tail, spec.pp, allowed_starts(cfg, spec.carry_topk), n_mtp)
-    given = list(spec.split)
-    if len(given) != spec.pp - 1:
-        raise SplitError(f"parallel.pp_split={given} has {len(given)} entries; pp={spec.pp} needs {spec.pp - 1} (the "
-                         "first trunk layer of stages 2 .. pp)")
+        return balanced_split(costs, tail, spec.stages, allowed_starts(cfg, spec.carry_topk), n_mtp)
+    given, P = list(spec.split), spec.stages
+    if len(given) != P - 1:
+        raise SplitError(f"parallel.pp_split={given} has {len(given)} entries; {P} stages (pp={spec.pp} × "
+                         f"{spec.per_rank} per rank) need {P - 1} (the first trunk layer of stages 2 .. {P})")
     if any(not isinstance(b, int) or isinstance(b, bool) for b in given) or \
             any(b <= a for a, b in zip([0] + given, given)) or given[-1] >= L:
         raise SplitError(f"parallel.pp_split={given} must be increasing trunk layer indices in 1 .. {L - 1} (each "
@@ -218,9 +227,6 @@ def plan_split(cfg, spec: PipelineSpec, seq_len: int) -> Split:
 def check(r, cfg, layout) -> Split:
     """Every pipeline rule that can be checked before a process starts; the split the run will use."""
     spec = PipelineSpec.from_recipe(r.parallel)
-    if spec.schedule in MULTI_STAGE:
-        raise LayoutError(f"parallel.pp_schedule={spec.schedule!r} needs several stages per rank (model chunks), "
-                          f"which dsalite does not build yet; use one of {list(SCHEDULES)}")
     if spec.schedule not in SCHEDULES:
         raise LayoutError(f"parallel.pp_schedule={spec.schedule!r} is unknown; expected one of {list(SCHEDULES)}")
     if layout.cp > 1:
@@ -229,9 +235,12 @@ def check(r, cfg, layout) -> Split:
     if layout.dp_replicate > 1:
         raise LayoutError(f"parallel.pp={layout.pp} with dp_replicate={layout.dp_replicate}: pipeline with HSDP "
                           "replicas is not supported yet (use dp_shard)")
-    if spec.pp > cfg.num_hidden_layers:
-        raise SplitError(f"parallel.pp={spec.pp} is more than the model's num_hidden_layers={cfg.num_hidden_layers}: "
-                         "every stage needs at least one trunk layer")
+    if (spec.per_rank > 1) != (spec.schedule in MULTI_STAGE):
+        raise LayoutError(f"parallel.pp_stages_per_rank={spec.per_rank} does not fit pp_schedule={spec.schedule!r}: "
+                          f"{list(MULTI_STAGE)} run 2 or more stages per rank, the others exactly 1")
+    if spec.stages > cfg.num_hidden_layers:
+        raise SplitError(f"parallel.pp={spec.pp} × {spec.per_rank} stages per rank is more than the model's "
+                         f"num_hidden_layers={cfg.num_hidden_layers}: every stage needs at least one trunk layer")
     if cfg.hyper:
         raise LayoutError(f"parallel.pp={layout.pp}: pipeline stages of DeepSeek-V4 (mHC streams between stages) are "
                           "not supported yet")
@@ -246,6 +255,10 @@ def check(r, cfg, layout) -> Split:
     if spec.schedule == "1f1b" and spec.microbatches < spec.pp:
         raise LayoutError(f"parallel.pp_microbatches={spec.microbatches} is fewer than pp={spec.pp}: 1F1B needs at "
                           "least one micro-batch per stage")
+    rounds = max(1, spec.microbatches // spec.pp)
+    if spec.schedule == "interleaved-1f1b" and spec.microbatches % rounds:
+        raise LayoutError(f"parallel.pp_microbatches={spec.microbatches}: interleaved 1F1B runs rounds of pp={spec.pp} "
+                          f"micro-batches, so it needs a multiple of {rounds} (or at most pp)")
     return plan_split(cfg, spec, r.data.seq_len)
 
 
@@ -273,9 +286,11 @@ def plan_for(r, cfg, layout) -> tuple[Split, PipelineSpec, list[str]]:
         lines.append("pipeline: the recipe's pp_split is refused (see below); planned with the automatic split")
     costs, tail = layer_costs(cfg, S)
     rows = r.data.batch_size // layout.dp // spec.microbatches
-    lines.append(f"pipeline: {spec.pp} stages ({spec.schedule}, {spec.microbatches} micro-batches of {rows} rows), "
-                 f"layers {describe_split(split)}; most loaded stage / mean FLOPs = "
-                 f"{imbalance(costs, tail, split):.3f}; rank 0 holds stage 0 (figures above are its)")
+    mine = list(range(0, spec.stages, spec.pp))
+    lines.append(f"pipeline: {spec.stages} stages on {spec.pp} ranks ({spec.schedule}, {spec.microbatches} "
+                 f"micro-batches of {rows} rows), layers {describe_split(split)}; most loaded stage / mean FLOPs = "
+                 f"{imbalance(costs, tail, split):.3f}; rank 0 holds stage{'s' if len(mine) > 1 else ''} "
+                 f"{', '.join(map(str, mine))} (figures above are its)")
     extra = carry_bytes(cfg, split, rows, S)
     if any(extra):
         lines.append(f"pipeline: carried top-k per micro-batch per boundary: {[_mib(b) for b in extra]}")

@@ -31,19 +31,21 @@ from torch import nn
 from dsalite.indexshare import NOT_GIVEN, source_layer
 from dsalite.layers.mask import Visibility
 from dsalite.parallel.mesh import LayoutError
-from dsalite.parallel.pipeline import PipelineSpec, Split, carried, topk_width
+from dsalite.parallel.pipeline import SCHEDULES, PipelineSpec, Split, carried, topk_width
 from dsalite.training.losses import IGNORE, DSATraining, head_lm_loss, lm_loss, shifted_labels
 
 
-def cut(model, split: Split, stage: int) -> None:
-    """Delete, in place, every part of `model` that stage `stage` does not hold."""
-    keep = {str(i) for i in split.layers(stage)}
+def cut(model, split: Split, stages: list[int]) -> list:
+    """Delete, in place, every part of `model` that none of this rank's `stages` holds; returns the stage models:
+    `model` itself for one stage per rank, else one `stage_model` view per stage (interleaved and looped schedules)."""
+    keep = {str(i) for s in stages for i in split.layers(s)}
+    last = split.stages - 1
     for i in list(model.model.layers):
         if i not in keep:
             del model.model.layers[i]
-    if stage > 0:
+    if 0 not in stages:
         model.model.embed_tokens = None
-    if stage < split.stages - 1:
+    if last not in stages:
         model.model.norm = None
         if hasattr(model.model, "hc_head"):
             del model.model.hc_head
@@ -53,6 +55,28 @@ def cut(model, split: Split, stage: int) -> None:
     elif any(not hasattr(layer, "embed_tokens") for layer in model.mtp):
         raise LayoutError("parallel.pp > 1: the MTP layers of this checkpoint use the main embeddings, which live on "
                           "the first stage; pipeline training needs MTP layers with their own embed_tokens")
+    return [model] if len(stages) == 1 else [stage_model(model, split, s) for s in stages]
+
+
+def stage_model(model, split: Split, s: int):
+    """Stage s of `model` as a model of its own: a Transformer holding (sharing, not copying) only the modules stage
+    s runs. Several stages on one rank are each their own FSDP root; `model` keeps owning every parameter (the
+    optimizer, checkpoints and the export see it whole)."""
+    first, last = s == 0, s == split.stages - 1
+    c = type(model).__new__(type(model))
+    nn.Module.__init__(c)
+    c.cfg, c.tables = model.cfg, model.tables
+    c.model = type(model.model).__new__(type(model.model))
+    nn.Module.__init__(c.model)
+    c.model.embed_tokens = model.model.embed_tokens if first else None
+    c.model.layers = nn.ModuleDict({str(i): model.model.layers[str(i)] for i in split.layers(s)})
+    if last and hasattr(model.model, "hc_head"):
+        c.model.hc_head = model.model.hc_head
+    c.model.norm = model.model.norm if last else None
+    if last and hasattr(model, "lm_head"):
+        c.lm_head = model.lm_head
+    c.mtp = model.mtp if last else nn.ModuleList()
+    return c
 
 
 class _AttachLoss(torch.autograd.Function):
@@ -73,13 +97,13 @@ class _AttachLoss(torch.autograd.Function):
 class _StageModule(nn.Module):
     """What `PipelineStage` runs: the cut model, called with the received activations and the micro-batch index."""
 
-    def __init__(self, runner: "Pipeline", model):
+    def __init__(self, runner: "Pipeline", k: int):
         super().__init__()
-        self.model = model
-        self.runner = runner
+        self.model = runner.roots[k]
+        self.runner, self.k = runner, k
 
     def forward(self, *acts, mb):
-        return self.runner.stage_forward(acts, int(mb))
+        return self.runner.stage_forward(acts, int(mb), self.k)
 
 
 class Pipeline:
@@ -87,32 +111,29 @@ class Pipeline:
 
     def __init__(self, par, spec: PipelineSpec, split: Split):
         self.par, self.spec, self.split = par, spec, split
-        self.stage = par.meshes.pp.get_local_rank()
+        rank = par.meshes.pp.get_local_rank()
+        self.local = list(range(rank, split.stages, spec.pp))  # this rank's stages (looped: rank, rank + pp, ...)
+        self.roots = None  # their models (`cut`)
         self.schedule = None
-        self.sent = {"hidden": 0, "topk": 0}  # bytes this stage sent forward in its latest micro-batch
+        self.sent = {}  # stage -> bytes it sent forward in its latest micro-batch: {"hidden": .., "topk": ..}
 
-    @property
-    def first(self) -> bool:
-        return self.stage == 0
-
-    @property
-    def last(self) -> bool:
-        return self.stage == self.split.stages - 1
+    def cut(self, model) -> list:
+        self.roots = cut(model, self.split, self.local)
+        return self.roots
 
     # ----- setup -----
-    def _carry(self, cfg) -> tuple[bool, bool]:
-        """Whether a top-k arrives at this stage, and whether one leaves it."""
+    def _carry(self, cfg, s: int) -> tuple[bool, bool]:
+        """Whether a top-k arrives at stage s, and whether one leaves it."""
         if not self.spec.carry_topk or not cfg.has_indexer:
             return False, False
         c = carried(cfg.indexer_types, self.split)
-        return (not self.first and c[self.stage - 1]), (not self.last and c[self.stage])
+        return (s > 0 and c[s - 1]), (s < self.split.stages - 1 and c[s])
 
     def _build(self, trainer, rows: int, S: int) -> None:
-        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+        import torch.distributed.pipelining as pipelining
 
-        cfg, dev = trainer.model.cfg, self.par.device
+        cfg, dev, P = trainer.model.cfg, self.par.device, self.split.stages
         self.K = topk_width(cfg, S)
-        self.carry_in, self.carry_out = self._carry(cfg)
         dt = self.par.param_dtype
 
         def meta(shape, dtype, grad=False):
@@ -120,13 +141,16 @@ class Pipeline:
 
         x = meta((rows, S, cfg.hidden_size), dt, True)
         topk = meta((rows, S, self.K), torch.int32)
-        inputs = (meta((rows, S), torch.long),) if self.first else (x,) + ((topk,) if self.carry_in else ())
-        outputs = (meta((), torch.float32, True),) if self.last else (x,) + ((topk,) if self.carry_out else ())
-        self.module = _StageModule(self, trainer.model)
-        stage = PipelineStage(self.module, self.stage, self.split.stages, dev, input_args=inputs,
-                              output_args=outputs, group=self.par.meshes.pp.get_group())
-        kind = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe}[self.spec.schedule]
-        self.schedule = kind(stage, self.spec.microbatches, loss_fn=lambda out, target: out, scale_grads=False)
+        stages = []
+        for k, s in enumerate(self.local):
+            carry_in, carry_out = self._carry(cfg, s)
+            inputs = (meta((rows, S), torch.long),) if s == 0 else (x,) + ((topk,) if carry_in else ())
+            outputs = (meta((), torch.float32, True),) if s == P - 1 else (x,) + ((topk,) if carry_out else ())
+            stages.append(pipelining.PipelineStage(_StageModule(self, k), s, P, dev, input_args=inputs,
+                                                   output_args=outputs, group=self.par.meshes.pp.get_group()))
+        kind = getattr(pipelining, SCHEDULES[self.spec.schedule])
+        self.schedule = kind(stages[0] if len(stages) == 1 else stages, self.spec.microbatches,
+                             loss_fn=lambda out, target: out, scale_grads=False)
         self.trainer = trainer
 
     # ----- one step -----
@@ -157,10 +181,11 @@ class Pipeline:
         self.f_ce, self.f_mtp = frac[:, 0], frac[:, 1:1 + n_mtp]
         self.n_rows = total[-1]  # query rows of the global batch: each indexer layer's KL is a mean over them
 
-    def stage_forward(self, acts, m: int):
-        t = self.trainer
-        r, model = t.recipe, t.model
-        tr = r.train
+    def stage_forward(self, acts, m: int, k: int):
+        t, model, s = self.trainer, self.roots[k], self.local[k]
+        first, last = s == 0, s == self.split.stages - 1
+        carry_in, carry_out = self._carry(model.cfg, s)
+        r, tr = t.recipe, t.recipe.train
         sl = slice(m * self.rows, (m + 1) * self.rows)
         ids, seg, pos = self.ids[sl], self.seg[sl], self.pos[sl]
         dsa = None
@@ -170,19 +195,19 @@ class Pipeline:
         t.stats.begin(self.rows)
         kw = dict(position_ids=pos, segment_ids=seg, dsa=dsa, compute_logits=False)
         carried_in = NOT_GIVEN
-        if not self.first:
+        if not first:
             kw["hidden_in"] = acts[0]
-            if self.carry_in:
+            if carry_in:
                 carried_in = acts[1].long() if self.K else None
                 kw["topk_in"] = carried_in
         amp = torch.autocast(self.par.device.type, dtype=torch.bfloat16) if tr.bf16 else nullcontext()
         named = {}
         with amp:
             out = model(ids, **kw)
-            if self.last:
+            if last:
                 named["ce"] = head_lm_loss(model, out.last_hidden, self.ce_labels[sl]) * self.f_ce[m]
                 if t.n_mtp:
-                    layers = list(self.split.layers(self.stage))
+                    layers = list(self.split.layers(s))
                     trunk = dict(zip(layers, out.topk))
                     if carried_in is not NOT_GIVEN:  # the top-k of the last full layer before this stage
                         trunk[source_layer(model.cfg.indexer_types, layers[0])] = carried_in
@@ -206,19 +231,19 @@ class Pipeline:
         for k, v in named.items():
             self.sums[k] = self.sums.get(k, 0.0) + float(v) / tr.accum_steps
         loss = loss / tr.accum_steps
-        if self.last:
+        if last:
             return loss
         y = out.last_hidden
         if torch.is_tensor(loss) and loss.requires_grad:
             y = _AttachLoss.apply(y, loss)
-        self.sent["hidden"] = y.numel() * y.element_size()
-        if not self.carry_out:
+        self.sent[s] = {"hidden": y.numel() * y.element_size(), "topk": 0}
+        if not carry_out:
             return y
         topk = out.topk[-1] if out.topk else carried_in
         if topk is None:
             topk = torch.empty(*y.shape[:2], 0, dtype=torch.long, device=y.device)
         topk = topk.to(torch.int32)
-        self.sent["topk"] = topk.numel() * topk.element_size()
+        self.sent[s]["topk"] = topk.numel() * topk.element_size()
         return y, topk
 
     def train_step(self, trainer) -> tuple[dict, dict]:
@@ -234,13 +259,9 @@ class Pipeline:
             self._counts(b, S, trainer.n_mtp)
             if self.schedule is None:
                 self._build(trainer, self.rows, S)
-            mb = torch.arange(M)
-            if self.first:
-                self.schedule.step(self.ids, mb=mb)
-            elif self.last:
-                self.schedule.step(mb=mb, target=torch.zeros(M), return_outputs=False)
-            else:
-                self.schedule.step(mb=mb)
+            args = (self.ids,) if 0 in self.local else ()  # the first stage reads the tokens
+            last = dict(target=torch.zeros(M), return_outputs=False) if self.split.stages - 1 in self.local else {}
+            self.schedule.step(*args, mb=torch.arange(M), **last)
         return self._reduce(trainer)
 
     def _reduce(self, trainer) -> tuple[dict, dict]:
@@ -250,7 +271,7 @@ class Pipeline:
         dist.all_reduce(vec, group=self.par.meshes.world.get_group())
         sums = dict(zip(keys, vec.tolist()))
         _, loads = self.par.dp.reduce_step({}, self.loads)  # this stage's routers, over the data-parallel ranks
-        every: list = [None] * self.split.stages
+        every: list = [None] * self.spec.pp
         dist.all_gather_object(every, {k: v.cpu() for k, v in loads.items()}, group=self.par.meshes.pp.get_group())
         merged = {}
         for part in every:

@@ -127,18 +127,19 @@ def plan(r, nproc: int, cfg=None) -> Plan:
         with torch.device("meta"):
             model = Transformer(cfg)
         n_params = sum(p.numel() for p in model.parameters())
-        stage = None  # pipeline: rank 0 holds the first stage
+        stage, roots = None, [model]  # pipeline: rank 0 holds stage 0 (and pp, 2·pp, ... when looped)
         if layout.pp > 1:
             from dsalite.parallel.pipeline import plan_for
             from dsalite.parallel.pipeline_stage import cut
 
             split, spec, lines = plan_for(r, cfg, layout)
             notes[:0] = lines
-            cut(model, split, 0)
-            stage = list(split.layers(0))
+            roots = cut(model, split, list(range(0, spec.stages, spec.pp)))
+            stage = [i for s in range(0, spec.stages, spec.pp) for i in split.layers(s)]
         if layout.ep > 1:
             apply_expert_parallel(model, meshes.ep)
-        units = apply_fsdp(model, meshes.dense, meshes.experts, param_dtype=compute) if nproc > 1 else [model]
+        units = [u for root in roots for u in apply_fsdp(root, meshes.dense, meshes.experts, param_dtype=compute)] \
+            if nproc > 1 else [model]
         params = sum(_local_bytes(p) for p in model.parameters())
         comm, gathered = {}, []
         own = {}  # unit -> its own parameters (not those of units inside it)
@@ -169,9 +170,12 @@ def plan(r, nproc: int, cfg=None) -> Plan:
                 (layout.ep - 1) / layout.ep * r.train.accum_steps
         acts, live = activation_bytes(cfg, tokens, cb, r.train.recompute), 1
         if stage is not None:  # per micro-batch, times the micro-batches stage 0 holds at once
-            mb = tokens // spec.microbatches
-            live = min(layout.pp, spec.microbatches) if spec.schedule == "1f1b" else spec.microbatches
-            acts = activation_bytes(cfg, mb, cb, r.train.recompute, stage) * live
+            mb, M, P, v = tokens // spec.microbatches, spec.microbatches, layout.pp, spec.per_rank
+            # forwards of one stage's worth (1/v of rank 0's layers) held before the first backward frees one
+            chunks = {"1f1b": min(P, M), "gpipe": M, "looped-bfs": M * v,
+                      "interleaved-1f1b": min(M * v, (v - 1) * P + 2 * P - 1)}[spec.schedule]
+            live = max(1, round(chunks / v))
+            acts = activation_bytes(cfg, mb, cb, r.train.recompute, stage) * chunks // v
             comm["PP send/recv"] = 2 * tokens * cfg.hidden_size * cb * r.train.accum_steps
         gathered.sort()
         return Plan(layout, cfg.model_type, n_params, params, params, 2 * params,

@@ -88,8 +88,10 @@ class ParallelSection:
     ep: int = 1  # expert-parallel degree (routed experts split over this many ranks)
     pp: int = 1  # pipeline stages (torch.distributed.pipelining; parallel/pipeline.py)
     pp_microbatches: int = 0  # micro-batches per pipeline step (0 = pp); each dp rank's rows split into these
-    pp_schedule: str = "1f1b"  # 1f1b | gpipe
-    pp_split: list = field(default_factory=list)  # first trunk layer of stages 2, 3, ...; empty = automatic
+    pp_schedule: str = "1f1b"  # 1f1b | gpipe (one stage per rank) | interleaved-1f1b | looped-bfs (several)
+    pp_stages_per_rank: int = 0  # 0 = 1 for 1f1b / gpipe, 2 for interleaved-1f1b / looped-bfs
+    pp_split: list = field(default_factory=list)  # first trunk layer of stages 2, 3, ... (of pp × stages per
+    #                                               rank); empty = automatic
     pp_carry_topk: bool = False  # let a stage boundary fall between IndexShare source and shared layers
     cp: int = 1  # context-parallel degree (reserved: must be 1 for now)
     param_dtype: str = "fp32"  # fp32 | bf16: the dtype FSDP gathers parameters in (gradients reduce in fp32)
