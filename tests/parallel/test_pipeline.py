@@ -329,3 +329,12 @@ def test_dry_run_plans_the_first_stage():
     tokens = 2 * 32  # this rank's rows × seq_len
     assert p.comm["PP send/recv"] == 2 * tokens * cfg.hidden_size * 4
     assert p.in_flight == 2 and p.activations == 2 * activation_bytes(cfg, tokens // 2, 4, False, [0, 1, 2])
+
+
+def test_cli_dry_run_with_pp(capsys):
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "recipes")
+    assert main(["train", f"{root}/glm5-744b.toml", "--dry-run", "--nproc", "256", "--pp", "4", "--pp-microbatches",
+                 "4"]) == 0
+    out = capsys.readouterr().out
+    assert "256 processes: pp=4, dp_replicate=1, dp_shard=64, ep=8" in out
+    assert "pipeline: 4 stages on 4 ranks (1f1b, 4 micro-batches of 1 rows)" in out and "PP send/recv" in out
