@@ -13,7 +13,14 @@ ep 2) the ranks are started as subprocesses (gloo, one thread each) and rank 0 r
   - the median wall time of a step. On a 2-core machine more processes cannot be faster: the figure says what the
     parallel machinery costs here, not what it gains on a cluster.
 
-    .venv/bin/python bench/parallel.py [--seq 512] [--batch 4] [--steps 3] [--layouts 1,2,2e2,4,4e2]
+Context parallel (`--cp`, layouts c2 = cp 2 and c2d2 = cp 2 × dp_shard 2; each sequence split zigzag over the cp
+ranks): first, analytically at the real GLM-5 widths (recipes/glm5-744b.toml) and S = 128K, the bytes one rank
+receives per layer when it gathers the other ranks' compact state (MLA latent r + p, plus the indexer key Di on full
+layers) against what gathering expanded keys and values (H·(n + p) + H·v) would take; then, on bench-medium, the
+bytes through the cp group's all-gathers and reduce-scatters in one step, counted like the rest, against the
+analytic figure (`context_parallel.gather_bytes`).
+
+    .venv/bin/python bench/parallel.py [--seq 512] [--batch 4] [--steps 3] [--layouts 1,2,2e2,4,4e2] [--cp]
 
 `--pipeline` prints the pipeline figures instead (analytic, no processes, seconds): the stage balance of the
 automatic split on the real GLM-5.2 config (78 layers + MTP, IndexShare freq 4 offset 3, at S = 4096) at pp = 2, 4,
@@ -40,6 +47,14 @@ from common import header  # noqa: E402
 from dsalite.presets import BENCH_MEDIUM  # noqa: E402
 
 LAYOUTS = {"1": (1, 1), "2": (2, 1), "2e2": (2, 2), "4": (4, 1), "4e2": (4, 2)}  # name -> (dp_shard, ep)
+CP_LAYOUTS = {"c2": (1, 2), "c2d2": (2, 2)}  # name -> (dp_shard, cp)
+
+
+def layout_of(name: str) -> tuple[int, int, int]:
+    """(dp_shard, ep, cp) of a layout name."""
+    if name in CP_LAYOUTS:
+        return CP_LAYOUTS[name][0], 1, CP_LAYOUTS[name][1]
+    return LAYOUTS[name][0], LAYOUTS[name][1], 1
 
 
 class CommCounter:
@@ -50,10 +65,13 @@ class CommCounter:
              "reduce_scatter_tensor": "reduce-scatter", "reduce_scatter_single": "reduce-scatter",
              "all_to_all_single": "all-to-all", "all_reduce": "all-reduce"}
 
-    def __init__(self):
+    def __init__(self, cp_group=None):
         import torch.distributed as dist
 
         self.dist, self.bytes, self.saved, self.on = dist, {}, {}, False
+        # context parallel's gathers: collectives on its group of [rows, tokens, width] tensors (FSDP2's buffers on
+        # the same ranks, with dp_shard = 1 the same group, are flat), counted as "cp <kind>"
+        self.cp_group = cp_group
         for name, kind in self.KINDS.items():
             fn = getattr(dist, name, None)
             if fn is None:
@@ -67,7 +85,9 @@ class CommCounter:
                 key = ("output_tensor", 0) if kind == "all-gather" else (("input", 1) if kind != "all-reduce"
                                                                          else ("tensor", 0))
                 t = kwargs.get(key[0], args[key[1]] if len(args) > key[1] else None)
-                self.bytes[kind] = self.bytes.get(kind, 0) + t.numel() * t.element_size()
+                cp = self.cp_group is not None and kwargs.get("group") is self.cp_group and t.dim() == 3
+                name = f"cp {kind}" if cp else kind
+                self.bytes[name] = self.bytes.get(name, 0) + t.numel() * t.element_size()
             return fn(*args, **kwargs)
         return counted
 
@@ -83,30 +103,37 @@ def worker(args) -> None:
 
     torch.set_num_threads(1)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    dp_shard, ep = LAYOUTS[args.layout]
-    counter = CommCounter() if world > 1 else None
+    dp_shard, ep, cp = layout_of(args.layout)
     cfg = ModelConfig.from_hf(dict(BENCH_MEDIUM))
     model = Transformer(cfg)
     model.init_weights(std=0.02, generator=torch.Generator().manual_seed(0))
     n_params = model.num_params()
     expert_params = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
-    rank, dp_rank = 0, 0
-    par = None
+    rank, dp_rank, dp = 0, 0, 1
+    par = counter = None
     if world > 1:
         dist.init_process_group("gloo")
-        layout = Layout(dp_shard=dp_shard, ep=ep).check(world, cfg.n_routed_experts, args.batch)
+        layout = Layout(dp_shard=dp_shard, ep=ep, cp=cp).check(world, cfg.n_routed_experts, args.batch)
         par = Parallel(layout, build_meshes(layout, "cpu"), torch.device("cpu"), dist.get_rank())
+        if cp > 1:
+            from dsalite.parallel.context_parallel import ZigzagSplit
+
+            par.cp = ZigzagSplit(args.seq, par.meshes.cp.get_local_rank(), cp, par.meshes.cp.get_group())
+        counter = CommCounter(par.meshes.cp.get_group() if cp > 1 else None)
         par.parallelize(model)
-        rank, dp_rank = par.rank, par.dp.rank
+        rank, dp_rank, dp = par.rank, par.dp.rank, par.dp.size
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=g)
-    rows = slice(dp_rank * args.batch // world, (dp_rank + 1) * args.batch // world)
+    rows = slice(dp_rank * args.batch // dp, (dp_rank + 1) * args.batch // dp)
     x, labels = ids[rows, :-1], ids[rows, 1:]
+    pos = torch.arange(args.seq).expand(x.shape[0], -1)
+    if par is not None and par.cp is not None:  # this rank's zigzag share of every sequence
+        x, labels, pos = par.cp.take(x), par.cp.take(labels), par.cp.take(pos)
     share = (labels != IGNORE).sum() / (args.batch * args.seq)  # this rank's share of the global mean
 
     def step(measure=None):
-        out = model(x, compute_logits=False)
+        out = model(x, position_ids=pos, compute_logits=False)
         (head_lm_loss(model, out.last_hidden, labels) * share).backward()
         if measure is not None:
             measure["grads"] = sum(local(p.grad) for p in model.parameters() if p.grad is not None)
@@ -137,7 +164,7 @@ def worker(args) -> None:
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
-    m.update(step_s=statistics.median(times), n_params=n_params, world=world, layout=args.layout,
+    m.update(step_s=statistics.median(times), n_params=n_params, world=world, layout=args.layout, tokens=x.numel(),
              moe_layers=sum(t == "sparse" for t in cfg.mlp_types), root_params=model.model.norm.weight.numel()
              + model.lm_head.weight.numel(), expert_params=expert_params)
     if rank == 0:
@@ -147,7 +174,8 @@ def worker(args) -> None:
 
 
 def run(layout: str, args) -> dict:
-    world = LAYOUTS[layout][0]
+    dp_shard, _, cp = layout_of(layout)
+    world = dp_shard * cp
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 1000), OMP_NUM_THREADS="1",
                WORLD_SIZE=str(world))
     cmd = [sys.executable, __file__, "--worker", "--layout", layout, "--seq", str(args.seq), "--batch",
@@ -196,6 +224,57 @@ def pipeline_figures(seq: int) -> None:
           f"{hidden / 2**20:.1f} MiB of bf16 hidden state (+{extra[0] / hidden:.0%} on those boundaries, forward only)")
 
 
+def cp_figures(args, S: int = 128 * 1024) -> None:
+    """Context parallel: what one rank receives per layer (GLM-5 widths, S tokens, bf16) and the counted gathers of
+    bench-medium at cp 2 and cp 2 × dp_shard 2 against the analytic figure."""
+    from dsalite.config import ModelConfig
+    from dsalite.parallel.context_parallel import state_widths
+    from dsalite.training.recipe import load_recipe
+    from dsalite.training.trainer import model_config
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    glm5 = model_config(load_recipe(os.path.join(root, "recipes", "glm5-744b.toml")))
+    compact, _ = state_widths(glm5)
+    c = glm5
+    print(f"\nGLM-5 (r {c.kv_lora_rank}, p {c.qk_rope_head_dim}, Di {c.index_head_dim}, H {c.num_attention_heads}, "
+          f"n {c.qk_nope_head_dim}, v {c.v_head_dim}; {len(compact)} layers incl. MTP), S = {S // 1024}K tokens, bf16: "
+          "bytes one rank receives per layer in forward (the other cp - 1 ranks' tokens; backward returns as many)")
+    print("\n| cp | latent + indexer key (full layer) | latent only (shared layer) | expanded K + V + indexer key | "
+          "expanded / compact | all layers, forward + backward |")
+    print("|---|---|---|---|---|---|")
+    latent, full = c.kv_lora_rank + c.qk_rope_head_dim, c.kv_lora_rank + c.qk_rope_head_dim + c.index_head_dim
+    kv = c.num_attention_heads * (c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim) + c.index_head_dim
+    for C in (2, 4, 8, 16):
+        tok = S * (C - 1) // C
+        print(f"| {C} | {_gib(tok * full * 2)} | {_gib(tok * latent * 2)} | {_gib(tok * kv * 2)} | "
+              f"{kv / full:.1f}× | {_gib(2 * tok * sum(compact) * 2)} |")
+    cfg = ModelConfig.from_hf(dict(BENCH_MEDIUM))
+    trunk, trunk_expanded = state_widths(cfg, mtp=False)  # the bench step runs no MTP layer
+    res = {name: run(name, args) for name in ("1", *CP_LAYOUTS)}
+    base = res["1"]
+    mib = 2**20
+    print(f"\nbench-medium ({cfg.num_hidden_layers} layers, r + p = {cfg.kv_lora_rank + cfg.qk_rope_head_dim}, "
+          f"Di {cfg.index_head_dim}), one step on rank 0, MiB: the cp group's all-gather outputs (cp × local rows) "
+          "and reduce-scatter inputs, counted vs analytic (the indexer keys get no gradient without the KL loss); "
+          "expanded = the all-gather if keys and values were gathered instead")
+    print("\n| layout | procs | local tokens | cp all-gather | analytic | expanded | cp reduce-scatter | analytic | "
+          "step s | vs 1 proc |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name in CP_LAYOUTS:
+        m = res[name]
+        dp, _, C = layout_of(name)
+        t = m["tokens"]
+        ag, rs = C * t * sum(trunk) * 4, C * t * len(trunk) * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4
+        print(f"| cp {C}{f' dp_shard {dp}' if dp > 1 else ''} | {m['world']} | {t} | "
+              f"{m['comm'].get('cp all-gather', 0) / mib:.2f} | {ag / mib:.2f} | "
+              f"{C * t * sum(trunk_expanded) * 4 / mib:.1f} | {m['comm'].get('cp reduce-scatter', 0) / mib:.2f} | "
+              f"{rs / mib:.2f} | {m['step_s']:.2f} | {m['step_s'] / base['step_s']:.2f}× |")
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seq", type=int, default=512)
@@ -203,6 +282,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--layouts", default="1,2,2e2,4,4e2")
     ap.add_argument("--pipeline", action="store_true", help="pipeline stage balance and carried top-k figures")
+    ap.add_argument("--cp", action="store_true", help="context parallel: gathered bytes (GLM-5 analytic, measured)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--layout", default="1", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -211,6 +291,10 @@ def main() -> None:
     if args.pipeline:
         header("bench/parallel.py --pipeline: GLM-5.2 stage balance (analytic, the model's own FLOPs per layer)")
         return pipeline_figures(4096 if args.seq == 512 else args.seq)
+    if args.cp:
+        header(f"bench/parallel.py --cp: context parallel gathers (GLM-5 analytic; bench-medium GLM, global batch "
+               f"{args.batch} × {args.seq} tokens, fp32, AdamW)")
+        return cp_figures(args)
     header(f"bench/parallel.py: bench-medium GLM, global batch {args.batch} × {args.seq} tokens, fp32, AdamW")
     res = {name: run(name, args) for name in args.layouts.split(",")}
     base = res.get("1") or run("1", args)

@@ -73,6 +73,24 @@ def check(r, cfg, layout) -> None:
                           "(num_nextn_predict_layers = 1) or set train.mtp_coeff = 0")
 
 
+def state_widths(cfg, mtp: bool = True) -> tuple[list[int], list[int]]:
+    """Per layer (trunk, then MTP): the values per token that context parallel gathers (the latent r + p, plus the
+    indexer key Di on full-indexer layers), and what gathering expanded keys and values would take instead (H·(n + p)
+    keys and H·v values per token, plus the same indexer key)."""
+    L = cfg.num_hidden_layers + (cfg.num_nextn_predict_layers if mtp else 0)
+    Di = [cfg.index_head_dim if cfg.layer_indexer_type(i) == "full" else 0 for i in range(L)]
+    H, n, p, v = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+    return [cfg.kv_lora_rank + p + d for d in Di], [H * (n + p + v) + d for d in Di]
+
+
+def gather_bytes(cfg, tokens: int, cp: int, dtype_bytes: int, recompute: bool = False) -> int:
+    """Bytes one rank receives in the all-gathers and sends in the reduce-scatters of one training step, for
+    `tokens` local tokens: every layer's compact state of the other cp - 1 ranks' tokens in forward (again in backward
+    with activation recompute) and their gradients back in backward."""
+    compact, _ = state_widths(cfg)
+    return int((3 if recompute else 2) * (cp - 1) * tokens * sum(compact) * dtype_bytes)
+
+
 @dataclass
 class SplitVisibility(Visibility):
     """`Visibility` for queries that are some tokens of the sequence (query i is token `query_index[i]`), against all
