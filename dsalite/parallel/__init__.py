@@ -131,13 +131,10 @@ class Parallel:
         return checkpoint
 
     def clip_grad_norm_(self, params, max_norm: float) -> float:
-        if self.pipeline is not None:
-            from dsalite.parallel.pipeline_stage import clip_grad_norm_ as clip
-
-            return clip(params, max_norm, self.meshes.stage.get_group(), self.meshes.world.get_group())
         from dsalite.parallel.fsdp import clip_grad_norm_
 
-        return clip_grad_norm_(params, max_norm, self.meshes.world.get_group())
+        stage = None if self.pipeline is None else self.meshes.stage.get_group()  # stages hold other parameters
+        return clip_grad_norm_(params, max_norm, self.meshes.world.get_group(), stage)
 
     def barrier(self) -> None:
         import torch.distributed as dist

@@ -1,6 +1,7 @@
 """FSDP2 (`torch.distributed.fsdp.fully_shard`) applied to a built Transformer, and the global gradient norm.
 
 Units, innermost first (a module's parameters belong to the innermost unit that holds them):
+  every indexer, only when the indexers alone train (the DSA warm-up stage; see `indexers_alone_train`)
   routed experts of every MoE block (only under expert parallelism: they live on the expert mesh, see mesh.py)
   every decoder block `model.layers[i]` and every MTP layer (`step` is registered as a forward method, since the
     trainer calls `mtp_forward` → `layer.step`, not the layer's `forward`)
@@ -40,7 +41,14 @@ def apply_fsdp(model: nn.Module, dense_mesh, experts_mesh=None, param_dtype: tor
         units.append(mod)
 
     layers = list(model.model.layers.values()) + list(model.mtp)
+    apart = indexers_alone_train(model)
     for layer in layers:
+        for m in (layer.modules() if apart else ()):
+            if _is_indexer(m):
+                shard(m, dense_mesh)
+                for method in INDEXER_METHODS:
+                    if hasattr(m, method):
+                        register_fsdp_forward_method(m, method)
         if experts_mesh is not None:
             for m in layer.modules():
                 if isinstance(m, Experts):
@@ -57,6 +65,28 @@ def apply_fsdp(model: nn.Module, dense_mesh, experts_mesh=None, param_dtype: tor
     return units
 
 
+# The indexers' entry points besides forward (the MLA indexer's projections; the CSA indexer's queries and its keys
+# of packed documents): FSDP2 unshards around each and hooks its outputs for backward.
+INDEXER_METHODS = ("project", "queries", "documents")
+
+
+def _is_indexer(m: nn.Module) -> bool:
+    from dsalite.layers.compressor import CSAIndexer
+    from dsalite.layers.indexer import Indexer
+
+    return isinstance(m, (Indexer, CSAIndexer))
+
+
+def indexers_alone_train(model: nn.Module) -> bool:
+    """Whether every trainable parameter lies in an indexer (the DSA warm-up stage). Then each indexer is an FSDP
+    unit of its own: it learns from detached inputs, so no block output needs a gradient and a block unit's backward
+    hooks would never fire, while the indexer unit's outputs do carry gradients, which makes FSDP2 gather its weights
+    for backward and reduce-scatter their gradients (in its final callback, since its inputs need none)."""
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    owners = [n for n, m in model.named_modules() if _is_indexer(m)]
+    return bool(trainable) and all(any(n.startswith(o + ".") for o in owners) for n in trainable)
+
+
 def _copies(t: DTensor, world: int) -> int:
     """How many ranks hold the same local piece of `t`: the ranks outside its mesh (other replicas of the mesh)
     times its replicated mesh dimensions. (Counting sharded dimensions instead would miss FSDP's `_StridedShard`
@@ -66,12 +96,14 @@ def _copies(t: DTensor, world: int) -> int:
 
 
 @torch.no_grad()
-def clip_grad_norm_(params, max_norm: float, world_group=None) -> float:
+def clip_grad_norm_(params, max_norm: float, world_group=None, copies_group=None) -> float:
     """`torch.nn.utils.clip_grad_norm_` for gradients sharded over any meshes (dense and expert meshes mixed): the
     squares of every local shard are summed, each divided by the number of ranks holding a copy of it, summed over
-    the world, and every gradient is scaled by min(1, max_norm / (norm + 1e-6)) as torch does. Returns the norm."""
-    world = dist.get_world_size(world_group)
-    by_copies: dict[int, torch.Tensor] = {}
+    the world, and every gradient is scaled by min(1, max_norm / (norm + 1e-6)) as torch does. Returns the norm.
+    copies_group: where copies are counted when it is not the whole world (pipeline stages hold other parameters:
+    a stage's ranks)."""
+    world = dist.get_world_size(copies_group if copies_group is not None else world_group)
+    total = torch.zeros((), dtype=torch.float64)
     grads = []
     for p in params:
         g = p.grad
@@ -82,13 +114,9 @@ def clip_grad_norm_(params, max_norm: float, world_group=None) -> float:
             local, copies = g.to_local(), _copies(g, world)
         else:
             local, copies = g, world
-        sq = local.detach().float().pow(2).sum()
-        by_copies[copies] = by_copies[copies] + sq if copies in by_copies else sq
-    keys = sorted(by_copies)
-    sums = torch.stack([by_copies[c] for c in keys]) if keys else torch.zeros(1)
-    dist.all_reduce(sums, group=world_group)
-    total = sum(float(s) / c for s, c in zip(sums.tolist(), keys)) if keys else 0.0
-    norm = torch.tensor(total, dtype=torch.float32).sqrt()
+        total += local.detach().double().pow(2).sum().cpu() / copies
+    dist.all_reduce(total, group=world_group)
+    norm = total.sqrt().float()
     coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
     for g in grads:
         (g.to_local() if isinstance(g, DTensor) else g).mul_(coef.to(g.dtype))

@@ -241,6 +241,9 @@ def check(r, cfg, layout) -> Split:
     if spec.stages > cfg.num_hidden_layers:
         raise SplitError(f"parallel.pp={spec.pp} × {spec.per_rank} stages per rank is more than the model's "
                          f"num_hidden_layers={cfg.num_hidden_layers}: every stage needs at least one trunk layer")
+    if r.train.stage == "dsa_warmup":
+        raise LayoutError(f"parallel.pp={layout.pp} with train.stage='dsa_warmup' is not supported yet (only the "
+                          "indexers train: no hidden state between stages needs a gradient); run the warm-up without pp")
     if cfg.hyper:
         raise LayoutError(f"parallel.pp={layout.pp}: pipeline stages of DeepSeek-V4 (mHC streams between stages) are "
                           "not supported yet")

@@ -286,32 +286,6 @@ def _router_order(name: str):
     return (0, int(parts[2])) if name.startswith("model.layers.") else (1, int(parts[1]))
 
 
-@torch.no_grad()
-def clip_grad_norm_(params, max_norm: float, stage_group, world_group) -> float:
-    """`fsdp.clip_grad_norm_` when stages hold different parameters: copies of a shard are counted within a stage
-    (its data-parallel ranks), the squares summed over every stage."""
-    from torch.distributed.tensor import DTensor
-
-    from dsalite.parallel.fsdp import _copies
-
-    world = dist.get_world_size(stage_group)
-    total = torch.zeros((), dtype=torch.float64)
-    grads = []
-    for p in params:
-        g = p.grad
-        if g is None:
-            continue
-        grads.append(g)
-        local, copies = (g.to_local(), _copies(g, world)) if isinstance(g, DTensor) else (g, world)
-        total += local.detach().double().pow(2).sum().cpu() / copies
-    dist.all_reduce(total, group=world_group)
-    norm = total.sqrt().float()
-    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-    for g in grads:
-        (g.to_local() if isinstance(g, DTensor) else g).mul_(coef.to(g.dtype))
-    return float(norm)
-
-
 # ----- the HF export, read back from the final distributed checkpoint -----
 
 

@@ -117,3 +117,21 @@ def test_deepseek_v4_at_dp_shard_2_and_expert_parallel_equals_one_process(tmp_pa
             err, own = float((a.double() - B[k].double()).norm()), float(a.double().norm())
             assert err <= max(TOL * own, NOISE * norm), \
                 f"{where}: step-1 gradient of {k} differs by {err:.2e} (its norm {own:.2e}, all {norm:.2e})"
+
+
+@pytest.mark.timeout(300)
+def test_dsa_warmup_under_a_layout_equals_one_process(tmp_path):
+    """The DSA warm-up stage (only the indexers train, from detached inputs, on the dense teacher) at dp_shard 2 and
+    dp_shard 2 + ep 2, GLM-5.2, DeepSeek-V3.2 and DeepSeek-V4 (its CSA indexer): each indexer is an FSDP unit of
+    its own there (fsdp.py)."""
+    families = ["glm-5.2", "deepseek-v3.2", "deepseek-v4"]
+    files = [write_documents(tmp_path / "docs.jsonl")]
+    refs = {f: train_steps(recipe(f, files, stage="dsa_warmup"), str(tmp_path / f), STEPS) for f in families}
+    for f in families:
+        assert "kl" in refs[f]["recs"][0] and refs[f]["recs"][-1]["kl"] < refs[f]["recs"][0]["kl"]
+    runs = [{"family": f, "files": files, "parallel": lay, "out": str(tmp_path / f), "steps": STEPS,
+             "train": {"stage": "dsa_warmup"}} for lay in ({"dp_shard": 2}, {"dp_shard": 2, "ep": 2})
+            for f in families]
+    got = run_ranks("parity", {"runs": runs}, 2, str(tmp_path), timeout=240)["results"]
+    for run, res in zip(runs, got):
+        _assert_same(run["family"], run["parallel"], refs[run["family"]], res)

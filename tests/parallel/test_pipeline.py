@@ -66,10 +66,13 @@ def test_bad_split_is_refused_by_name():
     ({"pp": 2, "pp_microbatches": 3}, "pp_microbatches=3 does not divide the 4 rows"),
     ({"pp": 2, "pp_microbatches": 1}, "fewer than pp=2"),
     ({"pp": 2, "cp": 2}, "pipeline and context parallel together"),
+    ({"pp": 2, "pp_microbatches": 2, "stage": "dsa_warmup"}, "with train.stage='dsa_warmup' is not supported"),
     ({"pp": 2, "dp_replicate": 2}, "with dp_replicate=2"),
 ])
 def test_unsupported_pipeline_layouts_are_named(parallel, words):
-    r = recipe("glm-5.2", [], parallel)
+    parallel = dict(parallel)
+    train = {"stage": parallel.pop("stage")} if "stage" in parallel else {}
+    r = recipe("glm-5.2", [], parallel, **train)
     world = parallel.get("pp", 1) * parallel.get("cp", 1) * parallel.get("dp_replicate", 1)
     with pytest.raises(LayoutError) as e:
         check_recipe(r, world)
