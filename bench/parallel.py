@@ -18,7 +18,7 @@ ranks): first, analytically at the real GLM-5 widths (recipes/glm5-744b.toml) an
 receives per layer when it gathers the other ranks' compact state (MLA latent r + p, plus the indexer key Di on full
 layers) against what gathering expanded keys and values (H·(n + p) + H·v) would take; then, on bench-medium, the
 bytes through the cp group's all-gathers and reduce-scatters in one step, counted like the rest, against the
-analytic figure (`context_parallel.gather_bytes`).
+analytic figure (`context_parallel.state_widths`: r + p per token and layer, + Di on full layers).
 
     .venv/bin/python bench/parallel.py [--seq 512] [--batch 4] [--steps 3] [--layouts 1,2,2e2,4,4e2] [--cp]
 

@@ -12,7 +12,9 @@ figures are read off the result:
                                reduce-scatter of fp32 gradients, each (F-1)/F of the unit's bytes for F sharding
                                ranks, plus (R-1)/R·2 of the shard for dp_replicate = R; EP: four all-to-alls per MoE
                                layer (dispatch and combine, forward and backward) of tokens·k·D values, of which
-                               (ep-1)/ep leave the rank with uniform routing.
+                               (ep-1)/ep leave the rank with uniform routing; CP: the other cp-1 ranks' latents and
+                               indexer keys received per layer in forward (again with recompute) and their gradients
+                               sent back in backward (`context_parallel.gather_bytes`).
 The only measurement is of shapes; nothing here runs a forward pass.
 """
 
@@ -153,7 +155,7 @@ def plan(r, nproc: int, cfg=None) -> Plan:
             full = sum(p.numel() for p in ps)  # as seen by FSDP: the ep shard for experts
             if mesh is meshes.experts:
                 full //= layout.ep
-            F = layout.dp_shard if mesh is meshes.dense else layout.efsdp
+            F = layout.dp_shard * layout.cp if mesh is meshes.dense else layout.efsdp  # FSDP spans dp_shard × cp
             gathered.append(full * cb)
             ag = (1 if u is model else 2) * full * cb * (F - 1) / F
             rs = full * 4 * (F - 1) / F
@@ -162,12 +164,17 @@ def plan(r, nproc: int, cfg=None) -> Plan:
             if layout.dp_replicate > 1:
                 comm["HSDP all-reduce"] = comm.get("HSDP all-reduce", 0) + 2 * (full / F) * 4 * \
                     (layout.dp_replicate - 1) / layout.dp_replicate
-        tokens = r.data.batch_size // layout.dp * r.data.seq_len
+        tokens = r.data.batch_size // layout.dp * r.data.seq_len // layout.cp  # this rank's, per micro-batch
         held = range(cfg.num_hidden_layers + cfg.num_nextn_predict_layers) if stage is None else stage
         if layout.ep > 1:
             moe = sum(1 for i in held if cfg.layer_mlp_type(i) == "sparse")
             comm["EP all-to-all"] = 4 * moe * tokens * cfg.num_experts_per_tok * cfg.hidden_size * cb * \
                 (layout.ep - 1) / layout.ep * r.train.accum_steps
+        if layout.cp > 1:
+            from dsalite.parallel.context_parallel import gather_bytes
+
+            comm["CP gathers (latents, indexer keys)"] = gather_bytes(cfg, tokens, layout.cp, cb, r.train.recompute) \
+                * r.train.accum_steps
         acts, live = activation_bytes(cfg, tokens, cb, r.train.recompute), 1
         if stage is not None:  # per micro-batch, times the micro-batches stage 0 holds at once
             mb, M, P, v = tokens // spec.microbatches, spec.microbatches, layout.pp, spec.per_rank
@@ -187,7 +194,7 @@ def plan(r, nproc: int, cfg=None) -> Plan:
 
 def ideal_shard_bytes(cfg, layout: Layout) -> float:
     """Analytic fp32 parameter bytes per rank without padding: every tensor split evenly over the ranks sharding
-    it (dp_shard for the dense part, ep × efsdp for routed experts; dp_replicate holds copies)."""
+    it (dp_shard × cp for the dense part, ep × efsdp for routed experts; dp_replicate holds copies)."""
     from dsalite.model import Transformer
 
     with torch.device("meta"):
@@ -195,7 +202,7 @@ def ideal_shard_bytes(cfg, layout: Layout) -> float:
     experts = sum(p.numel() for n, p in model.named_parameters() if n.endswith(("experts.gate_up_proj",
                                                                                  "experts.down_proj")))
     dense = sum(p.numel() for p in model.parameters()) - experts
-    return 4 * (dense / layout.dp_shard + experts / (layout.dp_shard * layout.cp))
+    return 4 * (dense / (layout.dp_shard * layout.cp) + experts / (layout.dp_shard * layout.cp))
 
 
 def describe_ratio(p: Plan, cfg) -> str:

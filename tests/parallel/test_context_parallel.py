@@ -437,3 +437,20 @@ def test_cp2_checkpoint_resumes_in_one_process(tmp_path):
     assert exported.keys() == mine.keys()
     for k, v in mine.items():
         assert torch.equal(exported[k], v), k
+
+
+def test_dry_run_plans_cp():
+    """The planner at cp = 2 × dp_shard = 2: FSDP shards over all 4 ranks, each rank computes a quarter of the
+    global batch's tokens, and the cp gathers are the other rank's latents and indexer keys, forward and backward."""
+    from dsalite.parallel.context_parallel import state_widths
+    from dsalite.parallel.plan import ideal_shard_bytes, plan
+    from dsalite.training.trainer import model_config
+
+    r = cp_recipe("glm-5.2", [], {"cp": 2, "dp_shard": 2})
+    cfg = model_config(r)
+    p = plan(r, 4, cfg)
+    assert not p.notes, p.notes  # trainable as planned
+    tokens = r.data.batch_size // 2 * r.data.seq_len // 2
+    compact, _ = state_widths(cfg)
+    assert p.comm["CP gathers (latents, indexer keys)"] == 2 * (2 - 1) * tokens * sum(compact) * 4
+    assert abs(p.params / ideal_shard_bytes(cfg, p.layout) - 1) < 0.05
