@@ -155,6 +155,61 @@ def measure(server: Server, model: str, prompts: list[str], levels: list[int], n
     return {c: asyncio.run(level(server, model, prompts, c, new, rounds)) for c in levels}
 
 
+def paged_decode(contexts: list[int], batch: int, reps: int = 5) -> None:
+    """One decode step of `batch` sequences at each context length T: the serving runner over the paged cache
+    (blocks scattered through the pool) against the contiguous `LatentCache` runner, and the part of the paged step
+    that gathers every cached latent and indexer key per layer (what a truly sparse paged read would skip for the
+    latents). Caches hold random latents: only the time matters here."""
+    from common import median_time
+
+    from dsalite.config import ModelConfig
+    from dsalite.inference.cache import LatentCache
+    from dsalite.inference.runner import Runner
+    from dsalite.inference.serve.paged_cache import PagedLatentCache
+    from dsalite.inference.serve.runner import ModelRunner
+    from dsalite.model import Transformer
+
+    cfg = ModelConfig.from_hf(CONFIG)
+    model = Transformer(cfg)
+    model.init_weights(std=0.02, generator=torch.Generator().manual_seed(0))
+    model.eval()
+    B, bs, g = batch, 16, torch.Generator().manual_seed(0)
+    print(f"\npaged decode step vs contiguous cache: batch {B}, block size {bs}, index_topk {cfg.index_topk}, "
+          f"{torch.get_num_threads()} thread(s), median of {reps}")
+    print(f"{'T':>6} {'contiguous ms':>14} {'paged ms':>9} {'ratio':>6} {'gather ms':>10} {'gather share':>13}")
+    for T in contexts:
+        c = LatentCache(cfg, B, T + 1)
+        c.append_tokens(torch.ones(B, T, dtype=torch.bool), torch.arange(T).expand(B, T))
+        for i in c.latent:
+            c.update_latent(i, torch.randn(B, T, c.latent[i].shape[-1], generator=g))
+        for i in c.index_keys:
+            c.update_index_keys(i, torch.randn(B, T, cfg.index_head_dim, generator=g))
+        c.advance(T)
+        runner = Runner(model, c)
+        tok, pos = torch.full((B, 1), 7), torch.full((B, 1), T)
+
+        def contiguous():
+            runner.feed(tok, torch.ones(B, 1, dtype=torch.bool), pos)
+            c.crop(T)
+
+        t_contig = median_time(contiguous, reps)
+        del runner, c
+        per = -(-(T + 1) // bs)
+        pc = PagedLatentCache(cfg, B * per, bs)
+        for pool in (*pc.latent.values(), *pc.index_keys.values()):
+            pool.normal_(generator=g)
+        order = torch.randperm(B * per, generator=g).tolist()
+        rows = [(order[b * per : (b + 1) * per], T, [7]) for b in range(B)]
+        paged = ModelRunner(model, pc)
+        t_paged = median_time(lambda: paged.run(rows), reps)
+        read = paged.layout(rows).read.reshape(-1)
+        t_gather = median_time(lambda: [p.index_select(0, read) for p in (*pc.latent.values(),
+                                                                          *pc.index_keys.values())], reps)
+        print(f"{T:>6} {t_contig * 1e3:>14.1f} {t_paged * 1e3:>9.1f} {t_paged / t_contig:>6.2f} "
+              f"{t_gather * 1e3:>10.1f} {t_gather / t_paged:>12.0%}")
+        del paged, pc
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2, help="threads for each server (default 2)")
@@ -167,7 +222,15 @@ def main() -> None:
                     help="llama.cpp build: portable (`make llamacpp`, GGML_NATIVE=OFF, default), native (`make "
                          "llamacpp-native`, this CPU's instructions) or none (dsalite only)")
     ap.add_argument("--workdir", default=None, help="where the checkpoint, GGUF and server logs go (default: temp)")
+    ap.add_argument("--paged-decode", default=None, metavar="T,T,...",
+                    help="instead: time one decode step of --paged-batch sequences at these context lengths, paged "
+                         "cache against the contiguous one (no servers)")
+    ap.add_argument("--paged-batch", type=int, default=4, help="sequences in the --paged-decode step (default 4)")
     a = ap.parse_args()
+    if a.paged_decode:
+        torch.set_num_threads(a.threads)
+        header(f"paged decode: the serving runner vs the contiguous cache, {a.threads} thread(s)")
+        return paged_decode([int(x) for x in a.paged_decode.split(",")], a.paged_batch)
     levels = [int(x) for x in a.concurrency.split(",")]
     work = a.workdir or tempfile.mkdtemp(prefix="dsalite-bench-serve-")
     os.makedirs(work, exist_ok=True)

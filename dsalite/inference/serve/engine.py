@@ -2,8 +2,9 @@
 with its own options -> detokenize and check stops -> outputs. `generate()` loops `step()`; the server calls
 `add_request`, `abort` and `step` from its engine thread (server.py), never the runner or the cache.
 
-A sequence whose model call or sampling raises fails alone: a prefill chunk runs per sequence, and a batched decode
-that raises is retried row by row so that only the row that raises again is failed.
+Prefill chunks of the same length run as one batched call (rows of different cached lengths, laid out as a decode
+step's). A sequence whose model call or sampling raises fails alone: a batched prefill or decode that raises is
+retried row by row so that only the row that raises again is failed.
 
 speculative="mtp": every decoding sequence carries the MTP layer's draft for its next-but-one token; a decode step
 feeds each row [newest token, draft] (S = 2, one batched call), accepts or rejects per row with its own sampling
@@ -139,21 +140,22 @@ class Engine:
     def step(self) -> list[Output]:
         plan = self.scheduler.schedule()
         touched: list[Sequence] = []
+        groups: dict[int, list[Sequence]] = {}  # chunks of one length run as one batched call
         for seq, n in plan.prefill:
+            groups.setdefault(n, []).append(seq)
+        for n, seqs in groups.items():
+            prefill = self._prefill_mtp if self.speculative else self._prefill
+            before = [s.num_cached for s in seqs]
             try:
-                if self.speculative:
-                    self._prefill_mtp(seq, n)
-                else:
-                    c = seq.num_cached
-                    logits = self.runner.run([(seq.block_table, c, seq.tokens[c : c + n])])
-                    seq.num_cached += n
-                    self.blocks.commit(seq)
-                    if seq.uncached == 0:
-                        self._emit(seq, logits[0])
-                touched.append(seq)
-            except Exception as e:  # noqa: BLE001 — this request fails, the others go on
-                self._fail(seq, e)
-                touched.append(seq)
+                prefill(seqs, n)
+            except Exception:  # noqa: BLE001 — find the sequence that raises: run the ones not fed one by one
+                for seq, c in zip(seqs, before):
+                    if seq.num_cached == c and not seq.finished:
+                        try:
+                            prefill([seq], n)
+                        except Exception as e:  # noqa: BLE001 — this request fails, the others go on
+                            self._fail(seq, e)
+            touched += seqs
         if plan.decode:
             touched += self._decode(plan.decode)
         self.stats.steps += 1
@@ -190,21 +192,36 @@ class Engine:
         return list(seqs)
 
     # ----- MTP speculation -----
-    def _prefill_mtp(self, seq: Sequence, n: int) -> None:
-        """A prefill chunk, then the MTP layer's entries for the same positions: entry i is (h_i, t_{i+1}), t_{i+1}
-        the prompt's next token or, after the last chunk, the token sampled now; the last entry's logits are the
-        first draft."""
-        c = seq.num_cached
-        logits, h, topk, x = self.runner.run_all([(seq.block_table, c, seq.tokens[c : c + n])], last_only=True)
-        last = c + n == len(seq.tokens)
-        tok = self._sample(seq, logits[0, -1]) if last else seq.tokens[c + n]
-        nxt = torch.tensor([seq.tokens[c + 1 : c + n] + [tok]], device=x.ids.device)
+    def _prefill(self, seqs: list[Sequence], n: int) -> None:
+        """The next n prompt tokens of each of seqs, in one call; a sequence whose prompt is now all cached samples
+        its first token."""
+        logits = self.runner.run([(s.block_table, s.num_cached, s.tokens[s.num_cached : s.num_cached + n])
+                                  for s in seqs])
+        for s, lg in zip(seqs, logits):
+            s.num_cached += n
+            self.blocks.commit(s)
+            if s.uncached == 0:
+                self._emit(s, lg)
+
+    def _prefill_mtp(self, seqs: list[Sequence], n: int) -> None:
+        """Prefill chunks (one call), then the MTP layer's entries for the same positions (one call): entry i is
+        (h_i, t_{i+1}), t_{i+1} the prompt's next token or, after a prompt's last chunk, the token sampled now; the
+        last entry's logits are then the first draft."""
+        logits, h, topk, x = self.runner.run_all([(s.block_table, s.num_cached,
+                                                   s.tokens[s.num_cached : s.num_cached + n]) for s in seqs],
+                                                 last_only=True)
+        last = [s.num_cached + n == len(s.tokens) for s in seqs]
+        toks = [self._sample(s, lg[-1]) if done else s.tokens[s.num_cached + n]
+                for s, lg, done in zip(seqs, logits, last)]
+        nxt = torch.tensor([s.tokens[s.num_cached + 1 : s.num_cached + n] + [t] for s, t in zip(seqs, toks)],
+                           device=x.ids.device)
         draft = self.runner.draft(x, h, nxt, topk)
-        seq.num_cached += n
-        self.blocks.commit(seq)
-        if last:
-            seq.draft = draft[0, -1]
-            self._emit(seq, logits[0, -1], tok)
+        for b, (s, done, t) in enumerate(zip(seqs, last, toks)):
+            s.num_cached += n
+            self.blocks.commit(s)
+            if done:
+                s.draft = draft[b, -1]
+                self._emit(s, logits[b, -1], t)
 
     def _speculate(self, seqs: list[Sequence]) -> None:
         """One speculative step for seqs: verify each row's draft with the trunk (S = 2), keep what the rule keeps
