@@ -46,13 +46,8 @@ def check_recipe(r, world: int, cfg=None) -> Layout:
 
         context_parallel.check(r, cfg, layout)
     if r.train.optimizer == "muon":
-        raise LayoutError("train.optimizer='muon' needs whole matrices (Newton-Schulz) and is not supported under a "
-                          "parallel layout yet; use 'adamw'")
-    if r.train.stage == "dsa_warmup":
-        raise LayoutError("train.stage='dsa_warmup' is not supported under a parallel layout yet: it trains only "
-                          "the indexers, from their detached inputs, so no block output needs a gradient and FSDP2's "
-                          "backward hooks never run; run the warm-up in one process (dsa_sparse, pretrain and sft "
-                          "run in parallel)")
+        raise LayoutError("train.optimizer='muon' needs whole matrices (Newton-Schulz, in bf16) and is not "
+                          "supported under a parallel layout yet; use 'adamw'")
     if r.train.stage == "lora":
         raise LayoutError("train.stage='lora' is not supported under a parallel layout yet; run it in one process")
     return layout
