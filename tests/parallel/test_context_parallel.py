@@ -7,8 +7,8 @@
   selection of its queries exactly (sparse and tie-free: checked), and CE, MTP, the indexer KL per layer and every
   parameter gradient equal one process within 1e-5, in the sparse stage and the dense warm-up, GLM-5.2 (IndexShare,
   MTP) and DeepSeek-V3.2; the bytes gathered per layer are the latents and indexer keys, nothing else.
-- The trainer: cp = 2 and (slow, 4 processes) cp = 2 × dp_shard = 2 with FSDP2 (GLM-5.2 there with activation
-  recompute): 5 steps of losses, KL, gradients of the first step and final parameters within 1e-5 of one process; a cp = 2 checkpoint loads in one process bit for
+- The trainer: cp = 2 (GLM-5.2 also in the dense warm-up stage) and (slow, 4 processes) cp = 2 × dp_shard = 2 with
+  FSDP2 (GLM-5.2 there with activation recompute): 5 steps of losses, KL, gradients of the first step and final parameters within 1e-5 of one process; a cp = 2 checkpoint loads in one process bit for
   bit and continues within 1e-6 (losses); the export is the trained model.
 """
 
@@ -380,30 +380,33 @@ def _same_run(where, ref, got, steps):
         assert rel <= TOL, f"{where}: {k} differs by {rel:.2e} relative after {steps} steps"
 
 
-def _train_parity(tmp_path, layout, nproc, recompute=()):
-    """5 trainer steps of GLM-5.2 and DeepSeek-V3.2 at `layout` against one process (the families in `recompute`
-    with activation recompute, whose re-run forward gathers again during backward)."""
+def _train_parity(tmp_path, layout, nproc, variants):
+    """5 trainer steps of each (family, train options) at `layout` against one process with the same options (but
+    without activation recompute, whose re-run forward gathers again during backward and must change nothing)."""
     files = [write_documents(tmp_path / "docs.jsonl")]
-    families = ["glm-5.2", "deepseek-v3.2"]
-    refs = {f: _train(cp_recipe(f, files), str(tmp_path / f"ref-{f}"), 5) for f in families}
-    assert "kl" in refs["glm-5.2"]["recs"][0] and "mtp" in refs["glm-5.2"]["recs"][0]
-    runs = [{"family": f, "files": files, "parallel": layout, "out": str(tmp_path / f), "steps": 5,
-             "train": {"recompute": f in recompute}} for f in families]
+    refs = [_train(cp_recipe(f, files, **{k: v for k, v in t.items() if k != "recompute"}),
+                   str(tmp_path / f"ref-{i}"), 5) for i, (f, t) in enumerate(variants)]
+    runs = [{"family": f, "files": files, "parallel": layout, "out": str(tmp_path / f"run-{i}"), "steps": 5,
+             "train": t} for i, (f, t) in enumerate(variants)]
     got = run_ranks("cp_train", {"module": "test_context_parallel", "runs": runs}, nproc, str(tmp_path),
                     timeout=280)["results"]
-    for run, res in zip(runs, got):
-        _same_run(f"{run['family']} at {layout} {run['train']}", refs[run["family"]], res, 5)
+    for run, ref, res in zip(runs, refs, got):
+        assert "kl" in ref["recs"][0]
+        _same_run(f"{run['family']} at {layout} {run['train']}", ref, res, 5)
 
 
 @pytest.mark.timeout(400)
 def test_trainer_cp2_equals_one_process(tmp_path):
-    _train_parity(tmp_path, {"cp": 2}, 2)
+    """GLM-5.2 (IndexShare, MTP) and DeepSeek-V3.2 pretraining, and GLM-5.2's dense warm-up (only the indexers train,
+    from the KL over every visible key)."""
+    _train_parity(tmp_path, {"cp": 2}, 2, [("glm-5.2", {}), ("deepseek-v3.2", {}),
+                                           ("glm-5.2", {"stage": "dsa_warmup"})])
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_trainer_cp2_dp_shard2_equals_one_process(tmp_path):
-    _train_parity(tmp_path, {"cp": 2, "dp_shard": 2}, 4, recompute=("glm-5.2",))
+    _train_parity(tmp_path, {"cp": 2, "dp_shard": 2}, 4, [("glm-5.2", {"recompute": True}), ("deepseek-v3.2", {})])
 
 
 def test_cp2_checkpoint_resumes_in_one_process(tmp_path):
