@@ -183,6 +183,8 @@ def plan(r, nproc: int, cfg=None) -> Plan:
                       "interleaved-1f1b": min(M * v, (v - 1) * P + 2 * P - 1)}[spec.schedule]
             live = max(1, round(chunks / v))
             acts = activation_bytes(cfg, mb, cb, r.train.recompute, stage) * chunks // v
+            for key in [k for k in comm if k.startswith("FSDP")]:  # gathers and reduce-scatters every micro-batch
+                comm[key] *= M
             comm["PP send/recv"] = 2 * tokens * cfg.hidden_size * cb * r.train.accum_steps
         gathered.sort()
         return Plan(layout, cfg.model_type, n_params, params, params, 2 * params,

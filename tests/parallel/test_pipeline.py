@@ -331,6 +331,8 @@ def test_dry_run_plans_the_first_stage():
                for n in p.notes)
     tokens = 2 * 32  # this rank's rows × seq_len
     assert p.comm["PP send/recv"] == 2 * tokens * cfg.hidden_size * 4
+    # every unit gathered twice and reduce-scattered once per micro-batch, (F-1)/F of it, F = dp_shard = 2
+    assert p.comm["FSDP"] == int(2 * 3 * sum(q.numel() for q in m.parameters()) * 4 / 2)
     assert p.in_flight == 2 and p.activations == 2 * activation_bytes(cfg, tokens // 2, 4, False, [0, 1, 2])
 
 
