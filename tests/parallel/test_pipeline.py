@@ -220,11 +220,14 @@ SIX = {"num_hidden_layers": 6, "index_topk_pattern": "FFSFSF"}  # guarded 4 stag
 def test_pp2_equals_one_process_carry_equals_guarded_recompute_exact(tmp_path):
     guarded = {"pp": 2, "pp_microbatches": 2}
     files, runs = _runs(tmp_path, [(guarded, {}), (dict(guarded, pp_split=[2], pp_carry_topk=True), {}),
-                                   (guarded, {"recompute": True})])
+                                   (guarded, {"recompute": True}), (guarded, {"accum_steps": 2})])
     ref = run_steps(recipe("glm-5.2", files), str(tmp_path / "one"), STEPS)
     assert "mtp" in ref["recs"][0] and "kl" in ref["recs"][0]
     got = run_ranks("pipeline", {"module": "test_pipeline", "runs": runs}, 2, str(tmp_path), timeout=400)["results"]
-    plain, carry, recompute = got
+    plain, carry, recompute, accum = got
+    # two schedule runs per optimizer step (gradient accumulation) equal one process accumulating the same batches
+    assert_same(run_steps(recipe("glm-5.2", files, accum_steps=2), str(tmp_path / "one-accum"), STEPS), accum,
+                "pp=2, accum_steps=2")
     assert plain["split"] == (0, 3) and carry["split"] == (0, 2)  # the carried run cuts layer 2 from its source
     hidden = 2 * 32 * 64 * 4  # fp32 [b, S, D] per micro-batch; the top-k adds int32 [b, S, K]: carry_bytes' figure
     assert plain["sent"] == {0: {"hidden": hidden, "topk": 0}}
