@@ -282,8 +282,9 @@ def test_pp2_with_dp_shard_and_ep_equals_one_process(tmp_path):
     assert_same(ref, got[1], "pp=2 × dp_shard=2 × ep=2")
 
 
-@pytest.mark.timeout(400)
-def test_pp2_checkpoint_resumes_in_one_process_and_exports_the_same_files(tmp_path):
+@pytest.mark.slow
+@pytest.mark.timeout(500)
+def test_pp2_checkpoint_resumes_in_one_process_and_at_dp_shard_2_and_exports_the_same_files(tmp_path):
     corpus = write_documents(tmp_path / "docs.jsonl")
     plain = RECIPE.format(corpus=corpus)
     (tmp_path / "pp.toml").write_text(plain + "\n[parallel]\npp = 2\npp_microbatches = 2\n")
@@ -300,6 +301,13 @@ def test_pp2_checkpoint_resumes_in_one_process_and_exports_the_same_files(tmp_pa
     A, B = losses(pp), losses(one)
     assert [x["step"] for x in B] == [1, 2, 3, 4]
     for a, b in zip(A[2:], B[2:]):
+        assert abs(a["loss"] - b["loss"]) <= 1e-6 * abs(a["loss"]), (a["loss"], b["loss"])
+    # and at dp_shard = 2 (no pipeline): each rank reads the parameters of both stages' shards
+    dp = str(tmp_path / "dp")
+    shutil.copytree(pp, dp, ignore=shutil.ignore_patterns("step-00000004", "hf"))
+    p, _ = dsalite(str(tmp_path / "one.toml"), "--out", dp, "--resume", "--nproc", "2", "--quiet", timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    for a, b in zip(A[2:], losses(dp)[2:]):
         assert abs(a["loss"] - b["loss"]) <= 1e-6 * abs(a["loss"]), (a["loss"], b["loss"])
     # the export read back from the pipelined checkpoint = a one-process export of the same state
     ref = str(tmp_path / "ref")
