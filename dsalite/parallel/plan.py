@@ -170,12 +170,15 @@ def plan(r, nproc: int, cfg=None) -> Plan:
             moe = sum(1 for i in held if cfg.layer_mlp_type(i) == "sparse")
             comm["EP all-to-all"] = 4 * moe * tokens * cfg.num_experts_per_tok * cfg.hidden_size * cb * \
                 (layout.ep - 1) / layout.ep * r.train.accum_steps
+        acts, live = activation_bytes(cfg, tokens, cb, r.train.recompute), 1
         if layout.cp > 1:
-            from dsalite.parallel.context_parallel import gather_bytes
+            from dsalite.parallel.context_parallel import gather_bytes, state_widths
 
             comm["CP gathers (latents, indexer keys)"] = gather_bytes(cfg, tokens, layout.cp, cb, r.train.recompute) \
                 * r.train.accum_steps
-        acts, live = activation_bytes(cfg, tokens, cb, r.train.recompute), 1
+            # the other ranks' latents and indexer keys, gathered and kept for backward (with recompute one layer's)
+            compact, _ = state_widths(cfg)
+            acts += tokens * (layout.cp - 1) * cb * (max(compact) if r.train.recompute else sum(compact))
         if stage is not None:  # per micro-batch, times the micro-batches stage 0 holds at once
             mb, M, P, v = tokens // spec.microbatches, spec.microbatches, layout.pp, spec.per_rank
             # forwards of one stage's worth (1/v of rank 0's layers) held before the first backward frees one

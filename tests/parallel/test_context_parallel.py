@@ -453,7 +453,7 @@ def test_dry_run_plans_cp():
     """The planner at cp = 2 × dp_shard = 2: FSDP shards over all 4 ranks, each rank computes a quarter of the
     global batch's tokens, and the cp gathers are the other rank's latents and indexer keys, forward and backward."""
     from dsalite.parallel.context_parallel import state_widths
-    from dsalite.parallel.plan import ideal_shard_bytes, plan
+    from dsalite.parallel.plan import activation_bytes, ideal_shard_bytes, plan
     from dsalite.training.trainer import model_config
 
     r = cp_recipe("glm-5.2", [], {"cp": 2, "dp_shard": 2})
@@ -464,6 +464,8 @@ def test_dry_run_plans_cp():
     compact, _ = state_widths(cfg)
     assert p.comm["CP gathers (latents, indexer keys)"] == 2 * (2 - 1) * tokens * sum(compact) * 4
     assert abs(p.params / ideal_shard_bytes(cfg, p.layout) - 1) < 0.05
+    own = activation_bytes(cfg, tokens, 4)  # the rank's own tokens, plus the other rank's gathered state
+    assert p.activations == own + tokens * (2 - 1) * 4 * sum(compact)
 
 
 def test_cli_refuses_a_cp_layout_before_starting_anything(tmp_path, capsys):
