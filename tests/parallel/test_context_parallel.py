@@ -7,9 +7,10 @@
   selection of its queries exactly (sparse and tie-free: checked), and CE, MTP, the indexer KL per layer and every
   parameter gradient equal one process within 1e-5, in the sparse stage and the dense warm-up, GLM-5.2 (IndexShare,
   MTP) and DeepSeek-V3.2; the bytes gathered per layer are the latents and indexer keys, nothing else.
-- The trainer: cp = 2 (GLM-5.2 also in the dense warm-up stage) and (slow, 4 processes) cp = 2 × dp_shard = 2 with
-  FSDP2 (GLM-5.2 there with activation recompute): 5 steps of losses, KL, gradients of the first step and final parameters within 1e-5 of one process; a cp = 2 checkpoint loads in one process bit for
-  bit and continues within 1e-6 (losses); the export is the trained model.
+- The trainer: cp = 2 (GLM-5.2 also in the dense warm-up stage and with ep = 2) and (slow, 4 processes) cp = 2 ×
+  dp_shard = 2 with FSDP2 (GLM-5.2 with activation recompute, DeepSeek-V3.2 with ep = 2): 5 steps of losses, KL,
+  gradients of the first step and final parameters within 1e-5 of one process; a cp = 2 checkpoint loads in one
+  process bit for bit and continues within 1e-6 (losses); the export is the trained model.
 """
 
 import pytest
@@ -385,33 +386,36 @@ def _same_run(where, ref, got, steps):
         assert rel <= TOL, f"{where}: {k} differs by {rel:.2e} relative after {steps} steps"
 
 
-def _train_parity(tmp_path, layout, nproc, variants):
-    """5 trainer steps of each (family, train options) at `layout` against one process with the same options (but
-    without activation recompute, whose re-run forward gathers again during backward and must change nothing)."""
+def _train_parity(tmp_path, nproc, variants):
+    """5 trainer steps of each (family, train options, layout) against one process with the same options (but without
+    activation recompute, whose re-run forward gathers again during backward and must change nothing)."""
     files = [write_documents(tmp_path / "docs.jsonl")]
     refs = [_train(cp_recipe(f, files, **{k: v for k, v in t.items() if k != "recompute"}),
-                   str(tmp_path / f"ref-{i}"), 5) for i, (f, t) in enumerate(variants)]
-    runs = [{"family": f, "files": files, "parallel": layout, "out": str(tmp_path / f"run-{i}"), "steps": 5,
-             "train": t} for i, (f, t) in enumerate(variants)]
+                   str(tmp_path / f"ref-{i}"), 5) for i, (f, t, _) in enumerate(variants)]
+    runs = [{"family": f, "files": files, "parallel": lay, "out": str(tmp_path / f"run-{i}"), "steps": 5, "train": t}
+            for i, (f, t, lay) in enumerate(variants)]
     got = run_ranks("cp_train", {"module": "test_context_parallel", "runs": runs}, nproc, str(tmp_path),
                     timeout=280)["results"]
     for run, ref, res in zip(runs, refs, got):
         assert "kl" in ref["recs"][0]
-        _same_run(f"{run['family']} at {layout} {run['train']}", ref, res, 5)
+        _same_run(f"{run['family']} at {run['parallel']} {run['train']}", ref, res, 5)
 
 
 @pytest.mark.timeout(400)
 def test_trainer_cp2_equals_one_process(tmp_path):
-    """GLM-5.2 (IndexShare, MTP) and DeepSeek-V3.2 pretraining, and GLM-5.2's dense warm-up (only the indexers train,
-    from the KL over every visible key)."""
-    _train_parity(tmp_path, {"cp": 2}, 2, [("glm-5.2", {}), ("deepseek-v3.2", {}),
-                                           ("glm-5.2", {"stage": "dsa_warmup"})])
+    """GLM-5.2 (IndexShare, MTP) and DeepSeek-V3.2 pretraining, GLM-5.2's dense warm-up (only the indexers train,
+    from the KL over every visible key), and GLM-5.2 with its experts split over the same two ranks (ep = 2 carved
+    out of dp_shard × cp: the all-to-alls carry each rank's half of the sequence)."""
+    cp = {"cp": 2}
+    _train_parity(tmp_path, 2, [("glm-5.2", {}, cp), ("deepseek-v3.2", {}, cp),
+                                ("glm-5.2", {"stage": "dsa_warmup"}, cp), ("glm-5.2", {}, {"cp": 2, "ep": 2})])
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_trainer_cp2_dp_shard2_equals_one_process(tmp_path):
-    _train_parity(tmp_path, {"cp": 2, "dp_shard": 2}, 4, [("glm-5.2", {"recompute": True}), ("deepseek-v3.2", {})])
+    lay = {"cp": 2, "dp_shard": 2}
+    _train_parity(tmp_path, 4, [("glm-5.2", {"recompute": True}, lay), ("deepseek-v3.2", {}, dict(lay, ep=2))])
 
 
 def test_cp2_checkpoint_resumes_in_one_process(tmp_path):
