@@ -47,8 +47,8 @@ class Compressor(nn.Module):
         if state is None:
             n = kv.shape[1] // self.ratio * self.ratio
             return self.pool(kv[:, :n], gate[:, :n], 0, None, rope)
-        kv, gate, first, prev, n = state.windows(kv, gate)
-        return state.append(self.pool(kv, gate, first, prev, rope), n)
+        kv, gate, first, prev, n = state.windows(kv, gate, self.ratio)
+        return state.append(self.pool(kv, gate, first, prev, rope), n, self.ratio)
 
     def documents(self, x: torch.Tensor, rope, segments: torch.Tensor):
         """Packed rows x [B,S,D], segments [B,S] → (entries [B,W,c], ends [B,W], docs [B,W]), W the most entries

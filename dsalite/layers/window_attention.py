@@ -30,10 +30,7 @@ def window_attention(
     off = kv.shape[1] - S
     out = q.new_empty(B, S, H, c)
     pos = torch.arange(kv.shape[1], device=q.device)
-    if picks is not None:
-        E = extra.shape[1]
-        rows = extra.reshape(B * E, c)
-        row0 = (torch.arange(B, device=q.device) * E)[:, None, None]
+    rows = torch.arange(B, device=q.device)[:, None, None]
     for s0 in range(0, S, BLOCK):
         s1 = min(S, s0 + BLOCK)
         k0 = max(0, off + s0 - window + 1)
@@ -47,7 +44,7 @@ def window_attention(
         parts = [(torch.einsum("bqhc,bnc->bqhn", qb, keys) * scale).masked_fill(~vis[:, :, None], float("-inf"))]
         if picks is not None:
             ids = picks[:, s0:s1]
-            ents = rows.index_select(0, (ids.clamp(min=0) + row0).reshape(-1)).view(B, s1 - s0, -1, c)  # [B,Q,K,c]
+            ents = extra[rows, ids.clamp(min=0)]  # [B, Q, K, c] (no reshape: its K may be a symbol, see below)
             le = torch.einsum("bqhc,bqkc->bqhk", qb, ents) * scale
             parts.append(le.masked_fill(~(ids >= 0)[:, :, None], float("-inf")))
         parts.append(sinks[None, None, :, None].expand(B, s1 - s0, H, 1))

@@ -42,13 +42,14 @@ class CompressorState:
             self.prev_kv = torch.zeros(batch, ratio, width, dtype=dtype, device=device)
             self.prev_gate = torch.full((batch, ratio, width), float("-inf"), dtype=dtype, device=device)
 
-    def windows(self, kv: torch.Tensor, gate: torch.Tensor, valid: torch.Tensor | None):
+    def windows(self, kv: torch.Tensor, gate: torch.Tensor, valid: torch.Tensor | None, m: int):
         """New tokens' raw kv, gate [B, S, series·c] and which are real ([B, S], a suffix of each row; None: all) →
         (kv, gate [B, W·m, ·] of each row's run of pending + real tokens, W = L // m windows of which the first `n`
         [B] are complete, index of their first entry [B], the Ca (kv, gate) [B, m, c] of the window before them or
-        None). Keeps each row's tail pending and its last complete window as the next overlap."""
+        None). Keeps each row's tail pending and its last complete window as the next overlap. m = the ratio, from
+        the compressor module (a constant to torch.compile, where this object's ints would become symbols)."""
         B, S, X = kv.shape
-        m, L = self.ratio, self.ratio - 1 + S
+        L = m - 1 + S
         v = valid.sum(1) if valid is not None else torch.full((B,), S, device=kv.device)
         p = self.n_pending
         j = torch.arange(L, device=kv.device)[None]  # run position → pending slot, or new token m + S − v + (j − p)
@@ -64,7 +65,7 @@ class CompressorState:
         self.pending_gate.copy_(self._take(run_gate, tail))
         self.n_pending.copy_(t - n * m)
         if self.overlap:
-            c, has = self.width, (n > 0)[:, None, None]
+            c, has = self.prev_kv.shape[-1], (n > 0)[:, None, None]
             last = ((n - 1).clamp(min=0) * m)[:, None] + torch.arange(m, device=kv.device)
             self.prev_kv.copy_(torch.where(has, self._take(run_kv[..., :c], last), self.prev_kv))
             self.prev_gate.copy_(torch.where(has, self._take(run_gate[..., :c], last), self.prev_gate))
@@ -76,7 +77,7 @@ class CompressorState:
         """x [B, T, X], idx [B, n] → x[b, idx[b]] [B, n, X]."""
         return x.gather(1, idx[..., None].expand(*idx.shape, x.shape[-1]))
 
-    def append(self, entries: torch.Tensor, n: torch.Tensor, limit: int) -> torch.Tensor:
+    def append(self, entries: torch.Tensor, n: torch.Tensor, limit) -> torch.Tensor:
         """Store the first n[b] of new entries [B, W, width] after each row's count; return the first `limit`
         entry slots [B, limit, width] (a view; a row's slots past its count are hidden by position)."""
         W = entries.shape[1]
@@ -84,7 +85,8 @@ class CompressorState:
             w = torch.arange(W, device=entries.device)[None]
             scratch = self.entries.shape[1] - 1
             slot = torch.where(w < n[:, None], self.count[:, None] + w, scratch)  # [B, W]
-            self.entries.scatter_(1, slot[..., None].expand(*slot.shape, self.width), entries.to(self.entries.dtype))
+            self.entries.scatter_(1, slot[..., None].expand(*slot.shape, entries.shape[-1]),
+                                  entries.to(self.entries.dtype))
             self.count.add_(n)
         return self.entries[:, :limit]
 
@@ -106,17 +108,18 @@ class CompressorState:
 
 
 class Step:
-    """One call's view of a `CompressorState`: which of the new tokens are real and how many entry slots any query
-    of the call may see ((cached + S) // m, a bound from the lengths alone, so a compiled graph keeps it symbolic)."""
+    """One call's view of a `CompressorState`: which of the new tokens are real, and the cache's length after the
+    call (cached + S), from which the entry slots any query of the call may see follow: (cached + S) // m, a bound
+    from the lengths alone, so a compiled graph keeps it symbolic."""
 
-    def __init__(self, state: CompressorState, valid: torch.Tensor | None, limit: int):
-        self.state, self.valid, self.limit = state, valid, limit
+    def __init__(self, state: CompressorState, valid: torch.Tensor | None, total: int):
+        self.state, self.valid, self.total = state, valid, total
 
-    def windows(self, kv, gate):
-        return self.state.windows(kv, gate, self.valid)
+    def windows(self, kv, gate, m: int):
+        return self.state.windows(kv, gate, self.valid, m)
 
-    def append(self, entries, n):
-        return self.state.append(entries, n, self.limit)
+    def append(self, entries, n, m: int):
+        return self.state.append(entries, n, self.total // m)
 
 
 class V4Cache:
@@ -159,7 +162,7 @@ class V4Cache:
         if self.seq_len + S > self.capacity:
             raise ValueError(f"cache capacity {self.capacity} tokens exceeded: {self.seq_len} cached + {S} new "
                              f"(layer {layer})")
-        return {k: Step(s, valid, (self.seq_len + S) // s.ratio) for k, s in self.compressors[layer].items()}
+        return {k: Step(s, valid, self.seq_len + S) for k, s in self.compressors[layer].items()}
 
     def advance(self, n: int) -> None:
         self.seq_len += n
