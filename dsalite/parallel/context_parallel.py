@@ -169,6 +169,12 @@ class ZigzagSplit:
         return SplitVisibility(S, T, 0, vis.key_valid, vis.segments, vis.device, self.index, self.runs)
 
 
+def _collective(name: str, older: str):
+    """torch.distributed's function by its current name (torch >= 2.13), else its older one; looked up at each call,
+    so a wrapper installed on torch.distributed (bench/parallel.py counts bytes that way) sees it."""
+    return getattr(dist, name, None) or getattr(dist, older)
+
+
 class GatherSequence(torch.autograd.Function):
     """[B, S, ...] on each of the C ranks → [B, T, ...] in sequence order on all of them; backward: the gradient of
     the T rows reduce-scattered (summed over ranks) back to the rows' owners."""
@@ -178,7 +184,7 @@ class GatherSequence(torch.autograd.Function):
         ctx.split = split
         C, B = split.size, x.shape[0]
         buf = x.new_empty((C * B, *x.shape[1:]))  # [C·B, S, ...]: rank after rank along dim 0 (gloo's layout)
-        dist.all_gather_single(buf, x.contiguous(), group=split.group)
+        _collective("all_gather_single", "all_gather_into_tensor")(buf, x.contiguous(), group=split.group)
         rows = buf.view(C, *x.shape).transpose(0, 1).reshape(B, C * x.shape[1], *x.shape[2:])  # [B, C·S, ...]
         return rows.index_select(1, split.on(x.device)[2])  # rows in `order` → sequence order
 
@@ -189,7 +195,7 @@ class GatherSequence(torch.autograd.Function):
         parts = g.index_select(1, split.on(g.device)[1])  # [B, C·S, ...] rows in `order`
         parts = parts.view(B, C, -1, *g.shape[2:]).transpose(0, 1).reshape(C * B, -1, *g.shape[2:])  # [C·B, S, ...]
         out = g.new_empty((B, *parts.shape[1:]))
-        dist.reduce_scatter_single(out, parts, group=split.group)
+        _collective("reduce_scatter_single", "reduce_scatter_tensor")(out, parts, group=split.group)
         return out, None
 
 
