@@ -354,3 +354,33 @@ def test_cli_dry_run_with_pp(capsys):
     out = capsys.readouterr().out
     assert "256 processes: pp=4, dp_replicate=1, dp_shard=64, ep=8" in out
     assert "pipeline: 4 stages on 4 ranks (1f1b, 4 micro-batches of 1 rows)" in out and "PP send/recv" in out
+
+
+def test_balanced_split_is_the_best_legal_split():
+    """The dynamic programme against brute force on random schedules and costs: never a violation, and no legal split
+    has a lighter most-loaded stage."""
+    import itertools
+    import random
+
+    rng = random.Random(0)
+    for _ in range(40):
+        L, pp = rng.randint(3, 9), rng.randint(2, 4)
+        types = ["full"] + [rng.choice(["full", "shared"]) for _ in range(L)]  # trunk + one MTP layer
+        costs, tail = [rng.uniform(1, 3) for _ in range(L)], rng.uniform(0, 4)
+        allowed = [t == "full" for t in types[:L]]
+        legal = [c for c in itertools.combinations(range(1, L), pp - 1) if all(allowed[b] for b in c)]
+        if not legal:
+            with pytest.raises(SplitError):
+                balanced_split(costs, tail, pp, allowed, 1)
+            continue
+        got = balanced_split(costs, tail, pp, allowed, 1)
+        assert violations(types, got) == []
+        best = min(max(_stage_costs(costs, tail, (0,) + c, L)) for c in legal)
+        assert max(_stage_costs(costs, tail, got.starts, L)) == pytest.approx(best)
+
+
+def _stage_costs(costs, tail, starts, L):
+    ends = list(starts[1:]) + [L]
+    out = [sum(costs[a:b]) for a, b in zip(starts, ends)]
+    out[-1] += tail
+    return out
