@@ -384,3 +384,20 @@ def _stage_costs(costs, tail, starts, L):
     out = [sum(costs[a:b]) for a, b in zip(starts, ends)]
     out[-1] += tail
     return out
+
+
+def test_dry_run_with_two_stages_per_rank():
+    """Interleaved: rank 0 holds stages 0 and 2 (layer 0 with the embeddings, layers 3-4) of 0 | 1-2 | 3-4 | 5."""
+    from dsalite.model import Transformer
+    from dsalite.parallel.pipeline_stage import cut
+    from dsalite.parallel.plan import plan
+
+    r = recipe("glm-5.2", [], {"pp": 2, "dp_shard": 2, "pp_microbatches": 2, "pp_schedule": "interleaved-1f1b"})
+    r.model.overrides.update(SIX)
+    p = plan(r, 4)
+    assert any("4 stages on 2 ranks (interleaved-1f1b" in n and "rank 0 holds stages 0, 2" in n for n in p.notes)
+    with torch.device("meta"):
+        m = Transformer(model_config(r))
+    cut(m, Split((0, 1, 3, 5), 6, 1), [0, 2])
+    assert sorted(m.model.layers) == ["0", "3", "4"] and not hasattr(m, "lm_head")
+    assert p.params == sum(-(-q.shape[0] // 2) * (q.numel() // q.shape[0]) * 4 for q in m.parameters())
