@@ -140,12 +140,45 @@ def load_latest(out: str, trainer) -> bool:
         return False
     step, path, kind = found
     if kind == "torch":
-        raise ValueError(f"{path} was written by a one-process run (state.pt); resuming it under a parallel layout "
-                         "is not supported yet: resume it in one process")
+        load_one_process_state(path, trainer)
+        return True
     load(path, trainer)
     if trainer.step != step:
         raise ValueError(f"{path}/{TRAINER} records step {trainer.step}, expected {step}")
     return True
+
+
+def load_one_process_state(path: str, trainer) -> None:
+    """Load a one-process `state.pt` under a layout: every rank reads the file (it fit one process) and keeps its
+    shards. The optimizers' states are keyed by position in the one-process run; this run's optimizers hold the same
+    parameters in the same order (build_optimizers over the same names: FSDP2 and expert parallel keep them), so
+    positions map to parameter names, and torch's set_state_dict shards the full tensors like the parameters."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    if trainer.par.pipeline is not None:
+        raise ValueError(f"{path} was written by a one-process run (state.pt); resuming it under pipeline "
+                         "parallelism is not supported: resume it in one process or at a layout without pp")
+    s = torch.load(os.path.join(path, checkpointing.STATE), map_location="cpu", weights_only=False)
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    optim: dict = {"state": {}, "param_groups": []}
+    if len(s["optimizers"]) != len(trainer.optimizers):
+        raise ValueError(f"{path}/state.pt holds {len(s['optimizers'])} optimizer states, this run builds "
+                         f"{len(trainer.optimizers)} (was train.optimizer changed?)")
+    for o, st in zip(trainer.optimizers, s["optimizers"]):
+        if len(o.param_groups) != len(st["param_groups"]):
+            raise ValueError(f"{path}/state.pt: an optimizer has {len(st['param_groups'])} parameter groups, this "
+                             f"run's has {len(o.param_groups)}")
+        for g, sg in zip(o.param_groups, st["param_groups"]):
+            fqns = [names[id(p)] for p in g["params"]]
+            if len(fqns) != len(sg["params"]):
+                raise ValueError(f"{path}/state.pt: a parameter group holds {len(sg['params'])} parameters, this "
+                                 f"run's holds {len(fqns)} (another model or stage?)")
+            optim["state"].update({f: st["state"][i] for f, i in zip(fqns, sg["params"]) if i in st["state"]})
+            optim["param_groups"].append({**{k: v for k, v in sg.items() if k != "params"}, "params": fqns})
+    set_state_dict(trainer.model, trainer.optimizers, model_state_dict=s["model"], optim_state_dict=optim,
+                   options=StateDictOptions(full_state_dict=True))
+    torch.set_rng_state(s["rng"])
+    trainer.step = s["step"]
 
 
 # ----- the HF export, streamed -----

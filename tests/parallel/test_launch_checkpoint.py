@@ -1,5 +1,6 @@
 """`dsalite train --nproc 2` end to end: rank 0 alone writes metrics; Distributed Checkpoint files from every rank;
-resume at the same layout is bit-identical, in one process it continues the uninterrupted run within 1e-5; the HF
+resume at the same layout is bit-identical, in one process it continues the uninterrupted run within 1e-5, and a
+one-process state.pt resumes under the layout within 1e-5 too; the HF
 export (streamed from the shards) equals a one-process export; a corrupt shard fails the launch with the rank's error;
 a SIGKILL during a distributed save leaves the previous checkpoint resumable."""
 
@@ -106,6 +107,16 @@ def test_nproc_2_train_resume_export(tmp_path):
     C = losses(solo)
     assert [x["step"] for x in C] == [1, 2, 3, 4]
     assert all(_close(a["loss"], c["loss"]) for a, c in zip(A, C)), (A, C)
+
+    # the other way: the one-process run's state.pt resumes at dp_shard 2 + ep 2, each rank keeping its shards
+    up = str(tmp_path / "up")
+    shutil.copytree(one, up)
+    shutil.rmtree(os.path.join(up, "checkpoints", "step-00000004"))
+    p, _ = dsalite(str(r), "--out", up, "--nproc", "2", "--ep", "2", "--resume", "--quiet")
+    assert p.returncode == 0, p.stderr[-3000:]
+    U = losses(up)
+    assert [x["step"] for x in U] == [1, 2, 3, 4] and U[:2] == A[:2]
+    assert all(_close(a["loss"], u["loss"]) for a, u in zip(A, U)), (A, U)
 
     # a corrupt shard on one rank: the launch fails with that error, well within 60 s
     bad = str(tmp_path / "bad")
