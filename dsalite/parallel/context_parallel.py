@@ -27,8 +27,9 @@ the rank.
 
 Not supported (refused by name before any work, `check`): DeepSeek-V4 (its sliding window and compressed CSA/HCA
 entries would need the window's and the compressors' state across chunk boundaries), pipeline parallel together with
-cp, the sequence-level balance loss (a per-sequence statistic), more than one MTP depth (depth d shifts the ids along
-the whole sequence), a sequence length that does not split into 2C chunks.
+cp, more than one MTP depth (depth d shifts the ids along the whole sequence), a sequence length that does not split
+into 2C chunks. The sequence-level balance loss, a per-sequence statistic, sums its parts over the cp ranks
+(`ZigzagSplit.sequence_sum`, used by the trainer's router hooks).
 """
 
 from __future__ import annotations
@@ -63,10 +64,6 @@ def check(r, cfg, layout) -> None:
     if T % (2 * C):
         raise LayoutError(f"data.seq_len={T} does not split into 2 × parallel.cp = {2 * C} equal chunks (context "
                           "parallel's zigzag split); choose a multiple of it")
-    if r.train.aux_loss_coeff > 0:
-        raise LayoutError(f"train.aux_loss_coeff={r.train.aux_loss_coeff} with parallel.cp={C}: the sequence-level "
-                          "balance loss needs each whole sequence on one rank; set it to 0 (the aux-loss-free bias "
-                          "update works under cp) or cp = 1")
     if r.train.mtp_coeff > 0 and cfg.num_nextn_predict_layers > 1:
         raise LayoutError(f"parallel.cp={C} with {cfg.num_nextn_predict_layers} MTP depths: depth d > 0 shifts the "
                           "token ids along the whole sequence, which a rank's chunks do not hold; train one MTP depth "
@@ -154,6 +151,11 @@ class ZigzagSplit:
         """Per-token state of this rank's tokens [B, S, ...] → every token's [B, T, ...] in sequence order."""
         return GatherSequence.apply(x, self)
 
+    def sequence_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """x summed over the ranks sharing the sequences (a per-sequence statistic of the local tokens → the whole
+        sequence's), differentiable: the gradient of the sum reaches every rank's part."""
+        return SumOverSequence.apply(x, self.group)
+
     def visibility(self, vis: Visibility) -> SplitVisibility:
         """The model's visibility for this call (built as if the S local tokens were the sequence; its padding mask
         and document ids are the whole window's) as the split's: local queries against all T keys."""
@@ -197,6 +199,23 @@ class GatherSequence(torch.autograd.Function):
         out = g.new_empty((B, *parts.shape[1:]))
         _collective("reduce_scatter_single", "reduce_scatter_tensor")(out, parts, group=split.group)
         return out, None
+
+
+class SumOverSequence(torch.autograd.Function):
+    """All-reduce (sum) over the cp group; backward: the same for the gradient (every rank's output is the sum)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        out = x.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.clone()
+        dist.all_reduce(g, group=ctx.group)
+        return g, None
 
 
 def apply_context_parallel(model, split: ZigzagSplit) -> None:

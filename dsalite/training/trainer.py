@@ -134,11 +134,13 @@ ROUTERS = (Router, SqrtSoftplusRouter)  # sigmoid group routing (MLA families); 
 
 class RouterStats:
     """Forward hooks on every router (applied from outside): per-layer expert load and the sequence-level balance
-    loss of the latest forward. Keyed by module name, so a recomputed forward overwrites instead of double-counting."""
+    loss of the latest forward. Keyed by module name, so a recomputed forward overwrites instead of double-counting.
+    Under context parallel (`split`, a `parallel.context_parallel.ZigzagSplit`) a rank routes only its tokens of each
+    sequence: the balance loss's per-sequence sums then run over the split's ranks (`split.sequence_sum`)."""
 
-    def __init__(self, model: nn.Module, aux: bool):
+    def __init__(self, model: nn.Module, aux: bool, split=None):
         self.routers = {n: m for n, m in model.named_modules() if isinstance(m, ROUTERS)}
-        self.aux, self.rows = aux, 1
+        self.aux, self.rows, self.split = aux, 1, split
         self.load: dict[str, torch.Tensor] = {}
         self.balance: dict[str, torch.Tensor] = {}
         for name, m in self.routers.items():
@@ -149,7 +151,9 @@ class RouterStats:
             _, ids, s = out  # ids [N, k], s [N, E]
             E = s.shape[-1]
             self.load[name] = torch.bincount(ids.reshape(-1), minlength=E).float()
-            if self.aux:
+            if self.aux and self.split is not None:
+                self.balance[name] = self._split_balance(ids, s, E)
+            elif self.aux:
                 k = ids.shape[-1]
                 s = s.view(self.rows, -1, E)  # [B, S, E]
                 P = (s / s.sum(-1, keepdim=True)).mean(1)  # [B, E]
@@ -157,6 +161,18 @@ class RouterStats:
                     ids.view(self.rows, -1), dtype=P.dtype)) * (E / (k * s.shape[1]))
                 self.balance[name] = (f * P).sum(-1).mean()
         return hook
+
+    def _split_balance(self, ids, s, E: int) -> torch.Tensor:
+        """The balance loss of whole sequences from this rank's part of each: the score sums (differentiably) and the
+        expert counts over the split's ranks; every rank gets the same value (its share is taken by the trainer)."""
+        k = ids.shape[-1]
+        s = s.view(self.rows, -1, E)  # [B, S_local, E]
+        S = s.shape[1] * self.split.size
+        P = self.split.sequence_sum((s / s.sum(-1, keepdim=True)).sum(1)) / S  # [B, E]
+        counts = torch.zeros_like(P).scatter_add_(1, ids.view(self.rows, -1), torch.ones_like(
+            ids.view(self.rows, -1), dtype=P.dtype))
+        f = self.split.sequence_sum(counts.detach()) * (E / (k * S))
+        return (f * P).sum(-1).mean()
 
     def begin(self, rows: int) -> None:
         self.rows = rows
@@ -200,7 +216,7 @@ class Trainer:
         freeze_for_stage(self.model, r)
         if r.train.recompute:
             enable_recompute(self.model)
-        self.stats = RouterStats(self.model, r.train.aux_loss_coeff > 0)
+        self.stats = RouterStats(self.model, r.train.aux_loss_coeff > 0, None if self.par is None else self.par.cp)
         if self.par is not None:
             self.par.parallelize(self.model)  # expert parallel, then FSDP2: parameters become DTensor shards
             if sharded_load:

@@ -75,7 +75,6 @@ def test_split_visibility_equals_the_whole_sequences_rows():
 
 @pytest.mark.parametrize("parallel, train, overrides, words", [
     ({"cp": 2}, {}, {"model_type": "deepseek_v4"}, ["parallel.cp=2", "DeepSeek-V4", "sliding window"]),
-    ({"cp": 2}, {"aux_loss_coeff": 0.01}, {}, ["train.aux_loss_coeff=0.01", "parallel.cp=2"]),
     ({"cp": 2}, {}, {"num_nextn_predict_layers": 2}, ["parallel.cp=2 with 2 MTP depths"]),
     ({"cp": 3, "dp_shard": 1}, {}, {}, ["data.seq_len=32 does not split into 2 × parallel.cp = 6"]),
 ])
@@ -368,7 +367,7 @@ def test_model_cp2_equals_one_process(tmp_path, monkeypatch, kernels):
 def _same_run(where, ref, got, steps):
     for s in range(steps):
         a, b = ref["recs"][s], got["recs"][s]
-        for key in ("loss", "ce", "mtp", "kl", "grad_norm"):
+        for key in ("loss", "ce", "mtp", "kl", "aux", "grad_norm"):
             assert (key in a) == (key in b), (where, key)
             if key in a:
                 assert _rel(a[key], b[key]) <= TOL, f"{where}: step {s + 1} {key} {b[key]} vs one process {a[key]}"
@@ -403,11 +402,12 @@ def _train_parity(tmp_path, nproc, variants):
 
 @pytest.mark.timeout(400)
 def test_trainer_cp2_equals_one_process(tmp_path):
-    """GLM-5.2 (IndexShare, MTP) and DeepSeek-V3.2 pretraining, GLM-5.2's dense warm-up (only the indexers train,
-    from the KL over every visible key), and GLM-5.2 with its experts split over the same two ranks (ep = 2 carved
-    out of dp_shard × cp: the all-to-alls carry each rank's half of the sequence)."""
+    """GLM-5.2 (IndexShare, MTP) and DeepSeek-V3.2 pretraining (V3.2 with the sequence-level balance loss, whose
+    per-sequence sums run over the cp ranks), GLM-5.2's dense warm-up (only the indexers train, from the KL over every
+    visible key), and GLM-5.2 with its experts split over the same two ranks (ep = 2 carved out of dp_shard × cp: the
+    all-to-alls carry each rank's half of the sequence)."""
     cp = {"cp": 2}
-    _train_parity(tmp_path, 2, [("glm-5.2", {}, cp), ("deepseek-v3.2", {}, cp),
+    _train_parity(tmp_path, 2, [("glm-5.2", {}, cp), ("deepseek-v3.2", {"aux_loss_coeff": 0.01}, cp),
                                 ("glm-5.2", {"stage": "dsa_warmup"}, cp), ("glm-5.2", {}, {"cp": 2, "ep": 2})])
 
 
