@@ -82,8 +82,8 @@ def state_widths(cfg, mtp: bool = True) -> tuple[list[int], list[int]]:
 
 def gather_bytes(cfg, tokens: int, cp: int, dtype_bytes: int, recompute: bool = False) -> int:
     """Bytes one rank receives in the all-gathers and sends in the reduce-scatters of one training step, for
-    `tokens` local tokens: every layer's compact state of the other cp - 1 ranks' tokens in forward (again in backward
-    with activation recompute) and their gradients back in backward."""
+    `tokens` local tokens: every layer's compact state of the other cp - 1 ranks' tokens in forward (once more with
+    activation recompute, when backward reruns a block's forward) and their gradients back in backward."""
     compact, _ = state_widths(cfg)
     return int((3 if recompute else 2) * (cp - 1) * tokens * sum(compact) * dtype_bytes)
 
@@ -227,10 +227,10 @@ def apply_context_parallel(model, split: ZigzagSplit) -> None:
                           "entries); set parallel.cp = 1")
     plain = model.context
 
-    def context(input_ids, positions, vis, dtype, cache=None, dsa=None):
-        if cache is not None:
+    def context(input_ids, positions, vis, *args, **kwargs):
+        ctx = plain(input_ids, positions, split.visibility(vis), *args, **kwargs)
+        if ctx.cache is not None:
             raise ValueError("context parallel splits training sequences; a decode cache is not supported")
-        ctx = plain(input_ids, positions, split.visibility(vis), dtype, cache, dsa)
         ctx.gather = split.gather
         return ctx
 
