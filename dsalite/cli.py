@@ -103,6 +103,8 @@ def _train_rank(r, out: str, args) -> int:
         recs = train(r, out, max_steps=args.max_steps, resume=args.resume, progress=not args.quiet, par=par)
         if par.is_main:
             print(f"{par.layout.describe()}")
+            if par.pipeline is not None:
+                print(par.pipeline.describe(par.pipeline.roots[0].cfg, r.data.seq_len))
             _train_summary(r, out, recs)
     finally:
         if dist.is_initialized():

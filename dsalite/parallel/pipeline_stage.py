@@ -117,6 +117,17 @@ class Pipeline:
         self.schedule = None
         self.sent = {}  # stage -> bytes it sent forward in its latest micro-batch: {"hidden": .., "topk": ..}
 
+    def describe(self, cfg, seq_len: int) -> str:
+        """One line for the run's summary: stages, schedule, split and what a carried top-k costs."""
+        from dsalite.parallel.pipeline import carry_bytes, describe_split
+
+        line = (f"pipeline: {self.split.stages} stages on {self.spec.pp} ranks ({self.spec.schedule}, "
+                f"{self.spec.microbatches} micro-batches), layers {describe_split(self.split)}")
+        extra = carry_bytes(cfg, self.split, getattr(self, "rows", 0), seq_len)  # rows: known once a step ran
+        if any(extra):
+            line += f"; carried top-k per micro-batch per boundary: {extra} bytes"
+        return line
+
     def cut(self, model) -> list:
         self.roots = cut(model, self.split, self.local)
         return self.roots
@@ -229,7 +240,7 @@ class Pipeline:
             + tr.aux_loss_coeff * named.get("aux", 0.0)
         named["loss"] = loss
         for k, v in named.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v) / tr.accum_steps
+            self.sums[k] = self.sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v) / tr.accum_steps
         loss = loss / tr.accum_steps
         if last:
             return loss

@@ -292,7 +292,8 @@ def test_pp2_checkpoint_resumes_in_one_process_and_at_dp_shard_2_and_exports_the
     pp, one = str(tmp_path / "pp"), str(tmp_path / "one")
     p, _ = dsalite(str(tmp_path / "pp.toml"), "--out", pp, "--nproc", "2", "--quiet", timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "pp=2" in p.stdout
+    assert "pp=2" in p.stdout and "pipeline: 2 stages on 2 ranks (1f1b, 2 micro-batches), layers 0-2, 3 + MTP" \
+        in p.stdout
     step4 = os.path.join(pp, "checkpoints", "step-00000004")
     assert {"__0_0.distcp", "__1_0.distcp"} <= set(os.listdir(step4))
     # resume the step-2 checkpoint in one process: steps 3 and 4 continue the pipelined run
