@@ -2,8 +2,9 @@
 
 `cut` deletes what a stage does not hold (pipeline.py decides the split); the stage runs `Transformer.forward`
 itself (no embeddings: it starts from the received hidden state; no final norm: it returns its last block's output),
-so FSDP2's root hooks and activation recompute work as in one process. Each rank holds one stage (1F1B or GPipe);
-its stage module is wrapped in a `PipelineStage` with static shapes, so no extra forward runs to infer them.
+so FSDP2's root hooks and activation recompute work as in one process. A rank holds one stage (1F1B, GPipe) or
+several (interleaved 1F1B, looped BFS: stage s on rank s mod pp, each its own `stage_model` and FSDP root); each
+stage module is wrapped in a `PipelineStage` with static shapes, so no extra forward runs to infer them.
 
 What travels between stages, per micro-batch: the hidden state [b, S, D] (and its gradient back), and with
 `pp_carry_topk` the top-k of the last full layer (int32 [b, S, K]) across boundaries that begin with a shared layer.
