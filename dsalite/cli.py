@@ -46,7 +46,7 @@ def cmd_convert(args) -> int:
     return 0
 
 
-_LAYOUT_OPTIONS = ("dp_replicate", "dp_shard", "ep", "pp", "pp_microbatches")
+_LAYOUT_OPTIONS = ("dp_replicate", "dp_shard", "ep", "pp", "pp_microbatches", "cp")
 
 
 def cmd_train(args) -> int:
@@ -221,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override parallel.ep (expert-parallel degree, carved out of dp_shard)")
     t.add_argument("--pp", type=int, metavar="N", help="override parallel.pp (pipeline stages)")
     t.add_argument("--pp-microbatches", type=int, metavar="M", help="override parallel.pp_microbatches")
+    t.add_argument("--cp", type=int, metavar="N",
+                   help="override parallel.cp (context parallel: each sequence split over N ranks)")
     t.set_defaults(func=cmd_train)
 
     gn = sub.add_parser("generate", help="generate text with the latent-cache engine (sparse decode, MTP speculation)",
