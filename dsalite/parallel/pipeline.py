@@ -232,9 +232,6 @@ def check(r, cfg, layout) -> Split:
     if layout.cp > 1:
         raise LayoutError(f"parallel.pp={layout.pp} with cp={layout.cp}: pipeline and context parallel together are "
                           "not supported yet")
-    if layout.dp_replicate > 1:
-        raise LayoutError(f"parallel.pp={layout.pp} with dp_replicate={layout.dp_replicate}: pipeline with HSDP "
-                          "replicas is not supported yet (use dp_shard)")
     if (spec.per_rank > 1) != (spec.schedule in MULTI_STAGE):
         raise LayoutError(f"parallel.pp_stages_per_rank={spec.per_rank} does not fit pp_schedule={spec.schedule!r}: "
                           f"{list(MULTI_STAGE)} run 2 or more stages per rank, the others exactly 1")

@@ -67,7 +67,6 @@ def test_bad_split_is_refused_by_name():
     ({"pp": 2, "pp_microbatches": 1}, "fewer than pp=2"),
     ({"pp": 2, "cp": 2}, "pipeline and context parallel together"),
     ({"pp": 2, "pp_microbatches": 2, "stage": "dsa_warmup"}, "with train.stage='dsa_warmup' is not supported"),
-    ({"pp": 2, "dp_replicate": 2}, "with dp_replicate=2"),
 ])
 def test_unsupported_pipeline_layouts_are_named(parallel, words):
     parallel = dict(parallel)
@@ -269,17 +268,21 @@ def test_two_stages_per_rank_interleaved_and_looped_equal_one_stage_per_rank(tmp
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_pp2_with_dp_shard_and_ep_equals_one_process(tmp_path):
-    """4 processes: pp = 2 × dp_shard = 2, and the same with the experts split over ep = 2. Gradients are compared at
+def test_pp2_with_dp_shard_ep_and_replicas_equals_one_process(tmp_path):
+    """4 processes: pp = 2 × dp_shard = 2, the same with the experts split over ep = 2, and pp = 2 × dp_replicate = 2
+    (HSDP replicas) under GPipe with one micro-batch. Gradients are compared at
     step 1 (same parameters); later steps through the losses, grad norms and final parameters. (Compared at step 5,
     the batch cut into 4 single-row pieces moves q_a_layernorm's gradient by 2.1e-5 relative — and dp_shard = 4
     without a pipeline moves it by the same 2.1e-5: Adam's sensitivity to summation order, see docs/parallel.md.)"""
     files, runs = _runs(tmp_path, [({"pp": 2, "dp_shard": 2, "pp_microbatches": 2}, {}),
-                                   ({"pp": 2, "dp_shard": 2, "ep": 2, "pp_microbatches": 2}, {})], grads_at=(1,))
+                                   ({"pp": 2, "dp_shard": 2, "ep": 2, "pp_microbatches": 2}, {}),
+                                   ({"pp": 2, "dp_replicate": 2, "dp_shard": 1, "pp_microbatches": 1,
+                                     "pp_schedule": "gpipe"}, {})], grads_at=(1,))
     ref = run_steps(recipe("glm-5.2", files), str(tmp_path / "one"), STEPS, grads_at=(1,))
     got = run_ranks("pipeline", {"module": "test_pipeline", "runs": runs}, 4, str(tmp_path), timeout=580)["results"]
     assert_same(ref, got[0], "pp=2 × dp_shard=2")
     assert_same(ref, got[1], "pp=2 × dp_shard=2 × ep=2")
+    assert_same(ref, got[2], "pp=2 × dp_replicate=2 (GPipe, 1 micro-batch)")
 
 
 @pytest.mark.slow
