@@ -198,3 +198,22 @@ def test_deepseek_v4_is_refused_by_name():
     v4 = build_model(ModelConfig.from_hf(tiny("deepseek_v4")))
     with pytest.raises(ValueError, match=r"deepseek_v4 has its own cache \(V4Cache.*not served yet"):
         Engine(v4, num_blocks=8)
+
+
+@pytest.mark.parametrize("speculative", [None, "mtp"])
+def test_prompts_prefilled_together_equal_each_alone(glm, speculative):
+    """New prompts of one length are prefilled in one batched call; each still gets its solo logits."""
+    g = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(0, 256, (13,), generator=g).tolist() for _ in range(6)]
+    eng = Engine(glm, num_blocks=64, block_size=8, prefill_tokens=64, speculative=speculative)
+    calls = []
+    for name in ("run", "run_all"):
+        fn = getattr(eng.runner, name)
+        setattr(eng.runner, name, lambda rows, *a, fn=fn, **k: calls.append(len(rows[0][2]) and len(rows)) or
+                fn(rows, *a, **k))
+    seqs = eng.generate(prompts, RequestParams(max_tokens=5, temperature=0.0, logprobs=True))
+    assert calls[0] == 4  # 4 whole prompts (52 tokens) in the first call; the 5th's first 12 tokens in the next
+    for p, s in zip(prompts, seqs):
+        ref, _ = solo_logprobs(glm, p, s.output)
+        assert s.output == dsalite.generate(glm, torch.tensor([p]), max_new_tokens=5)[0, len(p):].tolist()
+        torch.testing.assert_close(torch.tensor([e["logprob"] for e in s.logprobs]), ref, rtol=0, atol=1e-5)

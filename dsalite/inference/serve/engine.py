@@ -2,8 +2,8 @@
 with its own options -> detokenize and check stops -> outputs. `generate()` loops `step()`; the server calls
 `add_request`, `abort` and `step` from its engine thread (server.py), never the runner or the cache.
 
-Prefill chunks of the same length run as one batched call (rows of different cached lengths, laid out as a decode
-step's). A sequence whose model call or sampling raises fails alone: a batched prefill or decode that raises is
+Prefill chunks of the same length after the same number of cached tokens (new prompts, typically) run as one batched
+call. A sequence whose model call or sampling raises fails alone: a batched prefill or decode that raises is
 retried row by row so that only the row that raises again is failed.
 
 speculative="mtp": every decoding sequence carries the MTP layer's draft for its next-but-one token; a decode step
@@ -140,10 +140,20 @@ class Engine:
     def step(self) -> list[Output]:
         plan = self.scheduler.schedule()
         touched: list[Sequence] = []
-        groups: dict[int, list[Sequence]] = {}  # chunks of one length run as one batched call
+        if self.speculative:
+            for seq in plan.preempted:
+                seq.draft = None
+            # a prompt's last token reached by chunks is "decoding" for the scheduler, but it has no draft yet:
+            # it goes through the prefill path, which makes the first draft
+            plan.prefill += [(s, 1) for s in plan.decode if s.draft is None]
+            plan.decode = [s for s in plan.decode if s.draft is not None]
+        # chunks of one length after as many cached tokens run as one batched call: new prompts together, with no
+        # key hidden (a continuing chunk of a long prompt beside a new one would make the new rows gather and mask
+        # every key of the long one)
+        groups: dict[tuple[int, int], list[Sequence]] = {}
         for seq, n in plan.prefill:
-            groups.setdefault(n, []).append(seq)
-        for n, seqs in groups.items():
+            groups.setdefault((n, seq.num_cached), []).append(seq)
+        for (n, _), seqs in groups.items():
             prefill = self._prefill_mtp if self.speculative else self._prefill
             before = [s.num_cached for s in seqs]
             try:
