@@ -128,3 +128,20 @@ def test_server_speculative_streams_the_plain_output_and_reports_acceptance(ckpt
         assert drafted == s.engine.stats.drafted > 0 and accepted == s.engine.stats.accepted
     finally:
         s.stop()
+
+
+def test_speculation_stops_where_plain_decoding_stops(drafter):
+    """A stop id or max_tokens reached by an accepted draft ends the sequence there: its bonus token is dropped."""
+    g = torch.Generator().manual_seed(13)
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (9, 17, 30)]
+    free = Engine(drafter, num_blocks=64, block_size=8).generate(prompts, RequestParams(max_tokens=14,
+                                                                                       temperature=0.0))
+    for cut in (1, 4, 7):  # stop on the cut-th token; max_tokens = cut elsewhere
+        stops = [RequestParams(max_tokens=14, temperature=0.0, stop_token_ids=[f.output[cut - 1]]) for f in free]
+        spec = Engine(drafter, num_blocks=64, block_size=8, speculative="mtp").generate(prompts, stops)
+        for f, s in zip(free, spec):
+            first = f.output.index(f.output[cut - 1]) + 1
+            assert s.output == f.output[:first] and s.finish_reason == "stop"
+        short = Engine(drafter, num_blocks=64, block_size=8, speculative="mtp").generate(
+            prompts, RequestParams(max_tokens=cut, temperature=0.0))
+        assert [s.output for s in short] == [f.output[:cut] for f in free]
