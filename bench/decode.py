@@ -88,8 +88,8 @@ def main() -> None:
                     help="time steps with the process's CPU time instead of wall-clock (steadier when other "
                          "processes share the cores; with 1 thread it equals the wall time of an idle machine)")
     ap.add_argument("--no-compile", action="store_true",
-                    help="skip the compiled runner (Runner(compile=True), GLM only; its first step compiles for "
-                         "seconds and is not timed)")
+                    help="skip the compiled runner (Runner(compile=True); its first steps compile for seconds and "
+                         "are not timed)")
     ap.add_argument("--skip-hf-above", type=int, default=8192, help="skip HF for longer contexts (default 8192)")
     ap.add_argument("--no-pytorch-path", action="store_true",
                     help="skip the second process timing dsalite with DSALITE_KERNELS=0 (its PyTorch paths)")
@@ -100,7 +100,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     clock = time.process_time if a.cpu_time else time.perf_counter
     bench, title = MODELS[a.model]
-    compiled = a.model == "glm" and not a.no_compile  # the compiled runner serves the latent cache (MLA models)
+    compiled = not a.no_compile
     contexts = [int(x) for x in a.contexts.split(",")]
     if not a.dsalite_only:
         header(f"decode, {title}, fp32, batch 1, {a.threads} thread(s), median of {a.steps} steps"

@@ -16,6 +16,12 @@ against transformers' on a short prompt before anything is timed.
 
     .venv/bin/python bench/train.py [--configs small,medium] [--seq 2048] [--batch 1] [--reps 3] [--rounds 3]
                                     [--threads 1] [--isa native|avx2]
+    .venv/bin/python bench/train.py --model v4 [...]   # the bench DeepSeek-V4 config (config "v4")
+
+DeepSeek-V4 (--model v4, `presets.BENCH_V4`: sliding / CSA / HCA / CSA layers, window 128, CSA top-64 of S/4 entries,
+HCA S/128, hash routing on layer 0, 4 mHC streams): HF trains its `DeepseekV4ForCausalLM`, dsalite its V4 model with
+the same fused head + cross-entropy; FLOPs per token count the window, the selected entries, the compressors, the
+indexer and mHC (`flops_per_token`).
 """
 
 from __future__ import annotations
@@ -33,9 +39,9 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from common import add_isa_argument, dsalite_from_hf, header, hf_model, use_isa  # noqa: E402
 
-from dsalite.presets import BENCH_MEDIUM, BENCH_SMALL  # noqa: E402
+from dsalite.presets import BENCH_MEDIUM, BENCH_SMALL, BENCH_V4  # noqa: E402
 
-CONFIGS = {"small": BENCH_SMALL, "medium": BENCH_MEDIUM}
+CONFIGS = {"small": BENCH_SMALL, "medium": BENCH_MEDIUM, "v4": BENCH_V4}
 REFERENCE_PEAK = 175.0  # GFLOP/s per core, fp32 GEMM on an idle machine (env notes §1)
 
 
@@ -103,7 +109,10 @@ def one(which: str, config: str, S: int, batch: int, reps: int, threads: int) ->
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--configs", default="small,medium", help="comma-separated: small (D 256), medium (D 1024)")
+    ap.add_argument("--model", choices=["glm", "v4"], default="glm",
+                    help="glm: the GLM bench configs (default); v4: the bench DeepSeek-V4 config")
+    ap.add_argument("--configs", default=None, help="comma-separated: small (D 256), medium (D 1024), v4 (D 256 "
+                    "DeepSeek-V4); default small,medium, or v4 with --model v4")
     ap.add_argument("--seq", type=int, default=2048, help="sequence length S (default 2048)")
     ap.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
     ap.add_argument("--reps", type=int, default=3, help="timed steps per subprocess, median taken (default 3)")
@@ -117,6 +126,7 @@ def main() -> None:
     add_isa_argument(ap)
     ap.add_argument("--one", nargs=2, metavar=("WHICH", "CONFIG"), help=argparse.SUPPRESS)
     a = ap.parse_args()
+    a.configs = a.configs or ("v4" if a.model == "v4" else "small,medium")
     use_isa(a.isa)
     torch.set_num_threads(a.threads)
     if a.one:
