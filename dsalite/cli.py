@@ -263,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Serve a checkpoint over the OpenAI API: /v1/models, /v1/completions, "
                                     "/v1/chat/completions (streaming too), /health, /metrics. Requests are batched "
                                     "continuously over a paged latent cache with prefix sharing. MLA families "
-                                    "(GLM-5.x, DeepSeek-V3.2, V3). See docs/serve.md.")
+                                    "(GLM-5.x, DeepSeek-V3.2, V3). See docs/inference.md (Serving).")
     from dsalite.inference.serve.options import add_arguments as serve_arguments
 
     serve_arguments(sv)

@@ -21,6 +21,7 @@ from dsalite.layers.indexer import TILE
 
 class LatentCache:
     pads, rewinds = True, True  # left-padded rows of different lengths; `crop` after rejected drafts
+    paged = False  # update_latent hands the model all T rows as a view (serve's PagedLatentCache: pooled slots)
 
     def __init__(self, cfg: ModelConfig, batch: int, capacity: int, layers: list[int] | None = None,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):

@@ -69,16 +69,27 @@ class MLA(nn.Module):
         c, k_r = self.kv_a_proj_with_mqa(x).split([self.rank, p], dim=-1)
         q_r = apply_rope(q[..., n:], cos[:, :, None], sin[:, :, None], self.rope_interleaved)
         latent = torch.cat([self.kv_a_layernorm(c), apply_rope(k_r, cos, sin, self.rope_interleaved)], -1)  # [B,S,r+p]
-        if cache is not None:
-            latent = cache.update_latent(self.layer_idx, latent)  # [B, T, r+p]
-        elif ctx.gather is not None:  # context parallel: every token's latent (never expanded keys) from its rank
-            latent = ctx.gather(latent)  # [B, T, r+p]
-        T = latent.shape[1]
+        paged = cache is not None and cache.paged
+        if paged:  # the new latents go to their slots; rows are read below, the K picked ones only where sparse
+            T, latent = cache.store_latent(self.layer_idx, latent), None
+        else:
+            if cache is not None:
+                latent = cache.update_latent(self.layer_idx, latent)  # [B, T, r+p]
+            elif ctx.gather is not None:  # context parallel: every token's latent (never expanded keys) from its rank
+                latent = ctx.gather(latent)  # [B, T, r+p]
+            T = latent.shape[1]
 
         topk, proj = self._select(x, q_resid, cos, sin, vis, topk_in, cache, T, dsa, ctx.gather)
 
+        if paged and (topk is None or proj is not None):  # dense attention (or a loss) reads every key
+            latent = cache.latent_rows(self.layer_idx)  # [B, T, r+p]
         if topk is None:
             o = self._attend_dense(q[..., :n], q_r, latent, vis)
+        elif latent is None:  # paged: every query of the step attends over the cache's slot pool [N, r+p]
+            pool, slots = cache.picked_slots(self.layer_idx, topk)  # slots [B, S, K], -1 = none
+            flat = (1, B * S, H)
+            o = self._attend_sparse(q[..., :n].reshape(*flat, n), q_r.reshape(*flat, p), pool[None],
+                                    slots.view(1, B * S, -1)).view(B, S, H, self.v_dim)
         else:
             o = self._attend_sparse(q[..., :n], q_r, latent, topk)
         if proj is not None:

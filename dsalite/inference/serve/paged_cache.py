@@ -8,8 +8,9 @@ A step is bound (`bind`) to slot indices computed by the runner: where each row'
 slots make up each row's T keys. Rows of different lengths are laid out as `LatentCache` lays them out — the newest
 tokens aligned at the end, earlier slots of a shorter row hidden by the key mask — so the model's causal visibility
 (queries are keys T−S .. T−1) holds for every row; the view is gathered per step and layer, the pool never moves.
-The model calls only `update_latent`, `update_index_keys`, `index_key_tiles`, `seq_len` and `advance`, as it does for
-`LatentCache`; it never sees blocks.
+The model calls `store_latent` / `latent_rows` / `picked_slots` (it sees `paged`: sparse layers read only the K
+picked latents, straight from the pool through the block tables), `update_index_keys`, `index_key_tiles`, `seq_len`
+and `advance`; it never sees blocks. `update_latent` (store, then all T rows) serves callers of `LatentCache`'s API.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dsalite.config import ModelConfig
 
 
 class PagedLatentCache:
-    pads, rewinds = True, True
+    pads, rewinds, paged = True, True, True
 
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int = 16, dtype: torch.dtype = torch.float32,
                  device: str | torch.device = "cpu", mtp: bool = False):
@@ -51,6 +52,27 @@ class PagedLatentCache:
         """Store the new tokens' latents [B, S, r+p]; return the rows' keys [B, T, r+p] (gathered from the pool)."""
         return self._store(self.latent[layer], latent)
 
+    def store_latent(self, layer: int, latent: torch.Tensor) -> int:
+        """Store the new tokens' latents [B, S, r+p] in their slots; return T, the keys per row. Sparse layers then
+        read only the picked rows (`picked_slots`), dense ones all T (`latent_rows`): no per-step copy of T latents
+        where attention reads K of them."""
+        self._check_bound()
+        pool = self.latent[layer]
+        pool.index_copy_(0, self._write, latent.reshape(-1, latent.shape[-1]).to(pool.dtype))
+        return self._read.shape[1]
+
+    def latent_rows(self, layer: int) -> torch.Tensor:
+        """The rows' keys [B, T, r+p], gathered from the pool (dense attention, or T <= index_topk)."""
+        B, T = self._read.shape
+        return self.latent[layer].index_select(0, self._read.reshape(-1)).view(B, T, -1)
+
+    def picked_slots(self, layer: int, topk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's pool [n·bs, r+p] and, for key columns topk [B, S, K] (−1 = none), their slots [B, S, K]
+        through the bound block tables (−1 kept)."""
+        B, S, K = topk.shape
+        slots = self._read.gather(1, topk.clamp(min=0).reshape(B, S * K)).view(B, S, K)
+        return self.latent[layer], torch.where(topk < 0, topk, slots)
+
     def update_index_keys(self, layer: int, k: torch.Tensor) -> torch.Tensor:
         """Store the new tokens' indexer keys [B, S, Di]; return the rows' keys [B, T, Di]."""
         return self._store(self.index_keys[layer], k)
@@ -61,9 +83,12 @@ class PagedLatentCache:
     def advance(self, n: int) -> None:
         self.seq_len += n
 
-    def _store(self, pool: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def _check_bound(self) -> None:
         if self._read is None:
             raise RuntimeError("PagedLatentCache used before bind(): the serving runner binds each step's slots")
+
+    def _store(self, pool: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        self._check_bound()
         pool.index_copy_(0, self._write, x.reshape(-1, x.shape[-1]).to(pool.dtype))
         B, T = self._read.shape
         return pool.index_select(0, self._read.reshape(-1)).view(B, T, -1)
