@@ -45,9 +45,6 @@ def check_recipe(r, world: int, cfg=None) -> Layout:
         from dsalite.parallel import context_parallel
 
         context_parallel.check(r, cfg, layout)
-    if r.train.optimizer == "muon":
-        raise LayoutError("train.optimizer='muon' needs whole matrices (Newton-Schulz, in bf16) and is not "
-                          "supported under a parallel layout yet; use 'adamw'")
     if r.train.stage == "lora":
         raise LayoutError("train.stage='lora' is not supported under a parallel layout yet; run it in one process")
     return layout

@@ -112,7 +112,13 @@ def build_optimizers(model: nn.Module, r: Recipe) -> list[torch.optim.Optimizer]
     fused = all(p.device.type in ("cpu", "cuda") for _, p in named)
     opts = [torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), eps=1e-8, fused=fused)] if groups else []
     if muon:
-        opts.append(torch.optim.Muon(muon, lr=t.muon_lr, weight_decay=t.weight_decay))
+        from torch.distributed.tensor import DTensor
+
+        if any(isinstance(p, DTensor) for p in muon):  # sharded (FSDP2): orthogonalise whole matrices
+            from dsalite.parallel.muon import ShardedMuon as Muon
+        else:
+            Muon = torch.optim.Muon
+        opts.append(Muon(muon, lr=t.muon_lr, weight_decay=t.weight_decay))
     return opts
 
 

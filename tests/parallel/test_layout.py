@@ -36,7 +36,6 @@ def test_bad_layouts_are_named(layout, world, experts, batch, words):
 
 
 @pytest.mark.parametrize("family, train, word", [
-    ("glm-5.2", {"optimizer": "muon"}, "train.optimizer='muon'"),
     ("glm-5.2", {"stage": "lora"}, "train.stage='lora'"),
 ])
 def test_recipe_refusals(tmp_path, family, train, word):
