@@ -110,10 +110,16 @@ def test_padding_inside_a_row_is_refused(model):
         cache.append_tokens(torch.tensor([[1, 0, 1], [1, 1, 1]]), torch.zeros(2, 3, dtype=torch.long))
 
 
+@pytest.mark.slow  # compiling the decode step takes ≈ 2 CPU minutes
 def test_compiled_decode_equals_eager(model):
-    """Compiled few-token steps (one graph at every length: the rows' counts are tensors) = the eager steps."""
+    """Compiled decode steps (one graph at every length: the rows' counts are tensors) = the eager steps, on the
+    padded batch whose rows complete entries at different steps."""
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     rows, follow, ids, mask = prompts(model)
-    eager = forced_logits(model, ids, mask, follow)
-    comp = forced_logits(model, ids, mask, follow, compile=True)
-    torch.testing.assert_close(comp, eager, rtol=1e-5, atol=1e-5)
+    eager = forced_logits(model, ids, mask, follow, chunk=64)  # prefill in one eager call, the steps compiled
+    comp = forced_logits(model, ids, mask, follow, compile=True, chunk=64)
+    # the same fp32 noise floor as above (logits reach ±6; inductor sums in another order: 1.4e-5 seen)
+    torch.testing.assert_close(comp, eager, rtol=0, atol=1e-4)
+    assert torch.equal(comp.argmax(-1), eager.argmax(-1))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # one graph for all 11 steps
