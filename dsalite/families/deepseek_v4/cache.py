@@ -44,11 +44,15 @@ class CompressorState:
 
     def windows(self, kv: torch.Tensor, gate: torch.Tensor, valid: torch.Tensor | None, m: int):
         """New tokens' raw kv, gate [B, S, series·c] and which are real ([B, S], a suffix of each row; None: all) →
-        (kv, gate [B, W·m, ·] of each row's run of pending + real tokens, W = L // m windows of which the first `n`
+        (kv, gate [B, W·m, ·] of each row's run of pending + real tokens, W ≤ L // m windows of which the first `n`
         [B] are complete, index of their first entry [B], the Ca (kv, gate) [B, m, c] of the window before them or
         None). Keeps each row's tail pending and its last complete window as the next overlap. m = the ratio, from
         the compressor module (a constant to torch.compile, where this object's ints would become symbols)."""
         B, S, X = kv.shape
+        if valid is None and not torch.compiler.is_compiling():
+            lo, hi = self.n_pending.aminmax()
+            if int(lo) == int(hi):  # every row has as many pending tokens: plain slices (most eager calls)
+                return self._windows_alike(kv, gate, int(hi), m)
         L = m - 1 + S
         v = valid.sum(1) if valid is not None else torch.full((B,), S, device=kv.device)
         p = self.n_pending
@@ -58,19 +62,39 @@ class CompressorState:
         run_gate = self._take(torch.cat([self.pending_gate, gate], 1), src)
         t = p + v
         n = t // m  # complete windows per row
+        # a compiled step pools every window a row could complete (a shape from S alone); eagerly, only those some
+        # row does complete — none on most decode steps, so those skip pooling altogether
+        W = L // m if torch.compiler.is_compiling() else int(n.max())
         first = self.count.clone()
-        prev = (self.prev_kv.clone(), self.prev_gate.clone()) if self.overlap else None
+        prev = (self.prev_kv.clone(), self.prev_gate.clone()) if self.overlap and W else None
         tail = ((n * m)[:, None] + torch.arange(m, device=kv.device)).clamp(max=L - 1)
         self.pending_kv.copy_(self._take(run_kv, tail))
         self.pending_gate.copy_(self._take(run_gate, tail))
         self.n_pending.copy_(t - n * m)
-        if self.overlap:
+        if self.overlap and W:
             c, has = self.prev_kv.shape[-1], (n > 0)[:, None, None]
             last = ((n - 1).clamp(min=0) * m)[:, None] + torch.arange(m, device=kv.device)
             self.prev_kv.copy_(torch.where(has, self._take(run_kv[..., :c], last), self.prev_kv))
             self.prev_gate.copy_(torch.where(has, self._take(run_gate[..., :c], last), self.prev_gate))
-        W = L // m
         return run_kv[:, : W * m], run_gate[:, : W * m], first, prev, n
+
+    def _windows_alike(self, kv, gate, p: int, m: int):
+        """`windows` when no token is padding and every row has p pending tokens: the rows' runs line up."""
+        if p:
+            kv, gate = torch.cat([self.pending_kv[:, :p], kv], 1), torch.cat([self.pending_gate[:, :p], gate], 1)
+        W = kv.shape[1] // m
+        tail = kv.shape[1] - W * m
+        self.pending_kv[:, :tail] = kv[:, W * m :]
+        self.pending_gate[:, :tail] = gate[:, W * m :]
+        self.n_pending.fill_(tail)
+        prev = None
+        if self.overlap and W:
+            c = self.prev_kv.shape[-1]
+            prev = (self.prev_kv.clone(), self.prev_gate.clone())
+            self.prev_kv.copy_(kv[:, W * m - m : W * m, :c])
+            self.prev_gate.copy_(gate[:, W * m - m : W * m, :c])
+        n = torch.full_like(self.count, W)
+        return kv[:, : W * m], gate[:, : W * m], self.count.clone(), prev, n
 
     @staticmethod
     def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
