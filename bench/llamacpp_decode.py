@@ -104,7 +104,8 @@ def main() -> None:
     ids = torch.randint(2, cfg.vocab_size, (1, a.prompt), generator=torch.Generator().manual_seed(1))
 
     llm = llama_cpp.Llama(model_path=path, n_ctx=a.prompt + a.new + 8, n_batch=512, n_threads=a.threads,
-                          n_threads_batch=a.threads, type_k=0, type_v=0, verbose=False)
+                          n_threads_batch=a.threads, type_k=0, type_v=0, verbose=False,
+                          logits_all=True)  # without it llama-cpp-python keeps no prompt row in `scores` (all 0)
     llm.eval(ids[0].tolist())
     check_same_model(model, ids, torch.from_numpy(llm.scores[llm.n_tokens - 1].copy()))
     tok = int(llm.scores[llm.n_tokens - 1].argmax())
