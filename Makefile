@@ -53,6 +53,11 @@ $(LLAMACPP_NATIVE)/.built: $(STAMP) $(LLAMACPP_SRC)/.unpacked
 		$(LLAMACPP_SRC).tar.gz
 	touch $@
 
+# What the bench scripts need beyond the tests: the native llama.cpp (bench/llamacpp_decode.py) and llama.cpp's server
+# dependencies (bench/serve.py). Run the scripts themselves by hand: they take minutes and want a quiet machine.
+bench: setup llamacpp llamacpp-native
+	$(PIP) install -q -e '.[bench]'
+
 $(LLAMACPP_SRC)/.unpacked: | $(STAMP)
 	mkdir -p .cache
 	$(PIP) download -q --no-deps --no-binary :all: llama-cpp-python==$(LLAMACPP_VER) -d .cache
