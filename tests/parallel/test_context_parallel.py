@@ -470,14 +470,3 @@ def test_dry_run_plans_cp():
     assert abs(p.params / ideal_shard_bytes(cfg, p.layout) - 1) < 0.05
     own = activation_bytes(cfg, tokens, 4)  # the rank's own tokens, plus the other rank's gathered state
     assert p.activations == own + tokens * (2 - 1) * 4 * sum(compact)
-
-
-def test_cli_refuses_a_cp_layout_before_starting_anything(tmp_path, capsys):
-    from dsalite.cli import main
-
-    rec = tmp_path / "r.toml"
-    rec.write_text('[model]\npreset = "glm-5.2-tiny"\n[data]\nseq_len = 30\nbatch_size = 4\n')
-    out = tmp_path / "never"
-    assert main(["train", str(rec), "--out", str(out), "--nproc", "2", "--cp", "2"]) == 2
-    assert "data.seq_len=30 does not split into 2 × parallel.cp = 4 equal chunks" in capsys.readouterr().err
-    assert not out.exists()

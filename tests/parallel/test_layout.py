@@ -55,15 +55,20 @@ def test_recipe_section_is_checked():
     assert parallel.check_recipe(r, 2).ep == 2  # DeepSeek-V4 trains under FSDP2 + expert parallel
 
 
-def test_cli_refuses_a_bad_layout_before_starting_anything(tmp_path, capsys):
+@pytest.mark.parametrize("recipe_text, args, message", [
+    ('[model]\npreset = "deepseek-v3-tiny"\n[data]\nbatch_size = 4\n', ["--nproc", "2", "--ep", "3"],
+     "parallel.ep=3 must divide dp_shard × cp = 2 × 1 = 2"),
+    ('[model]\npreset = "deepseek-v3-tiny"\n[data]\nbatch_size = 4\n', ["--nproc", "3"],
+     "data.batch_size=4 (the global batch) does not divide over the 3 data-parallel ranks"),
+    ('[model]\npreset = "glm-5.2-tiny"\n[data]\nseq_len = 30\nbatch_size = 4\n', ["--nproc", "2", "--cp", "2"],
+     "data.seq_len=30 does not split into 2 × parallel.cp = 4 equal chunks"),
+])
+def test_cli_refuses_a_bad_layout_before_starting_anything(tmp_path, capsys, recipe_text, args, message):
     rec = tmp_path / "r.toml"
-    rec.write_text('[model]\npreset = "deepseek-v3-tiny"\n[data]\nbatch_size = 4\n')
+    rec.write_text(recipe_text)
     out = tmp_path / "never"
-    assert main(["train", str(rec), "--out", str(out), "--nproc", "2", "--ep", "3"]) == 2
-    assert "parallel.ep=3 must divide dp_shard × cp = 2 × 1 = 2" in capsys.readouterr().err
-    assert main(["train", str(rec), "--out", str(out), "--nproc", "3"]) == 2
-    assert "data.batch_size=4 (the global batch) does not divide over the 3 data-parallel ranks" in \
-        capsys.readouterr().err
+    assert main(["train", str(rec), "--out", str(out), *args]) == 2
+    assert message in capsys.readouterr().err
     assert not out.exists()
 
 
