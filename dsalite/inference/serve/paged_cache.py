@@ -10,7 +10,7 @@ tokens aligned at the end, earlier slots of a shorter row hidden by the key mask
 (queries are keys T−S .. T−1) holds for every row; the view is gathered per step and layer, the pool never moves.
 The model calls `store_latent` / `latent_rows` / `picked_slots` (it sees `paged`: sparse layers read only the K
 picked latents, straight from the pool through the block tables), `update_index_keys`, `index_key_tiles`, `seq_len`
-and `advance`; it never sees blocks. `update_latent` (store, then all T rows) serves callers of `LatentCache`'s API.
+and `advance`; it never sees blocks.
 """
 
 from __future__ import annotations
@@ -48,23 +48,16 @@ class PagedLatentCache:
         self.seq_len = read.shape[1] - write.shape[1]
 
     # ----- what the model calls -----
-    def update_latent(self, layer: int, latent: torch.Tensor) -> torch.Tensor:
-        """Store the new tokens' latents [B, S, r+p]; return the rows' keys [B, T, r+p] (gathered from the pool)."""
-        return self._store(self.latent[layer], latent)
-
     def store_latent(self, layer: int, latent: torch.Tensor) -> int:
         """Store the new tokens' latents [B, S, r+p] in their slots; return T, the keys per row. Sparse layers then
         read only the picked rows (`picked_slots`), dense ones all T (`latent_rows`): no per-step copy of T latents
         where attention reads K of them."""
-        self._check_bound()
-        pool = self.latent[layer]
-        pool.index_copy_(0, self._write, latent.reshape(-1, latent.shape[-1]).to(pool.dtype))
+        self._put(self.latent[layer], latent)
         return self._read.shape[1]
 
     def latent_rows(self, layer: int) -> torch.Tensor:
         """The rows' keys [B, T, r+p], gathered from the pool (dense attention, or T <= index_topk)."""
-        B, T = self._read.shape
-        return self.latent[layer].index_select(0, self._read.reshape(-1)).view(B, T, -1)
+        return self._rows(self.latent[layer])
 
     def picked_slots(self, layer: int, topk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer's pool [n·bs, r+p] and, for key columns topk [B, S, K] (−1 = none), their slots [B, S, K]
@@ -75,7 +68,9 @@ class PagedLatentCache:
 
     def update_index_keys(self, layer: int, k: torch.Tensor) -> torch.Tensor:
         """Store the new tokens' indexer keys [B, S, Di]; return the rows' keys [B, T, Di]."""
-        return self._store(self.index_keys[layer], k)
+        pool = self.index_keys[layer]
+        self._put(pool, k)
+        return self._rows(pool)
 
     def index_key_tiles(self, layer: int) -> None:
         return None  # the indexer tiles the gathered keys itself
@@ -83,13 +78,14 @@ class PagedLatentCache:
     def advance(self, n: int) -> None:
         self.seq_len += n
 
-    def _check_bound(self) -> None:
+    def _put(self, pool: torch.Tensor, x: torch.Tensor) -> None:
+        """The bound step's new tokens [B, S, ·] into their slots."""
         if self._read is None:
             raise RuntimeError("PagedLatentCache used before bind(): the serving runner binds each step's slots")
-
-    def _store(self, pool: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        self._check_bound()
         pool.index_copy_(0, self._write, x.reshape(-1, x.shape[-1]).to(pool.dtype))
+
+    def _rows(self, pool: torch.Tensor) -> torch.Tensor:
+        """Every bound row's T keys [B, T, ·], gathered from `pool`."""
         B, T = self._read.shape
         return pool.index_select(0, self._read.reshape(-1)).view(B, T, -1)
 
