@@ -21,6 +21,21 @@ def tiny_model(model_type: str = "glm_moe_dsa", seed: int = 0, **overrides):
     return m.eval()
 
 
+def tiny_v4(seed: int = 0, **overrides):
+    """A random tiny DeepSeek-V4 model (CSA m 4, HCA m 8, window 8); random sinks and position biases so that both
+    matter; 8 ReLU indexer heads keep the CSA top-k tie-free."""
+    from dsalite.model import Transformer
+
+    m = Transformer(ModelConfig.tiny("deepseek_v4", index_n_heads=8, **overrides))
+    g = torch.Generator().manual_seed(seed)
+    m.init_weights(std=0.2, generator=g)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith(("sinks", "position_bias")):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return m.eval()
+
+
 def demo_model(seed: int = 0):
     """A random model of `make demo`'s size: the glm-5.2-tiny preset (8 layers, D 128, vocab 512, index_topk 32,
     one MTP layer)."""
@@ -42,15 +57,16 @@ TEMPLATE = (
 )
 
 
-def make_checkpoint(root, name: str = "tiny-glm", template: str | None = TEMPLATE, demo: bool = False) -> str:
-    """A tiny GLM-architecture checkpoint (demo: `demo_model`'s size) with a byte-level BPE tokenizer.json and a
-    chat template."""
+def make_checkpoint(root, name: str = "tiny-glm", template: str | None = TEMPLATE, demo: bool = False,
+                    v4: bool = False) -> str:
+    """A tiny GLM-architecture checkpoint (demo: `demo_model`'s size; v4: a tiny DeepSeek-V4) with a byte-level BPE
+    tokenizer.json and a chat template."""
     import json
 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     out = root / name
-    model = demo_model() if demo else tiny_model(vocab_size=320)
+    model = demo_model() if demo else tiny_v4(vocab_size=320) if v4 else tiny_model(vocab_size=320)
     model.save_pretrained(str(out))
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -77,7 +93,8 @@ class ServerThread:
     """`dsalite serve`'s app on 127.0.0.1 in a thread of the test process (so tests can reach into the engine);
     stop() shuts uvicorn down and joins the thread with a timeout."""
 
-    def __init__(self, path: str, api_key: str | None = None, max_queue: int = 64, **engine_kw):
+    def __init__(self, path: str, api_key: str | None = None, max_queue: int = 64, name: str = "tiny-glm",
+                 **engine_kw):
         import threading
 
         import uvicorn
@@ -94,7 +111,7 @@ class ServerThread:
         kw.update(engine_kw)
         self.engine = Engine(model, tokenizer=text, eos_ids=text.eos_ids, **kw)
         self.aengine = AsyncEngine(self.engine, max_queue)
-        self.name = "tiny-glm"
+        self.name = name
         self.state = ServerState(self.aengine, self.name, text, api_key, 0, shutdown_timeout=2.0)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"

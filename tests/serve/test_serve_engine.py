@@ -11,7 +11,7 @@ from dsalite.inference.serve.engine import Engine
 from dsalite.inference.serve.paged_cache import PagedLatentCache
 from dsalite.inference.serve.runner import ModelRunner
 from dsalite.inference.serve.sequence import RequestParams, Sequence
-from serve_fixtures import tiny_model
+from serve_fixtures import tiny_model, tiny_v4
 
 
 def contiguous_logits(model, prompt, fed):
@@ -190,14 +190,52 @@ def test_requests_that_cannot_fit_are_refused(glm):
         RequestParams(top_p=0)
 
 
-def test_deepseek_v4_is_refused_by_name():
-    from dsalite.config import ModelConfig
-    from dsalite.model import build_model
-    from dsalite.presets import tiny
+def v4_solo_logprobs(model, prompt, out):
+    """Log-probabilities [n, V] of one DeepSeek-V4 sequence decoding `out` alone through its own V4Cache."""
+    from dsalite.inference.runner import new_cache
 
-    v4 = build_model(ModelConfig.from_hf(tiny("deepseek_v4")))
-    with pytest.raises(ValueError, match=r"deepseek_v4 has its own cache \(V4Cache.*not served yet"):
-        Engine(v4, num_blocks=8)
+    r = Runner(model, new_cache(model, 1, len(prompt) + len(out)), prefill_chunk=8)
+    ids = torch.tensor([prompt + out[:-1]])
+    lg, _ = r.feed(ids, torch.ones_like(ids, dtype=torch.bool), torch.arange(ids.shape[1])[None], all_logits=True)
+    return torch.log_softmax(lg[0, len(prompt) - 1 :].float(), -1)
+
+
+def test_deepseek_v4_concurrent_requests_equal_each_alone():
+    """DeepSeek-V4 serves one cache row per sequence: 16 requests of 16 lengths through 6 rows (so rows are reused,
+    decode batches are sometimes a slice of the pool and sometimes gathered around a row still prefilling), each
+    equal to `dsalite.generate` alone and to its solo log-probabilities; rows all returned at the end."""
+    from dsalite.families.deepseek_v4.cache import V4Rows
+
+    model = tiny_v4()
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, model.cfg.vocab_size, (n,), generator=g).tolist() for n in range(2, 50, 3)]
+    eng = Engine(model, max_batch=6, prefill_tokens=24, max_model_len=128)
+    assert eng.blocks.num_blocks == 6 and eng.cache.capacity == 128
+    views = []
+    init = V4Rows.__init__
+    V4Rows.__init__ = lambda self, *a: views.append(self) or init(self, *a)
+    try:
+        seqs = eng.generate(prompts, RequestParams(max_tokens=12, temperature=0.0, logprobs=True))
+    finally:
+        V4Rows.__init__ = init
+    kinds = {isinstance(v.sel, slice) for v in views}
+    assert kinds == {True, False}  # both the sliced and the gathered path ran
+    for p, s in zip(prompts, seqs):
+        alone = dsalite.generate(model, torch.tensor([p]), max_new_tokens=12)[0, len(p):].tolist()
+        assert s.output == alone and s.finish_reason == "length"
+        ref = v4_solo_logprobs(model, p, s.output)
+        got = torch.tensor([e["logprob"] for e in s.logprobs])
+        torch.testing.assert_close(got, ref.gather(1, torch.tensor(s.output)[:, None])[:, 0], rtol=0, atol=1e-5)
+    assert eng.blocks.in_use == 0 and not eng.has_work
+
+
+def test_deepseek_v4_refusals_name_the_reason():
+    model = tiny_v4(num_nextn_predict_layers=1)
+    with pytest.raises(ValueError, match=r"speculative='mtp' is not served for deepseek_v4 yet.*V4Cache"):
+        Engine(model, speculative="mtp")
+    eng = Engine(model, max_batch=2, max_model_len=64)
+    with pytest.raises(ValueError, match="maximum context length is 64 tokens; the request needs 70"):
+        eng.add_request(list(range(60)), RequestParams(max_tokens=10))
 
 
 @pytest.mark.parametrize("speculative", [None, "mtp"])

@@ -320,3 +320,40 @@ def test_a_failing_request_fails_alone(server, monkeypatch):
     assert status == 500 and r["error"]["type"] == "server_error" and "injected failure" in r["error"]["message"]
     wait_idle(server)
     assert server.engine.blocks.in_use == 0
+
+
+def test_deepseek_v4_serves_streaming_chat_and_concurrent_completions(tmp_path):
+    """A DeepSeek-V4 checkpoint through the same server: one cache row per request; streamed chat equals the
+    non-streamed answer, and concurrent completions each equal `dsalite.generate` alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    import dsalite
+    from dsalite.inference.text import TextModel
+    from serve_fixtures import make_checkpoint
+
+    path = make_checkpoint(tmp_path, "tiny-v4", v4=True)
+    s = ServerThread(path, name="tiny-v4", num_blocks=None, block_size=16, max_batch=4, max_model_len=256)
+    try:
+        c = client(s)
+        kw = dict(model="tiny-v4", messages=MSG, max_tokens=10, temperature=0, extra_body={"ignore_eos": True})
+        full = c.chat.completions.create(**kw)
+        chunks = list(c.chat.completions.create(**kw, stream=True))
+        assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == \
+            full.choices[0].message.content
+        tm = TextModel.load(path)
+        prompts = ["to be or not", "whether tis nobler in the mind to suffer the slings", "or", "the question"] * 2
+        with ThreadPoolExecutor(8) as ex:  # 8 clients, 4 rows: rows are reused while others decode
+            got = list(ex.map(lambda p: c.completions.create(model="tiny-v4", prompt=p, max_tokens=8, temperature=0,
+                                                             extra_body={"ignore_eos": True}), prompts))
+        for p, r in zip(prompts, got):
+            ids = tm.encode(p)
+            alone = dsalite.generate(s.engine.model, torch.tensor([ids]), max_new_tokens=8)[0, len(ids):].tolist()
+            assert r.choices[0].text == tm.tokenizer.decode(alone, skip_special_tokens=False)
+        wait_idle(s)
+        assert s.engine.blocks.in_use == 0
+        status, text = get(s, "/metrics")
+        assert status == 200 and "dsalite_cache_blocks_in_use 0" in text
+    finally:
+        s.stop()

@@ -130,6 +130,36 @@ class CompressorState:
     def per_token_bytes(self) -> float:
         return self.width * self.entries.element_size() / self.ratio
 
+    # ----- rows of a serving pool -----
+    def _fields(self) -> list[str]:
+        return ["count", "n_pending", "pending_kv", "pending_gate"] + (["prev_kv", "prev_gate"] if self.overlap else [])
+
+    def reset(self, rows) -> None:
+        """Rows `rows` (a slice or an index tensor) start a new sequence: no entries, nothing pending, no overlap."""
+        self.count[rows] = 0
+        self.n_pending[rows] = 0
+        if self.overlap:
+            self.prev_kv[rows] = 0
+            self.prev_gate[rows] = float("-inf")
+
+    def rows(self, rows, limit: int) -> "CompressorState":
+        """The state of rows `rows` as a CompressorState of their own, with entry slots 0 .. limit − 1 plus a
+        scratch slot: views of this one for a slice (writes go straight to the pool), copies for an index tensor
+        (`put_rows` writes them back). limit bounds the entries any row of the call can have made."""
+        view = CompressorState.__new__(CompressorState)
+        view.ratio, view.width, view.overlap = self.ratio, self.width, self.overlap
+        for name in self._fields():
+            setattr(view, name, getattr(self, name)[rows])
+        view.entries = self.entries[rows, : limit + 1]
+        return view
+
+    def put_rows(self, rows: torch.Tensor, view: "CompressorState") -> None:
+        """Write a copied `rows(rows, limit)` state back (its scratch slot too: entries past a row's count are junk
+        that later entries overwrite)."""
+        for name in self._fields():
+            getattr(self, name)[rows] = getattr(view, name)
+        self.entries[rows, : view.entries.shape[1]] = view.entries
+
 
 class Step:
     """One call's view of a `CompressorState`: which of the new tokens are real, and the cache's length after the
@@ -235,6 +265,20 @@ class V4Cache:
         windows are fixed-size, see `fixed_bytes`)."""
         return round(sum(s.per_token_bytes() for st in self.compressors.values() for s in st.values()))
 
+    def bytes(self) -> int:
+        """Every byte the cache holds (windows, entries, pending and overlap state)."""
+        n = sum(t.numel() * t.element_size() for t in self.window.values()) + self.key_valid.numel()
+        for st in self.compressors.values():
+            for s in st.values():
+                n += sum(getattr(s, f).numel() * getattr(s, f).element_size() for f in s._fields() + ["entries"])
+        return n
+
+    # ----- serving: one row per running sequence -----
+    def rows(self, index: list[int], cached: list[int], S: int) -> "V4Rows":
+        """Rows `index` of this cache as the cache of one model call of S new tokens per row, row b having cached[b]
+        tokens already (each row its own length: continuous batching). A row with nothing cached is reset first."""
+        return V4Rows(self, index, cached, S)
+
     def fixed_bytes(self) -> int:
         """Bytes that do not grow with the sequence: the windows, pending tails and overlap state."""
         n = sum(t.numel() * t.element_size() for t in self.window.values())
@@ -243,3 +287,61 @@ class V4Cache:
                 n += 2 * s.pending_kv.numel() * s.pending_kv.element_size()
                 n += s.overlap * 2 * s.ratio * s.width * s.entries.element_size()
         return n
+
+
+class V4Rows:
+    """Some rows of a `V4Cache` pool, each with its own cached length, as the cache of one model call (serving).
+
+    Every row's window buffer is its last Wn − 1 tokens right-aligned (`update_window` shifts them all by S), so the
+    model sees Wn − 1 cached keys per row: `seq_len` is Wn − 1 and `mask` [B, Wn − 1 + S] hides the buffer slots a
+    short row has not filled — the left padding `V4Cache` already handles, so the compressors, whose counts are per
+    row anyway, see each row exactly as if it ran alone. Rows index..index+B−1 in order are sliced (views: the call
+    writes the pool directly); any other set is gathered and written back by `commit()`."""
+
+    pads, rewinds = True, False
+
+    def __init__(self, pool: V4Cache, index: list[int], cached: list[int], S: int):
+        B, dev = len(index), pool.device
+        self.total = max(cached) + S  # the longest row after the call: bounds the entry slots any query sees
+        if self.total > pool.capacity:
+            raise ValueError(f"cache capacity {pool.capacity} tokens per sequence exceeded: {max(cached)} cached + "
+                             f"{S} new")
+        self.pool = pool
+        a = index[0]
+        self.sel = slice(a, a + B) if index == list(range(a, a + B)) else torch.tensor(index, device=dev)
+        fresh = [r for r, c in zip(index, cached) if c == 0]
+        if fresh:
+            for st in pool.compressors.values():
+                for s in st.values():
+                    s.reset(torch.tensor(fresh, device=dev))
+        self.window = {i: w[self.sel] for i, w in pool.window.items()}
+        self.compressors = {i: {k: s.rows(self.sel, self.total // s.ratio)
+                                for k, s in st.items()} for i, st in pool.compressors.items()}
+        W = pool.cfg.sliding_window - 1
+        self.seq_len = W  # the model's key offset: the window buffer
+        have = torch.tensor(cached, device=dev).clamp(max=W)
+        self.mask = None if min(cached) >= W else torch.arange(W + S, device=dev)[None] >= (W - have)[:, None]
+
+    def update_window(self, layer: int, kv: torch.Tensor) -> torch.Tensor:
+        buf = self.window[layer]
+        keys = torch.cat([buf, kv], dim=1)  # [B, Wn − 1 + S, c]
+        buf.copy_(keys[:, keys.shape[1] - buf.shape[1] :])
+        return keys
+
+    def compressor_states(self, layer: int, valid: torch.Tensor | None, S: int) -> dict[str, Step] | None:
+        if layer not in self.compressors:
+            return None
+        return {k: Step(s, valid, self.total) for k, s in self.compressors[layer].items()}
+
+    def advance(self, n: int) -> None:
+        """Lengths are the caller's (each sequence's own count); nothing to advance here."""
+
+    def commit(self) -> None:
+        """Write gathered rows back to the pool (sliced rows were written in place)."""
+        if isinstance(self.sel, slice):
+            return
+        for i, w in self.window.items():
+            self.pool.window[i][self.sel] = w
+        for i, st in self.compressors.items():
+            for k, s in st.items():
+                self.pool.compressors[i][k].put_rows(self.sel, s)

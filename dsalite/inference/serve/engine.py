@@ -25,7 +25,7 @@ from dsalite.families import family
 from dsalite.inference.sampling import probs, probs_and_sample, sample
 from dsalite.inference.serve.blocks import BlockManager
 from dsalite.inference.serve.paged_cache import PagedLatentCache
-from dsalite.inference.serve.runner import ModelRunner
+from dsalite.inference.serve.runner import ModelRunner, RowRunner
 from dsalite.inference.serve.scheduler import Scheduler
 from dsalite.inference.serve.sequence import RequestParams, Sequence, Status
 from dsalite.inference.speculative import _accept, _resample
@@ -71,29 +71,41 @@ class Engine:
                  prefill_tokens: int = 512, prefix_caching: bool = True, tokenizer=None, eos_ids=(),
                  max_model_len: int | None = None, compile: bool = False, cache_tokens: int = 65536,
                  speculative: str | None = None):
-        """model: a dsalite Transformer (MLA families); tokenizer: an `inference.text.TextModel` (None: ids only);
-        num_blocks: cache blocks of block_size tokens (default: enough for cache_tokens tokens);
+        """model: a dsalite Transformer; tokenizer: an `inference.text.TextModel` (None: ids only);
+        num_blocks: cache blocks of block_size tokens (default: enough for cache_tokens tokens); for a family with
+        its own cache (DeepSeek-V4) cache rows of max_model_len tokens each (default: max_batch; max_model_len then
+        defaults to at most cache_tokens);
         speculative: None or "mtp" (per-sequence MTP speculation; the model needs MTP weights)."""
         cfg = model.cfg
-        if family(cfg.model_type).cache is not None:
-            raise ValueError(f"dsalite serve pages the MLA latent cache; {cfg.model_type} has its own cache "
-                             f"({family(cfg.model_type).cache.__name__}: sliding windows and compressor state per "
-                             f"sequence, not paged yet) and is not served yet; use dsalite generate")
+        rows = family(cfg.model_type).cache  # a family with its own (unpaged) cache: one cache row per sequence
         if speculative not in (None, "mtp"):
             raise ValueError(f"speculative must be None or 'mtp', got {speculative!r}")
         if speculative and not len(model.mtp):
             raise ValueError("speculative='mtp' needs a model with MTP layers (num_nextn_predict_layers >= 1 and MTP "
                              "weights in the checkpoint)")
+        if speculative and rows is not None:
+            raise ValueError(f"speculative='mtp' is not served for {cfg.model_type} yet: its cache "
+                             f"({rows.__name__}) cannot rewind a rejected draft per row; serve without it")
         self.model, self.tokenizer, self.eos_ids = model, tokenizer, frozenset(eos_ids)
         self.speculative = speculative
         spec = speculative == "mtp"
-        num_blocks = num_blocks or -(-cache_tokens // block_size)
-        w = model.head_weight()
-        self.cache = PagedLatentCache(cfg, num_blocks, block_size, dtype=w.dtype, device=w.device, mtp=spec)
-        self.blocks = BlockManager(num_blocks, block_size, prefix_caching, lookahead=int(spec))
-        self.scheduler = Scheduler(self.blocks, max_batch, prefill_tokens, step_tokens=1 + int(spec))
-        self.runner = ModelRunner(model, self.cache, compile)
         self.max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        w = model.head_weight()
+        if rows is None:
+            num_blocks = num_blocks or -(-cache_tokens // block_size)
+            self.cache = PagedLatentCache(cfg, num_blocks, block_size, dtype=w.dtype, device=w.device, mtp=spec)
+            self.blocks = BlockManager(num_blocks, block_size, prefix_caching, lookahead=int(spec))
+            self.runner = ModelRunner(model, self.cache, compile)
+        else:
+            # a row holds one sequence of up to max_model_len tokens: the block manager hands out rows as blocks
+            # of that size (no prefix sharing: a row's window and compressor state belong to one sequence)
+            if max_model_len is None:
+                self.max_model_len = min(self.max_model_len, cache_tokens)
+            num_blocks = num_blocks or max_batch
+            self.cache = rows(cfg, num_blocks, self.max_model_len, dtype=w.dtype, device=w.device)
+            self.blocks = BlockManager(num_blocks, self.max_model_len, prefix_caching=False)
+            self.runner = RowRunner(model, self.cache, compile)
+        self.scheduler = Scheduler(self.blocks, max_batch, prefill_tokens, step_tokens=1 + int(spec))
         self.seqs: dict[str, Sequence] = {}
         self.stats = EngineStats()
 

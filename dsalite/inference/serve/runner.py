@@ -90,3 +90,36 @@ class ModelRunner:
         self.cache.bind(read, read[:, -ids.shape[1]:])
         out = self.model(ids, position_ids=positions, attention_mask=mask, cache=self.cache, compute_logits=False)
         return self.model.head(out.last_hidden[:, -1])
+
+
+class RowRunner:
+    """The runner for a family whose cache is not paged (DeepSeek-V4: sliding windows and compressor state): each
+    running sequence owns one row of the family's cache, its "block" in the block manager (block table [row]), and
+    a call runs rows of different lengths through the cache's `rows` view (families/deepseek_v4/cache.py V4Rows)."""
+
+    def __init__(self, model, cache, compile: bool = False):
+        self.model, self.cache = model, cache
+        self.device = model.head_weight().device
+        self._decode = compiled(self._forward) if compile else self._forward
+
+    @torch.no_grad()
+    def run(self, rows: Rows) -> torch.Tensor:
+        """Feed each row's S new tokens; the logits after its last one [B, V] (fp32). Rows run in the order of their
+        cache rows, so the usual set (every running sequence) is a slice of the pool, not a gather."""
+        order = sorted(range(len(rows)), key=lambda b: rows[b][0][0])
+        index = [rows[b][0][0] for b in order]
+        cached = [rows[b][1] for b in order]
+        S = len(rows[0][2])
+        ids = torch.tensor([rows[b][2] for b in order], device=self.device)
+        positions = torch.tensor(cached, device=self.device)[:, None] + torch.arange(S, device=self.device)
+        view = self.cache.rows(index, cached, S)
+        fn = self._decode if S == 1 else self._forward
+        logits = fn(ids, positions, view)
+        view.commit()
+        out = torch.empty_like(logits)
+        out[torch.tensor(order, device=self.device)] = logits
+        return out.float()
+
+    def _forward(self, ids, positions, view):
+        out = self.model(ids, position_ids=positions, attention_mask=view.mask, cache=view, compute_logits=False)
+        return self.model.head(out.last_hidden[:, -1])

@@ -419,9 +419,10 @@ def run(args) -> int:
     name = args.served_model_name or os.path.basename(os.path.normpath(args.path))
     state = ServerState(AsyncEngine(engine, args.max_queue), name, text, args.api_key, int(time.time()),
                         args.shutdown_timeout)
-    cache = engine.cache
+    blocks = engine.blocks
+    unit = "blocks" if getattr(engine.cache, "paged", False) else "rows"  # rows: one per sequence (DeepSeek-V4)
     print(f"dsalite serve: {name} ({model.cfg.model_type}) on http://{args.host}:{args.port}  "
-          f"cache {cache.num_blocks} blocks x {cache.block_size} tokens ({cache.bytes() / 2**20:.1f} MiB), "
+          f"cache {blocks.num_blocks} {unit} x {blocks.block_size} tokens ({engine.cache.bytes() / 2**20:.1f} MiB), "
           f"batch <= {args.max_batch}, queue <= {args.max_queue}"
           + (", MTP speculation" if args.speculative else "")
           + ("" if text else "; no tokenizer.json: token-id prompts only"), file=sys.stderr, flush=True)
