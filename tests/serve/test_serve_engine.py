@@ -233,6 +233,8 @@ def test_deepseek_v4_refusals_name_the_reason():
     model = tiny_v4(num_nextn_predict_layers=1)
     with pytest.raises(ValueError, match=r"speculative='mtp' is not served for deepseek_v4 yet.*V4Cache"):
         Engine(model, speculative="mtp")
+    with pytest.raises(ValueError, match=r"compile is not served for deepseek_v4 yet"):
+        Engine(model, compile=True)
     eng = Engine(model, max_batch=2, max_model_len=64)
     with pytest.raises(ValueError, match="maximum context length is 64 tokens; the request needs 70"):
         eng.add_request(list(range(60)), RequestParams(max_tokens=10))

@@ -86,6 +86,9 @@ class Engine:
         if speculative and rows is not None:
             raise ValueError(f"speculative='mtp' is not served for {cfg.model_type} yet: its cache "
                              f"({rows.__name__}) cannot rewind a rejected draft per row; serve without it")
+        if compile and rows is not None:  # measured: 5 recompiles of ~50 s each in 16 requests (row views' shapes)
+            raise ValueError(f"compile is not served for {cfg.model_type} yet: its per-row cache views recompile as "
+                             f"rows come and go; serve without --compile (dsalite generate --compile works)")
         self.model, self.tokenizer, self.eos_ids = model, tokenizer, frozenset(eos_ids)
         self.speculative = speculative
         spec = speculative == "mtp"
@@ -104,7 +107,7 @@ class Engine:
             num_blocks = num_blocks or max_batch
             self.cache = rows(cfg, num_blocks, self.max_model_len, dtype=w.dtype, device=w.device)
             self.blocks = BlockManager(num_blocks, self.max_model_len, prefix_caching=False)
-            self.runner = RowRunner(model, self.cache, compile)
+            self.runner = RowRunner(model, self.cache)
         self.scheduler = Scheduler(self.blocks, max_batch, prefill_tokens, step_tokens=1 + int(spec))
         self.seqs: dict[str, Sequence] = {}
         self.stats = EngineStats()

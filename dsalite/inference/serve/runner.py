@@ -97,10 +97,9 @@ class RowRunner:
     running sequence owns one row of the family's cache, its "block" in the block manager (block table [row]), and
     a call runs rows of different lengths through the cache's `rows` view (families/deepseek_v4/cache.py V4Rows)."""
 
-    def __init__(self, model, cache, compile: bool = False):
+    def __init__(self, model, cache):
         self.model, self.cache = model, cache
         self.device = model.head_weight().device
-        self._decode = compiled(self._forward) if compile else self._forward
 
     @torch.no_grad()
     def run(self, rows: Rows) -> torch.Tensor:
@@ -113,8 +112,7 @@ class RowRunner:
         ids = torch.tensor([rows[b][2] for b in order], device=self.device)
         positions = torch.tensor(cached, device=self.device)[:, None] + torch.arange(S, device=self.device)
         view = self.cache.rows(index, cached, S)
-        fn = self._decode if S == 1 else self._forward
-        logits = fn(ids, positions, view)
+        logits = self._forward(ids, positions, view)
         view.commit()
         out = torch.empty_like(logits)
         out[torch.tensor(order, device=self.device)] = logits
