@@ -3,9 +3,11 @@
 Bench-small GLM config (hf-reference §10, latent cache) or, with --model v4, the bench DeepSeek-V4 config (window +
 compressor cache), fp32, batch 1, one thread. For each context T the models first prefill
 T tokens (not timed), then run `--steps` single-token greedy decode steps, taking turns in blocks of 8 steps so that
-all see the same load; the median step time is reported. dsalite runs on the paths this machine chose (its C++
-kernels where they are faster); a second process times it again with DSALITE_KERNELS=0 (the PyTorch twins), printed
-beside it. dsalite's logits are checked against transformers' on a short prompt before anything is timed.
+all see the same load; the median step time is reported. dsalite is timed on both of its paths in the same process,
+interleaved with the rest: its C++ kernels and their PyTorch twins (`kernels.forced`), eager and compiled; the
+speedups over HF are those of the path this machine chose (`dsalite env`), and the last columns give kernel / PyTorch
+step-time ratios (below 1: the kernels are faster). dsalite's logits are checked against transformers' on a short
+prompt before anything is timed.
 
     .venv/bin/python bench/decode.py [--model glm|v4] [--contexts 512,2048,4096,8192] [--steps 16] [--isa native|avx2]
 """
@@ -13,10 +15,9 @@ beside it. dsalite's logits are checked against transformers' on a short prompt 
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -25,20 +26,27 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from common import MODELS, add_isa_argument, dsalite_from_hf, header, hf_model, use_isa  # noqa: E402
 
+from dsalite import kernels  # noqa: E402
 from dsalite.inference.runner import Runner, new_cache  # noqa: E402
 
 
-def dsalite_stepper(model, ids, steps: int, compile: bool = False):
-    """Prefill ids (untimed); return one greedy decode step of the engine as a function."""
+def on_path(kernel: bool | None):
+    """The block runs on the kernels (True), on the PyTorch twins (False) or on this machine's choice (None)."""
+    return contextlib.nullcontext() if kernel is None else kernels.forced(kernel)
+
+
+def dsalite_stepper(model, ids, steps: int, compile: bool = False, kernel: bool | None = None):
+    """Prefill ids (untimed); return one greedy decode step of the engine as a function, on the given path."""
     T = ids.shape[1]
-    runner = Runner(model, new_cache(model, 1, T + steps + 4), prefill_chunk=2048, compile=compile)
-    with torch.no_grad():
+    with on_path(kernel), torch.no_grad():
+        runner = Runner(model, new_cache(model, 1, T + steps + 4), prefill_chunk=2048, compile=compile)
         logits, _ = runner.feed(ids, torch.ones_like(ids, dtype=torch.bool), torch.arange(T)[None])
     state = [logits[:, -1].argmax(-1, keepdim=True), T]
 
     @torch.no_grad()
     def step():
-        logits, _ = runner.feed(state[0], torch.ones(1, 1, dtype=torch.bool), torch.tensor([[state[1]]]))
+        with on_path(kernel):
+            logits, _ = runner.feed(state[0], torch.ones(1, 1, dtype=torch.bool), torch.tensor([[state[1]]]))
         state[:] = [logits[:, -1].argmax(-1, keepdim=True), state[1] + 1]
 
     for _ in range(2):  # untimed: the compiled runner compiles on its first steps
@@ -92,61 +100,56 @@ def main() -> None:
                          "are not timed)")
     ap.add_argument("--skip-hf-above", type=int, default=8192, help="skip HF for longer contexts (default 8192)")
     ap.add_argument("--no-pytorch-path", action="store_true",
-                    help="skip the second process timing dsalite with DSALITE_KERNELS=0 (its PyTorch paths)")
+                    help="time dsalite on this machine's chosen path only (not both the kernels and their PyTorch "
+                         "twins)")
     add_isa_argument(ap)
-    ap.add_argument("--dsalite-only", action="store_true", help=argparse.SUPPRESS)  # the second process: JSON out
     a = ap.parse_args()
     use_isa(a.isa)
     torch.set_num_threads(a.threads)
     clock = time.process_time if a.cpu_time else time.perf_counter
     bench, title = MODELS[a.model]
-    compiled = not a.no_compile
+    modes = [False] if a.no_compile else [False, True]  # compile
     contexts = [int(x) for x in a.contexts.split(",")]
-    if not a.dsalite_only:
-        header(f"decode, {title}, fp32, batch 1, {a.threads} thread(s), median of {a.steps} steps"
-               + (", CPU time" if a.cpu_time else ""))
-    twin = {}
-    if not a.dsalite_only and not a.no_pytorch_path:  # first, so its subprocess does not share the cores with ours
-        args = [x for x in sys.argv[1:] if x != "--no-pytorch-path"]
-        out = subprocess.run([sys.executable, __file__, *args, "--dsalite-only"], capture_output=True, text=True,
-                             check=True, env=dict(os.environ, DSALITE_KERNELS="0"))
-        twin = {int(k): v for k, v in json.loads(out.stdout.strip().splitlines()[-1]).items()}
+    header(f"decode, {title}, fp32, batch 1, {a.threads} thread(s), median of {a.steps} steps"
+           + (", CPU time" if a.cpu_time else ""))
+    chosen = kernels.decision()["use"]
+    paths = [chosen] if a.no_pytorch_path else [True, False]  # kernels, PyTorch twins
+    if True in paths:
+        try:
+            kernels.library()
+        except (OSError, ValueError) as e:
+            print(f"no kernel build here ({e}): timing the PyTorch path only")
+            paths = [False]
+    variants = [(k, c) for k in paths for c in modes]  # (kernel path, compiled)
+    name = lambda k, c: ("kernels" if k else "PyTorch") + (" compiled" if c else " eager")  # noqa: E731
     hf = hf_model(bench)
     ours = dsalite_from_hf(hf)
-    if a.dsalite_only:
-        del hf
-    else:
-        print(f"{'context':>8} {'HF ms/token':>12} {'dsalite ms/token':>17} {'speedup':>8}"
-              + (f" {'compiled ms/token':>18} {'speedup':>8}" if compiled else "")
-              + (f" {'PyTorch-path ms/token':>22}" + (f" {'compiled':>9}" if compiled else "") if twin else ""))
+    print(f"chosen path on this machine: {'kernels' if chosen else 'PyTorch twins'}; ms per token:")
+    print(f"{'context':>8} {'HF':>9}" + "".join(f" {name(k, c):>17}" for k, c in variants)
+          + f" {'speedup eager':>14}" + (f" {'compiled':>9}" if True in modes else "")
+          + ("" if len(paths) < 2 else f" {'kern/PyT eager':>15}" + (f" {'compiled':>9}" if True in modes else "")))
     warm = torch.randint(0, bench["vocab_size"], (1, 64), generator=torch.Generator().manual_seed(0))
-    step_times([dsalite_stepper(ours, warm, 2)] + ([] if a.dsalite_only else [hf_stepper(hf, warm, 2)]), 2, clock)
-    base, record = None, {}
+    step_times([dsalite_stepper(ours, warm, 2, kernel=k) for k in paths] + [hf_stepper(hf, warm, 2)], 2, clock)
+    base = None
     for T in contexts:
         ids = torch.randint(0, bench["vocab_size"], (1, T), generator=torch.Generator().manual_seed(T))
-        steppers = [dsalite_stepper(ours, ids, a.steps)]
-        if compiled:
-            steppers.append(dsalite_stepper(ours, ids, a.steps, compile=True))
-        with_hf = T <= a.skip_hf_above and not a.dsalite_only
+        steppers = [dsalite_stepper(ours, ids, a.steps, compile=c, kernel=k) for k, c in variants]
+        with_hf = T <= a.skip_hf_above
         if with_hf:
             steppers.append(hf_stepper(hf, ids, a.steps))
         times = step_times(steppers, a.steps, clock)
-        d, c, h = times[0], times[1] if compiled else None, times[-1] if with_hf else None
-        record[T] = [d, c]
-        if a.dsalite_only:
-            continue
-        row = f"{T:>8} {h or 0:>12.2f} {d:>17.2f} {h / d if h else 0:>7.1f}x"
-        if compiled:
-            row += f" {c:>18.2f} {h / c if h else 0:>7.1f}x"
-        if T in twin:
-            row += f" {twin[T][0]:>22.2f}" + (f" {twin[T][1]:>9.2f}" if compiled else "")
+        t = dict(zip(variants, times))
+        h = times[-1] if with_hf else None
+        row = f"{T:>8} {h or 0:>9.2f}" + "".join(f" {t[v]:>17.2f}" for v in variants)
+        row += "".join(f" {(h / t[(chosen if chosen in paths else paths[0], c)] if h else 0):>{w}.1f}x"
+                       for c, w in zip(modes, (13, 8)))
+        if len(paths) == 2:
+            row += "".join(f" {t[(True, c)] / t[(False, c)]:>{w}.2f}" for c, w in zip(modes, (15, 9)))
         print(row, flush=True)
-        best = c if compiled else d
+        best = min(t[(chosen if chosen in paths else paths[0], c)] for c in modes)
         base = base or best
-    if a.dsalite_only:
-        print(json.dumps(record))
-        return
-    print(f"dsalite step time at the longest context / shortest: {best / base:.2f}x")
+    print(f"dsalite step time (chosen path, fastest mode) at the longest context / shortest: {best / base:.2f}x")
+
 
 if __name__ == "__main__":
     main()

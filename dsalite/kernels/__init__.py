@@ -25,6 +25,7 @@ temporary name and renamed.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import json
@@ -215,6 +216,22 @@ def load() -> ctypes.CDLL | None:
 def available() -> bool:
     """Whether `load` has found the kernels (False before its first call); safe inside a compiled function."""
     return _available
+
+
+@contextlib.contextmanager
+def forced(use: bool):
+    """Within the block the kernels run (use) or the PyTorch twins do, whatever `load` decided; for benches that
+    time both paths side by side in one process. A compiled graph reads `available()` while tracing and is guarded
+    on it, so each path gets its own graph. Caches decide their key layout when built: build them inside too."""
+    global _lib, _available
+    load()
+    saved = _lib, _available
+    _lib = library() if use else None
+    _available = _lib is not None
+    try:
+        yield
+    finally:
+        _lib, _available = saved
 
 
 def decision() -> dict:

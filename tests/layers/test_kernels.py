@@ -197,6 +197,25 @@ def test_environment_forces_the_path(fresh_choice, monkeypatch):
     assert kernels.load() is fresh_choice and kernels.available()
 
 
+def test_forced_path_inside_a_block_only(fresh_choice, monkeypatch):
+    """`kernels.forced` (benches timing both paths in one process) switches the path for its block, caches built
+    inside take that path's layout, and the machine's decision comes back after it."""
+    from dsalite.config import ModelConfig
+    from dsalite.inference.cache import LatentCache
+
+    monkeypatch.setenv("DSALITE_KERNELS", "0")
+    assert kernels.load() is None
+    cfg = ModelConfig.tiny("glm_moe_dsa")
+    with kernels.forced(True):
+        assert kernels.load() is fresh_choice and kernels.available()
+        assert LatentCache(cfg, 1, 64).index_tiles
+        with kernels.forced(False):
+            assert kernels.load() is None and not kernels.available()
+            assert not LatentCache(cfg, 1, 64).index_tiles
+        assert kernels.available()
+    assert kernels.load() is None and not kernels.available() and not kernels.decision()["use"]
+
+
 @pytest.mark.parametrize("faster", [True, False])
 def test_calibration_decides_and_is_measured_once(fresh_choice, monkeypatch, faster):
     """By default the cached calibration of this CPU decides; it is measured once (under a lock), then read back."""
