@@ -229,6 +229,31 @@ def test_deepseek_v4_concurrent_requests_equal_each_alone():
     assert eng.blocks.in_use == 0 and not eng.has_work
 
 
+def test_deepseek_v4_call_that_raises_leaves_the_rows_as_they_were(monkeypatch):
+    """A batched V4 decode that raises half-way through the model (after some layers ran) is retried row by row by
+    the engine; the rows' windows and compressor state were not touched by the failed call, so every request still
+    equals `dsalite.generate` alone."""
+    model = tiny_v4()
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, model.cfg.vocab_size, (n,), generator=g).tolist() for n in (5, 11, 17, 9)]
+    eng = Engine(model, max_batch=4, prefill_tokens=64, max_model_len=64)
+    block = model.model.layers["3"]
+    real, calls = block.forward, []
+
+    def flaky(x, ctx, topk):
+        calls.append(x.shape[0])
+        if x.shape[0] == 4 and x.shape[1] == 1 and calls.count(4) == 5:  # the fifth batched decode, once
+            raise RuntimeError("injected failure")
+        return real(x, ctx, topk)
+
+    monkeypatch.setattr(block, "forward", flaky)
+    seqs = eng.generate(prompts, RequestParams(max_tokens=10, temperature=0.0))
+    assert calls.count(4) > 5 and calls.count(1) >= 4  # the failed step was retried one row at a time
+    for p, s in zip(prompts, seqs):
+        assert s.finish_reason == "length"
+        assert s.output == dsalite.generate(model, torch.tensor([p]), max_new_tokens=10)[0, len(p):].tolist()
+
+
 def test_deepseek_v4_refusals_name_the_reason():
     model = tiny_v4(num_nextn_predict_layers=1)
     with pytest.raises(ValueError, match=r"speculative='mtp' is not served for deepseek_v4 yet.*V4Cache"):

@@ -143,22 +143,29 @@ class CompressorState:
             self.prev_gate[rows] = float("-inf")
 
     def rows(self, rows, limit: int) -> "CompressorState":
-        """The state of rows `rows` as a CompressorState of their own, with entry slots 0 .. limit − 1 plus a
-        scratch slot: views of this one for a slice (writes go straight to the pool), copies for an index tensor
-        (`put_rows` writes them back). limit bounds the entries any row of the call can have made."""
+        """The state of rows `rows` (a slice or an index tensor) as a CompressorState of their own, with entry
+        slots 0 .. limit − 1 plus a scratch slot; limit bounds the entries any row of the call can make. Counts,
+        pending tails and overlaps are copies (`put_rows` writes them back once the call has succeeded, so a call
+        that raises leaves the pool as it was); entries are a view for a slice (new ones land in the pool at once, past
+        the committed count, so a failed call leaves only junk there that later entries overwrite) and a copy
+        otherwise."""
         view = CompressorState.__new__(CompressorState)
         view.ratio, view.width, view.overlap = self.ratio, self.width, self.overlap
         for name in self._fields():
-            setattr(view, name, getattr(self, name)[rows])
+            t = getattr(self, name)[rows]
+            setattr(view, name, t.clone() if isinstance(rows, slice) else t)
         view.entries = self.entries[rows, : limit + 1]
         return view
 
-    def put_rows(self, rows: torch.Tensor, view: "CompressorState") -> None:
-        """Write a copied `rows(rows, limit)` state back (its scratch slot too: entries past a row's count are junk
-        that later entries overwrite)."""
+    def put_rows(self, rows, view: "CompressorState") -> None:
+        """Write the state of a call on `rows(rows, limit)` back: counts, tails, overlaps and, for a copy, the
+        entries the call made."""
+        if not isinstance(rows, slice) and view.entries.shape[1] > 1:
+            lo, hi = int(self.count[rows].min()), int(view.count.max())
+            if hi > lo:  # a row's slots in lo..hi it did not write hold the pool's own values (copied in)
+                self.entries[rows, lo:hi] = view.entries[:, lo:hi]
         for name in self._fields():
             getattr(self, name)[rows] = getattr(view, name)
-        self.entries[rows, : view.entries.shape[1]] = view.entries
 
 
 class Step:
@@ -295,8 +302,9 @@ class V4Rows:
     Every row's window buffer is its last Wn − 1 tokens right-aligned (`update_window` shifts them all by S), so the
     model sees Wn − 1 cached keys per row: `seq_len` is Wn − 1 and `mask` [B, Wn − 1 + S] hides the buffer slots a
     short row has not filled — the left padding `V4Cache` already handles, so the compressors, whose counts are per
-    row anyway, see each row exactly as if it ran alone. Rows index..index+B−1 in order are sliced (views: the call
-    writes the pool directly); any other set is gathered and written back by `commit()`."""
+    row anyway, see each row exactly as if it ran alone. Rows index..index+B−1 in order are sliced (their entries are
+    views), any other set gathered. Nothing the call changes reaches the pool before `commit()` (new entries past the
+    committed counts aside), so after a call that raises each row can be run again as if it never was."""
 
     pads, rewinds = True, False
 
@@ -314,7 +322,8 @@ class V4Rows:
             for st in pool.compressors.values():
                 for s in st.values():
                     s.reset(torch.tensor(fresh, device=dev))
-        self.window = {i: w[self.sel] for i, w in pool.window.items()}
+        self.window = {i: w[self.sel] for i, w in pool.window.items()}  # read only; new contents go to `shifted`
+        self.shifted: dict[int, torch.Tensor] = {}
         self.compressors = {i: {k: s.rows(self.sel, self.total // s.ratio)
                                 for k, s in st.items()} for i, st in pool.compressors.items()}
         W = pool.cfg.sliding_window - 1
@@ -323,9 +332,8 @@ class V4Rows:
         self.mask = None if min(cached) >= W else torch.arange(W + S, device=dev)[None] >= (W - have)[:, None]
 
     def update_window(self, layer: int, kv: torch.Tensor) -> torch.Tensor:
-        buf = self.window[layer]
-        keys = torch.cat([buf, kv], dim=1)  # [B, Wn − 1 + S, c]
-        buf.copy_(keys[:, keys.shape[1] - buf.shape[1] :])
+        keys = torch.cat([self.window[layer], kv], dim=1)  # [B, Wn − 1 + S, c]
+        self.shifted[layer] = keys[:, keys.shape[1] - self.window[layer].shape[1] :]
         return keys
 
     def compressor_states(self, layer: int, valid: torch.Tensor | None, S: int) -> dict[str, Step] | None:
@@ -337,10 +345,8 @@ class V4Rows:
         """Lengths are the caller's (each sequence's own count); nothing to advance here."""
 
     def commit(self) -> None:
-        """Write gathered rows back to the pool (sliced rows were written in place)."""
-        if isinstance(self.sel, slice):
-            return
-        for i, w in self.window.items():
+        """The call succeeded: write the rows' new windows and compressor state to the pool."""
+        for i, w in self.shifted.items():
             self.pool.window[i][self.sel] = w
         for i, st in self.compressors.items():
             for k, s in st.items():
