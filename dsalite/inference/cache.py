@@ -66,6 +66,11 @@ class LatentCache:
         hold stale keys, which the kernel never reads."""
         return self.index_tiles.get(layer)
 
+    def drop_key_tiles(self) -> None:
+        """Stop keeping the tiled indexer keys (for a compiled runner whose steps would pay more to keep them than
+        the kernel gains, `kernels.COMPILED_TILES_MIN_WORK`); eager calls then tile the keys they score."""
+        self.index_tiles.clear()
+
     def advance(self, n: int) -> None:
         self.seq_len += n
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from dsalite import kernels
+
 from dsalite.families import family
 from dsalite.indexshare import NOT_GIVEN
 from dsalite.inference.cache import LatentCache
@@ -88,6 +90,10 @@ class Runner:
     def __init__(self, model, cache: LatentCache, prefill_chunk: int = 2048, compile: bool = False):
         self.model, self.cache, self.chunk = model, cache, prefill_chunk
         self._few = compiled(self._forward) if compile else self._forward
+        cfg = model.cfg
+        most_work = getattr(cache, "batch", 0) * getattr(cache, "capacity", 0) * cfg.index_n_heads * cfg.index_head_dim
+        if compile and getattr(cache, "index_tiles", None) and most_work < kernels.COMPILED_TILES_MIN_WORK:
+            cache.drop_key_tiles()  # its compiled steps would never earn back keeping them
         # the trunk layer whose top-k the first MTP layer reuses (IndexShare), None when it selects its own
         mtp_topk = model.mtp_topk(0, list(range(model.cfg.num_hidden_layers))) if len(model.mtp) else NOT_GIVEN
         self.mtp_source = None if mtp_topk is NOT_GIVEN else mtp_topk

@@ -62,6 +62,12 @@ _NEEDS = {
 # AVX-512 build: 0.92 at 512 keys, 0.95 at 1024, 1.00 at 2048, 1.03 at 4096; AVX2 build (x86-64-v3 stand-in): 0.93,
 # 0.94, 0.99, 1.03.
 COMPILED_MIN_WORK = 4 * 32 * 4096
+# A compiled step pays for keeping the cache's tiled keys on every step (the traced write into the tiles copies them:
+# ~50 µs a layer at 512–2048 keys on bench-small, AMD EPYC Zen 4 AVX-512), which the kernel earns back only well past
+# COMPILED_MIN_WORK: there, compiled kernel / PyTorch step time 1.16 at 512 keys, 1.17 at 2048, 1.31 at 4096, 0.75 at
+# 8192 (bench/decode.py, both paths in one process). A compiled runner whose cache can never hold this much scoring
+# work drops the tiles (`inference.runner.Runner`), and its compiled steps are the PyTorch path's.
+COMPILED_TILES_MIN_WORK = 2 * COMPILED_MIN_WORK
 _lock = threading.RLock()
 _libs: dict[str, ctypes.CDLL] = {}
 _lib: ctypes.CDLL | None = None

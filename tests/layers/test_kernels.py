@@ -384,3 +384,21 @@ def test_compiled_graphs_call_the_kernel_only_above_the_work_threshold(best_lib,
     want = select(q, k, w, vis, K, None, monkeypatch)
     clear = clear_rows(reference(q, k, w, vis), K)
     assert torch.equal(got.sort(-1).values[clear], want.sort(-1).values[clear])
+
+
+@pytest.mark.parametrize("capacity,kept", [(4096, False), (16384, True)])
+def test_compiled_runner_keeps_tiles_only_where_they_can_pay(best_lib, monkeypatch, capacity, kept):
+    """A compiled runner whose cache can never hold COMPILED_TILES_MIN_WORK of scoring work drops the tiled keys
+    (keeping them costs every compiled step more than the kernel gains there); an eager runner always keeps them."""
+    from dsalite.config import ModelConfig
+    from dsalite.inference.runner import Runner, new_cache
+    from dsalite.model import build_model
+
+    monkeypatch.setattr(kernels, "_lib", best_lib)
+    monkeypatch.setattr(kernels, "_available", True)
+    monkeypatch.setattr(kernels, "_tried", True)
+    model = build_model(ModelConfig.tiny("glm_moe_dsa", index_n_heads=4, index_head_dim=32))
+    work = capacity * 4 * 32
+    assert (work >= kernels.COMPILED_TILES_MIN_WORK) == kept
+    assert bool(Runner(model, new_cache(model, 1, capacity)).cache.index_tiles)
+    assert bool(Runner(model, new_cache(model, 1, capacity), compile=True).cache.index_tiles) == kept
