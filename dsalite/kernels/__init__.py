@@ -74,6 +74,7 @@ _lib: ctypes.CDLL | None = None
 _tried = False
 _available = False  # a plain bool, so torch.compile reads it without tracing `load`
 _decision: dict = {}
+_forced_lib: ctypes.CDLL | None = None  # what `forced(True)` runs
 
 
 def cpu_isas() -> list[str]:
@@ -229,10 +230,12 @@ def forced(use: bool):
     """Within the block the kernels run (use) or the PyTorch twins do, whatever `load` decided; for benches that
     time both paths side by side in one process. A compiled graph reads `available()` while tracing and is guarded
     on it, so each path gets its own graph. Caches decide their key layout when built: build them inside too."""
-    global _lib, _available
+    global _lib, _available, _forced_lib
     load()
     saved = _lib, _available
-    _lib = library() if use else None
+    if use and _forced_lib is None:
+        _forced_lib = library()  # once: finding the target reads the CPU flags (~0.3 ms, a decode step is ~1 ms)
+    _lib = _forced_lib if use else None
     _available = _lib is not None
     try:
         yield
