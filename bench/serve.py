@@ -11,7 +11,7 @@ and p50/p99 inter-token latency (gaps between streamed tokens), and the ratios d
 Python server runs one request at a time; dsalite batches them (continuous batching over the paged cache).
 
     .venv/bin/python bench/serve.py [--threads 2] [--prompt 64] [--new 32] [--concurrency 1,8,32] [--rounds 1]
-                                    [--llamacpp portable|native|none] [--workdir DIR] [--max-batch 32]
+                                    [--llamacpp portable|native|none] [--workdir DIR] [--max-batch 32] [--compile]
 """
 
 from __future__ import annotations
@@ -145,7 +145,8 @@ def pct(xs: list[float], q: float) -> float:
 
 
 def measure(server: Server, model: str, prompts: list[str], levels: list[int], new: int, rounds: int) -> dict:
-    asyncio.run(level(server, model, prompts[:1], 1, 4, 1))  # warm-up
+    for c in (1, 3):  # warm-up: one row and several (a compiled server compiles both decode shapes here)
+        asyncio.run(level(server, model, prompts[:c], c, 4, 1))
     return {c: asyncio.run(level(server, model, prompts, c, new, rounds)) for c in levels}
 
 
@@ -212,6 +213,7 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,8,32", help="comma-separated client counts (default 1,8,32)")
     ap.add_argument("--rounds", type=int, default=1, help="requests per client, one after another (default 1)")
     ap.add_argument("--max-batch", type=int, default=32, help="dsalite serve --max-batch (default 32)")
+    ap.add_argument("--compile", action="store_true", help="dsalite serve --compile (its warm-up request compiles)")
     ap.add_argument("--llamacpp", choices=["portable", "native", "none"], default="portable",
                     help="llama.cpp build: portable (`make llamacpp`, GGML_NATIVE=OFF, default), native (`make "
                          "llamacpp-native`, this CPU's instructions) or none (dsalite only)")
@@ -238,7 +240,8 @@ def main() -> None:
     results = {}
     port = free_port()
     ds = Server("dsalite", [sys.executable, "-m", "dsalite.cli", "serve", hf, "--port", str(port),
-                            "--threads", str(a.threads), "--max-batch", str(a.max_batch), "--max-queue", "1024"],
+                            "--threads", str(a.threads), "--max-batch", str(a.max_batch), "--max-queue", "1024"]
+             + (["--compile"] if a.compile else []),
                 port, {"ignore_eos": True}, os.path.join(work, "dsalite.log"))
     try:
         results["dsalite"] = measure(ds, "hf", prompts, levels, a.new, a.rounds)

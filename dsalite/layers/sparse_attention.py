@@ -37,7 +37,10 @@ def sparse_attention(
         return _kernel_attention(q, k, Dv, idx, scale, sinks)
     out = q.new_empty(B, S, H, Dv)
     per_query = K * Hk * (D + (0 if isinstance(v, int) else Dv))
-    chunk = max(1, GATHER_BUDGET // max(1, B * per_query))
+    compiling = torch.compiler.is_compiling()  # a compiled decode step masks unconditionally: no data-dependent branch
+    # a compiled step (a few queries) is one chunk: a chunk size computed from B would make the batch size a constant
+    # of the graph, and every new batch size a recompile
+    chunk = S if compiling else max(1, GATHER_BUDGET // max(1, B * per_query))
     k_rows, per_b = _row_table(k)
     v_rows = None if isinstance(v, int) else _row_table(v)[0]
     grad = torch.is_grad_enabled() and (k_rows.requires_grad or q.requires_grad)
@@ -49,13 +52,12 @@ def sparse_attention(
     if B > 1:
         rows_all = rows_all + (torch.arange(B, device=q.device) * per_b)[:, None, None]
     query_masked = hidden.any(-1).any(0)  # [S]
-    compiling = torch.compiler.is_compiling()  # a compiled decode step masks unconditionally: no data-dependent branch
     no_key = sinks is None and (compiling or bool(hidden.all(-1).any()))
     q = q * scale  # folded into the query once instead of scaling every chunk's logits
     # inference: one gather buffer reused by every chunk (fresh pages per chunk would cost more than the copy)
     k_buf = None if grad else k_rows.new_empty(B * min(chunk, S) * K, k_rows.shape[1])
-    for s0 in range(0, S, chunk):
-        sl = slice(s0, min(S, s0 + chunk))
+    for s0 in [0] if compiling else range(0, S, chunk):  # compiled: no Python loop over a symbolic S either
+        sl = slice(s0, None if compiling else min(S, s0 + chunk))
         rows = rows_all[:, sl].reshape(-1)  # index_select copies whole rows: far faster than fancy indexing
         ks = k_rows.index_select(0, rows) if grad else torch.index_select(k_rows, 0, rows, out=k_buf[: rows.numel()])
         ks = ks.view(B, -1, K, Hk, D)  # [B, s, K, Hk, D]

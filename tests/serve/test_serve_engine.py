@@ -282,3 +282,27 @@ def test_prompts_prefilled_together_equal_each_alone(glm, speculative):
         ref, _ = solo_logprobs(glm, p, s.output)
         assert s.output == dsalite.generate(glm, torch.tensor([p]), max_new_tokens=5)[0, len(p):].tolist()
         torch.testing.assert_close(torch.tensor([e["logprob"] for e in s.logprobs]), ref, rtol=0, atol=1e-5)
+
+
+def test_compiled_decode_compiles_once_for_every_batch_size(glm, monkeypatch):
+    """`--compile`: one graph per attention regime (keys <= index_topk: every key; above: the top-k) serves decode
+    steps of any number of rows and lengths. (A chunk size computed from the batch made every batch size a constant
+    of the graph: a server recompiled, ~1 minute each, as clients came and went.) Dynamo with a counting eager backend
+    counts the graphs quickly; outputs still equal the eager engine's."""
+    from torch._dynamo.testing import CompileCounter
+
+    import dsalite.inference.serve.runner as serve_runner
+
+    counter = CompileCounter()
+    monkeypatch.setattr(serve_runner, "compiled", lambda fn: torch.compile(fn, dynamic=True, backend=counter))
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(11)
+    eng = Engine(glm, num_blocks=128, block_size=8, max_batch=16, compile=True)
+    ref = Engine(glm, num_blocks=128, block_size=8, max_batch=16)
+    params = RequestParams(max_tokens=4, temperature=0.0)
+    for n in (3, 5, 8, 2):
+        prompts = [torch.randint(0, 256, (4 + 3 * i,), generator=g).tolist() for i in range(n)]
+        got = [s.output for s in eng.generate(prompts, params)]
+        assert got == [s.output for s in ref.generate(prompts, params)]
+    torch._dynamo.reset()
+    assert counter.frame_count == 2
