@@ -7,9 +7,11 @@ decode one token or a few per sequence, optionally through torch.compile); `Stat
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
+from torch.fx.experimental import _config as fx_config
 
 from dsalite import kernels
 
@@ -68,15 +70,26 @@ def _skip_parameter_guards(entries) -> list[bool]:
                  or e.guard_type == "TENSOR_MATCH" and isinstance(e.value, torch.nn.Parameter)) for e in entries]
 
 
-def compiled(fn):
+def compiled(fn, backend: str | object = "inductor"):
     """fn through torch.compile for few-token calls: shapes symbolic (the context grows every step), most guards on
-    the model's modules dropped (`_skip_parameter_guards`), one-row matrix products decomposed."""
-    return torch.compile(fn, dynamic=True, options={
+    the model's modules dropped (`_skip_parameter_guards`), one-row matrix products decomposed. Traced without duck
+    sizing: with it, a batch that happens to equal a model dimension on the first call (16 rows and a rope table of 16
+    frequencies) shares that dimension's symbol and is specialized with it — every other batch size recompiled.
+    backend: inductor, or another torch.compile backend (tests count graphs with one)."""
+    options = {
         "guard_filter_fn": _skip_parameter_guards,
         # one-row matrix products become inductor's own fused multiply-reduce loops instead of library GEMV calls:
         # reading the weights is all a decode step's products do, and those loops stream them about twice as fast
         "post_grad_fusion_options": {"decompose_mm_pass": {}},
-    })
+    }
+    graph = torch.compile(fn, dynamic=True, backend=backend, options=options if backend == "inductor" else None)
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        with fx_config.patch(use_duck_shape=False):
+            return graph(*args, **kwargs)
+
+    return call
 
 
 class Runner:

@@ -90,8 +90,9 @@ def topk_indices(q, k, w, allowed, topk: int, scale: float, key_range=None, key_
         return picks[0] if len(picks) == 1 else torch.cat(picks, 1)
     out = torch.full((B, S, K), -1, dtype=torch.long, device=q.device)
     per_query = B * q.shape[2] * T
-    # one block when it fits: a compiled decode step then sees a size test, not a chunk count that changes with T
-    chunk = S if S * per_query <= SCORE_BUDGET else max(1, SCORE_BUDGET // per_query)
+    # one block when it fits; always in a compiled step (a few queries), where a size test would put the rows and the
+    # keys into the graph's guards and recompile it as a server's batch grows
+    chunk = S if torch.compiler.is_compiling() or S * per_query <= SCORE_BUDGET else max(1, SCORE_BUDGET // per_query)
     for s0, s1, k0, k1, mask in _query_blocks(S, chunk, T, allowed, key_range):
         ids = _rank(q[:, s0:s1], k[:, :k1], w[:, s0:s1], scale, k0, mask, min(K, k1))
         out[:, s0:s1, : ids.shape[-1]] = ids
@@ -177,7 +178,7 @@ def topk_set(sc: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor]:
     rows with fewer than K visible entries (τ = -inf) take the plain path."""
     R, T = sc.shape
     G = 2 * K
-    if K == 0 or T < FILTER_MIN_RATIO * K or R < FILTER_MIN_ROWS or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or K == 0 or T < FILTER_MIN_RATIO * K or R < FILTER_MIN_ROWS:
         return sc.topk(K, dim=-1, sorted=False)
     sc = sc.contiguous()
     m = T // G

@@ -41,6 +41,8 @@ class _BlasLinear(torch.autograd.Function):
 
 def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias), its products on `kernels.blas` when they qualify."""
+    if torch.compiler.is_compiling():  # inductor's own products; a size test would make the rows a graph constant
+        return F.linear(x, weight, bias)
     rows = x.numel() // max(1, x.shape[-1])
     if rows < blas.MIN_ROWS or not blas.usable(x, weight):
         return F.linear(x, weight, bias)

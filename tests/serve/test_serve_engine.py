@@ -286,21 +286,24 @@ def test_prompts_prefilled_together_equal_each_alone(glm, speculative):
 
 def test_compiled_decode_compiles_once_for_every_batch_size(glm, monkeypatch):
     """`--compile`: one graph per attention regime (keys <= index_topk: every key; above: the top-k) serves decode
-    steps of any number of rows and lengths. (A chunk size computed from the batch made every batch size a constant
-    of the graph: a server recompiled, ~1 minute each, as clients came and went.) Dynamo with a counting eager backend
-    counts the graphs quickly; outputs still equal the eager engine's."""
+    steps of any number of rows and lengths. (Size tests on the batch — a chunk size, a BLAS row threshold — and duck
+    sizing, which tied a first batch of 4 rows to the rope table's 4 frequencies, made the batch size a constant of
+    the graph: a server recompiled, ~1 minute each, as clients came and went.) A counting eager backend counts the
+    graphs quickly; outputs still equal the eager engine's."""
     from torch._dynamo.testing import CompileCounter
 
     import dsalite.inference.serve.runner as serve_runner
+    from dsalite.inference.runner import compiled
 
     counter = CompileCounter()
-    monkeypatch.setattr(serve_runner, "compiled", lambda fn: torch.compile(fn, dynamic=True, backend=counter))
+    monkeypatch.setattr(serve_runner, "compiled", lambda fn: compiled(fn, backend=counter))
     torch._dynamo.reset()
     g = torch.Generator().manual_seed(11)
     eng = Engine(glm, num_blocks=128, block_size=8, max_batch=16, compile=True)
     ref = Engine(glm, num_blocks=128, block_size=8, max_batch=16)
     params = RequestParams(max_tokens=4, temperature=0.0)
-    for n in (3, 5, 8, 2):
+    freqs = glm.tables["main"][0].shape[0]  # a first batch of this many rows once took the rope table's symbol
+    for n in (freqs, 5, 8, 2):
         prompts = [torch.randint(0, 256, (4 + 3 * i,), generator=g).tolist() for i in range(n)]
         got = [s.output for s in eng.generate(prompts, params)]
         assert got == [s.output for s in ref.generate(prompts, params)]
