@@ -89,6 +89,8 @@ def head_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [..., H, a] times one matrix per head, w [H, a, b] (any strides) → [..., H, b]: MLA's absorbed query and
     output maps. One `kernels.blas` product per head on strided views (no transposed copies) where it qualifies, else
     einsum."""
+    if torch.compiler.is_compiling():  # inductor's own products; a size test would make the rows a graph constant
+        return torch.einsum("...ha,hab->...hb", x, w)
     rows = x.numel() // max(1, x.shape[-1] * x.shape[-2])
     if rows < blas.MIN_ROWS or not blas.usable(x, w):
         return torch.einsum("...ha,hab->...hb", x, w)
