@@ -145,8 +145,9 @@ def pct(xs: list[float], q: float) -> float:
 
 
 def measure(server: Server, model: str, prompts: list[str], levels: list[int], new: int, rounds: int) -> dict:
-    for c in (1, 3):  # warm-up: one row and several (a compiled server compiles both decode shapes here)
-        asyncio.run(level(server, model, prompts[:c], c, 4, 1))
+    # warm-up: one row, then rows of different lengths (a compiled server compiles its batched decode step here)
+    asyncio.run(level(server, model, prompts[:1], 1, 4, 1))
+    asyncio.run(level(server, model, [p[: len(p) * (4 - i) // 4] for i, p in enumerate(prompts[:3])], 3, 4, 1))
     return {c: asyncio.run(level(server, model, prompts, c, new, rounds)) for c in levels}
 
 
