@@ -14,7 +14,6 @@ import torch
 from torch.fx.experimental import _config as fx_config
 
 from dsalite import kernels
-
 from dsalite.families import family
 from dsalite.indexshare import NOT_GIVEN
 from dsalite.inference.cache import LatentCache

@@ -63,9 +63,9 @@ _NEEDS = {
 # 0.94, 0.99, 1.03.
 COMPILED_MIN_WORK = 4 * 32 * 4096
 # A compiled step pays for keeping the cache's tiled keys on every step (the traced write into the tiles copies them:
-# ~50 µs a layer at 512–2048 keys on bench-small, AMD EPYC Zen 4 AVX-512), which the kernel earns back only well past
-# COMPILED_MIN_WORK: there, compiled kernel / PyTorch step time 1.16 at 512 keys, 1.17 at 2048, 1.31 at 4096, 0.75 at
-# 8192 (bench/decode.py, both paths in one process). A compiled runner whose cache can never hold this much scoring
+# compiled bench-small steps with / without the tiles 1.84 / 1.40 ms at 512 keys, 3.73 / 3.17 at 2048, AMD EPYC Zen 4
+# AVX-512), which the kernel earns back only well past COMPILED_MIN_WORK (compiled kernel / PyTorch step time 0.80 at
+# 8192 keys, bench/decode.py, both paths in one process). A compiled runner whose cache can never hold this much scoring
 # work drops the tiles (`inference.runner.Runner`), and its compiled steps are the PyTorch path's.
 COMPILED_TILES_MIN_WORK = 2 * COMPILED_MIN_WORK
 _lock = threading.RLock()

@@ -26,8 +26,10 @@ def add_arguments(p) -> None:
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: PATH's name)")
     p.add_argument("--speculative", choices=["mtp"], default=None,
                    help="mtp: each sequence drafts its next-but-one token with the checkpoint's MTP layer and the "
-                        "batched step verifies it (greedy output unchanged; needs MTP weights; not for DeepSeek-V4 yet)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (seconds at first; not for DeepSeek-V4 yet)")
+                        "batched step verifies it (greedy output unchanged; needs MTP weights; not for DeepSeek-V4 "
+                        "yet)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step (seconds at first; not for DeepSeek-V4 yet)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="compute dtype (default fp32)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--shutdown-timeout", type=float, default=10.0,
