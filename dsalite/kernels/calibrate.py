@@ -36,56 +36,75 @@ def best_time(fn, reps: int = 5, budget: float = 0.25) -> float:
     return best
 
 
-def _with_kernels(on: bool) -> None:
-    """Route the layers to the kernels (on) or to their PyTorch twins (this process is the calibration's own)."""
+def route(lib) -> None:
+    """Send the layers to the kernel build `lib`, or to their PyTorch twins (None); for this calibration's own process
+    and for benches that compare builds (bench/kernels.py)."""
     from dsalite import kernels
 
-    lib = kernels.library() if on else None
     kernels.load = lambda: lib
-    kernels._available = on
+    kernels._available = lib is not None
 
 
-def measure() -> dict:
+def cases(seed: int = 0) -> dict:
+    """name -> a call running that case on whatever `route` chose (the layers' own entry points)."""
     from dsalite import kernels
     from dsalite.layers import indexer as ix
     from dsalite.layers import sparse_attention as sa
     from dsalite.layers.mask import Visibility
 
-    torch.set_num_threads(1)
-    g = torch.Generator().manual_seed(0)
-    cases = {}
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+
+    def select(q, k, w, vis, K, tiles):
+        return lambda: ix.topk_indices(q, k, w, vis.block, K, q.shape[-1]**-0.5, vis.key_range,
+                                       tiles if kernels.available() else None)
+
+    def attention(q, kv, Dv, idx, D):
+        return lambda: sa.sparse_attention(q, kv, Dv, idx, D**-0.5)
+
+    def train(qg, kg, Dv, idx, D, dout):
+        return lambda: torch.autograd.grad(sa.sparse_attention(qg, kg, Dv, idx, D**-0.5), (qg, kg), dout)
+
     for name, Hi, Di, T, K, rows in SELECT_SHAPES:
         k = torch.randn(1, T, Di, generator=g)
         tiles = ix.tile_keys(k)
         for S in (rows, 1):
             q, w = torch.randn(1, S, Hi, Di, generator=g), torch.rand(1, S, Hi, generator=g)
-            vis = Visibility(S, T, T - S)
-            times = []
-            for on in (True, False):
-                _with_kernels(on)
-                times.append(best_time(lambda: ix.topk_indices(q, k, w, vis.block, K, Di**-0.5, vis.key_range,
-                                                               tiles if on else None)))
-            cases[f"select {name} {'decode' if S == 1 else f'{S} rows'}"] = times
+            out[f"select {name} {'decode' if S == 1 else f'{S} rows'}"] = select(q, k, w, Visibility(S, T, T - S), K,
+                                                                                   tiles)
     for name, H, D, Dv, T, K, rows in ATTENTION_SHAPES:
         q = torch.randn(1, rows, H, D, generator=g)
         kv = torch.randn(1, T, 1, D, generator=g)
         idx = torch.stack([torch.randperm(T - rows + s + 1, generator=g)[:K] for s in range(rows)])[None]
         dout = torch.randn(1, rows, H, Dv, generator=g)
-        qg, kg = q.clone().requires_grad_(), kv.clone().requires_grad_()
-        fwd, train = [], []
-        for on in (True, False):
-            _with_kernels(on)
-            with torch.no_grad():
-                fwd.append(best_time(lambda: sa.sparse_attention(q, kv, Dv, idx, D**-0.5)))
-            train.append(best_time(lambda: torch.autograd.grad(sa.sparse_attention(qg, kg, Dv, idx, D**-0.5), (qg, kg),
-                                                               dout)))
-        cases[f"attention {name} {rows} rows"] = fwd
-        cases[f"attention {name} {rows} rows, forward + backward"] = train
-    out = {name: {"kernel_ms": kt * 1e3, "torch_ms": tt * 1e3, "speedup": tt / kt} for name, (kt, tt) in cases.items()}
+        forward = attention(q, kv, Dv, idx, D)
+        out[f"attention {name} {rows} rows"] = lambda f=forward: _no_grad(f)
+        out[f"attention {name} {rows} rows, forward + backward"] = train(q.clone().requires_grad_(),
+                                                                        kv.clone().requires_grad_(), Dv, idx, D, dout)
+    return out
+
+
+def _no_grad(fn):
+    with torch.no_grad():
+        return fn()
+
+
+def measure() -> dict:
+    from dsalite import kernels
+
+    torch.set_num_threads(1)
+    lib = kernels.library()
+    times = {}
+    for name, fn in cases().items():
+        times[name] = []
+        for use in (lib, None):
+            route(use)
+            times[name].append(best_time(fn))
+    out = {name: {"kernel_ms": kt * 1e3, "torch_ms": tt * 1e3, "speedup": tt / kt} for name, (kt, tt) in times.items()}
     kinds = {"select": [v for k, v in out.items() if k.startswith("select")],
              "attention": [v for k, v in out.items() if k.startswith("attention")]}
     summary = {kind: {"speedup": min(v["speedup"] for v in vs)} for kind, vs in kinds.items()}
-    return {"build": kernels.build_info(kernels.library()), "threads": 1, "cases": out, "kernels": summary,
+    return {"build": kernels.build_info(lib), "threads": 1, "cases": out, "kernels": summary,
             "kernel_faster": all(s["speedup"] >= 1.0 for s in summary.values())}
 
 
