@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import itertools
 import os
 import sys
 
@@ -53,14 +52,17 @@ def build(isa: str, overrides: dict) -> ctypes.CDLL:
 
 def timed(contenders: dict, runs: dict, rounds: int, reps: int) -> dict:
     """(contender, case) -> the best of `reps` calls in each of `rounds` rounds, the fastest round kept (the least
-    disturbed by the machine). Contenders take turns, each round starting one further along (whoever runs first
-    after another case was measured ~10 % slow)."""
+    disturbed by the machine). A contender is (kernel build, scoring blocking 0/1), or None for the PyTorch twins.
+    Contenders take turns, each round starting one further along (whoever runs first after another case was measured
+    ~10 % slow)."""
     got = {(c, name): [] for c in contenders for name in runs}
     order = list(contenders.items())
     for r in range(rounds):
         for name, fn in runs.items():
-            for c, lib in order[r % len(order):] + order[:r % len(order)]:
-                calibrate.route(lib)
+            for c, use in order[r % len(order):] + order[:r % len(order)]:
+                calibrate.route(use and use[0])
+                if use:
+                    use[0].dsa_set_score_blocking(use[1])
                 got[c, name].append(calibrate.best_time(fn, reps=reps, budget=float("inf")))
     return {key: min(ts) for key, ts in got.items()}
 
@@ -68,12 +70,16 @@ def timed(contenders: dict, runs: dict, rounds: int, reps: int) -> dict:
 def compare(isa: str, rounds: int, reps: int) -> None:
     lib = kernels.library(isa)
     runs = calibrate.cases()
-    t = timed({"kernel": lib, "pytorch": None}, runs, rounds, reps)
-    print(f"\nbuild {kernels.build_info(lib)}")
-    print(f"{'case':<48}{'kernel ms':>11}{'PyTorch ms':>12}{'speedup':>9}")
+    blockings = calibrate.scoring_blockings(lib)
+    t = timed({"default": (lib, 0), "alternative": (lib, 1), "pytorch": None}, runs, rounds, reps)
+    print(f"\nbuild {kernels.build_info(lib)}; kernel columns: indexer scoring blocking {blockings[0]} (default) and "
+          f"{blockings[1]} (alternative; the other cases do not use it)")
+    print(f"{'case':<48}{'kernel ms':>11}{'alt. ms':>9}{'PyTorch ms':>12}{'speedup':>9}")
     for name in runs:
-        k, p = t["kernel", name], t["pytorch", name]
-        print(f"{name:<48}{k * 1e3:>11.3f}{p * 1e3:>12.3f}{p / k:>8.2f}x")
+        k, a, p = t["default", name], t["alternative", name], t["pytorch", name]
+        print(f"{name:<48}{k * 1e3:>11.3f}{a * 1e3:>9.3f}{p * 1e3:>12.3f}{p / min(k, a):>8.2f}x")
+    print("speedup: PyTorch over the faster blocking")
+    lib.dsa_set_score_blocking(0)
 
 
 def sweep(isa: str, rounds: int, reps: int, groups: list[str]) -> None:
@@ -84,11 +90,11 @@ def sweep(isa: str, rounds: int, reps: int, groups: list[str]) -> None:
     for group in groups:
         cases_of, values = GRID[group]
         runs = {name: fn for name, fn in all_runs.items() if cases_of in name}
-        contenders = {"default": default}
+        contenders = {"default": (default, 0)}  # every build on its default scoring blocking
         for overrides in values(vw):
             label = " ".join(f"{k.lower()}={v}" for k, v in overrides.items())
             try:
-                contenders[label] = build(isa, overrides)
+                contenders[label] = (build(isa, overrides), 0)
             except Exception as e:  # a blocking the compiler refuses (a static_assert) is left out, said so
                 print(f"  {label}: not built ({str(getattr(e, 'stderr', e)).strip().splitlines()[-1][:100]})")
         t = timed(contenders, runs, rounds, reps)
@@ -96,7 +102,7 @@ def sweep(isa: str, rounds: int, reps: int, groups: list[str]) -> None:
         print(f"\n{group}: time / default's (below 1 is faster); default ms: "
               + ", ".join(f"{n} {t['default', n] * 1e3:.3f}" for n in names))
         print(f"{'blocking':<34}{'build':<44}" + "".join(f"{i:>8}" for i in range(1, len(names) + 1)) + f"{'worst':>8}")
-        for c, lib in contenders.items():
+        for c, (lib, _) in contenders.items():
             ratios = [t[c, n] / t["default", n] for n in names]
             print(f"{c:<34}{kernels.build_info(lib).split(' ', 2)[2]:<44}"
                   + "".join(f"{r:>8.3f}" for r in ratios) + f"{max(ratios):>8.3f}")

@@ -130,6 +130,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.dsa_build_info.restype = ctypes.c_char_p
     lib.dsa_select.argtypes = [ptr, ptr, ptr, i64, i32, i64, i32, i32, i64, i64, ptr, i64, i64, i64, ptr, i64, i64, i64]
     lib.dsa_select.restype = i64
+    lib.dsa_set_score_blocking.argtypes = [i32]
+    lib.dsa_set_score_blocking.restype = i32
     lib.dsa_sparse_attention.argtypes = [ptr, ptr, i64, i64, ptr, i64, i64, i32, i32, i32, ptr, ptr, ptr, i64, i64]
     lib.dsa_sparse_attention.restype = None
     lib.dsa_sparse_attention_bwd.argtypes = [ptr, ptr, i64, i64, ptr, i64, i64, i32, i32, i32, ptr, ptr, ptr, ptr, i64,
@@ -204,11 +206,15 @@ def load() -> ctypes.CDLL | None:
                 else:
                     cal = _calibration(lib)
                     use = cal["kernel_faster"]
+                    blocking = cal.get("score_blocking")
                     _decision.update(use=use, calibration=cal, why=(
                         "calibrated on this CPU: " + ("the kernels are" if use else "the PyTorch paths are")
                         + " faster (" + ", ".join(f"{k} {v['speedup']:.2f}x" for k, v in cal["kernels"].items())
-                        + ")"))
+                        + ")" + (f"; indexer scoring blocking {blocking['blocking']} (alternative / default "
+                                 f"{blocking['alternative_over_default']:.2f})" if blocking else "")))
                 if _decision["use"]:
+                    # the scoring blocking the calibration found faster here (the build's default without one)
+                    lib.dsa_set_score_blocking(_decision.get("calibration", {}).get("score_blocking", {}).get("alt", 0))
                     _lib = lib
             except (OSError, ValueError, subprocess.CalledProcessError) as e:
                 detail = (getattr(e, "stderr", "") or str(e)).strip()[-300:]

@@ -6,12 +6,15 @@ Shapes: a small model (bench-small: 4 indexer heads of 32 over 2048 keys, K 256;
 latents) and a wide one (MLA widths: 16 indexer heads of 64 over 4096 keys, K 512; 16 attention heads on 576-wide
 latents), each in a prefill block of queries and, for the indexer, a decode step (one query); the attention also
 under autograd (forward + backward, as training runs it). A kernel is used when it is at least as fast as its twin on
-every shape: the minimum of several timings is compared (the least disturbed by other work on the machine).
+every shape: the minimum of several timings is compared (the least disturbed by other work on the machine). First the
+indexer's two compiled-in scoring blockings are timed against each other (`score_blocking`): the faster here is the
+one the kernels then run with, in the comparison and afterwards.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 
 import torch
@@ -89,13 +92,44 @@ def _no_grad(fn):
         return fn()
 
 
+def score_blocking(lib, runs: dict, margin: float = 0.97) -> dict:
+    """Time the selection cases under the build's two scoring blockings (`dsa_set_score_blocking`), taking turns,
+    and leave `lib` on the faster: the alternative only when the geometric mean of its time over the default's is
+    below `margin` (a tie keeps the default)."""
+    route(lib)
+    select = {name: fn for name, fn in runs.items() if name.startswith("select")}
+    best = {(alt, name): float("inf") for alt in (0, 1) for name in select}
+    for _ in range(3):
+        for name, fn in select.items():
+            for alt in (0, 1):
+                lib.dsa_set_score_blocking(alt)
+                best[alt, name] = min(best[alt, name], best_time(fn))
+    ratios = [best[1, name] / best[0, name] for name in select]
+    ratio = math.prod(ratios) ** (1 / len(ratios))
+    alt = int(ratio < margin)
+    lib.dsa_set_score_blocking(alt)
+    names = scoring_blockings(lib)
+    return {"alt": alt, "blocking": names[alt], "alternative_over_default": ratio, "default": names[0],
+            "alternative": names[1]}
+
+
+def scoring_blockings(lib) -> list[str]:
+    """The build's two scoring blockings as named in its build info ("64x4|16x4" -> ["64x4", "16x4"])."""
+    from dsalite import kernels
+
+    field = next(f for f in kernels.build_info(lib).split() if f.startswith("score="))
+    return field.removeprefix("score=").split("|")
+
+
 def measure() -> dict:
     from dsalite import kernels
 
     torch.set_num_threads(1)
     lib = kernels.library()
+    runs = cases()
+    blocking = score_blocking(lib, runs)
     times = {}
-    for name, fn in cases().items():
+    for name, fn in runs.items():
         times[name] = []
         for use in (lib, None):
             route(use)
@@ -105,7 +139,7 @@ def measure() -> dict:
              "attention": [v for k, v in out.items() if k.startswith("attention")]}
     summary = {kind: {"speedup": min(v["speedup"] for v in vs)} for kind, vs in kinds.items()}
     return {"build": kernels.build_info(lib), "threads": 1, "cases": out, "kernels": summary,
-            "kernel_faster": all(s["speedup"] >= 1.0 for s in summary.values())}
+            "kernel_faster": all(s["speedup"] >= 1.0 for s in summary.values()), "score_blocking": blocking}
 
 
 if __name__ == "__main__":

@@ -34,33 +34,45 @@
 // x SCORE_HEADS heads (SCORE_KEYS / VW * SCORE_HEADS accumulators sharing each key load); dot products in blocks of
 // DOT_ACC (head, row) pairs, DOT_HEADS heads each, summed by one transpose-reduction; weighted row sums over ROW_VECS
 // vectors of columns x ROW_HEADS heads; the backward's outer products OUTER_HEADS heads at a time. Chosen by timing
-// the alternatives on each build (bench/kernels.py --sweep); -DDSA_<NAME>=n overrides one.
+// the alternatives on each build (bench/kernels.py --sweep); -DDSA_<NAME>=n overrides one. The scoring has a second
+// blocking, SCORE_ALT (keys x heads), compiled in beside the default: CPUs of one instruction set differ there, so the
+// calibration picks one of the two per CPU model at run time (`dsa_set_score_blocking`).
 #if defined(__AVX512F__)  // 32 registers: 16 + 4 live in scoring, 16 + 4 + 4 in the dots
 #define DSA_ISA "avx512"
 #define DSA_VW 16
 #define DSA_DEFAULTS 64, 4, 16, 4, 4, 4, 4
+#define DSA_SCORE_ALT 16, 4  // 4 chains: enough where a 512-bit FMA issues once a cycle (Zen 4), 10-15 % faster there
 #elif defined(__AVX2__) && defined(__FMA__)  // 16 registers: 12 + 4 in scoring, 8 + 4 + 2 in the dots
 #define DSA_ISA "avx2"
 #define DSA_VW 8
 #define DSA_DEFAULTS 32, 3, 8, 4, 2, 4, 4
+#define DSA_SCORE_ALT 64, 1
 #else
 #define DSA_ISA "portable"
 #define DSA_VW 4
 #if defined(__aarch64__)  // 32 NEON registers
 #define DSA_DEFAULTS 16, 4, 16, 4, 4, 4, 4
+#define DSA_SCORE_ALT 32, 2
 #else  // 16 SSE registers (the x86-64 baseline, no FMA), or whatever the target lowers the vectors to
 #define DSA_DEFAULTS 16, 3, 8, 2, 4, 2, 4
+#define DSA_SCORE_ALT 32, 1
 #endif
 #endif
 
 namespace {
 
-constexpr int DEFAULTS[7] = {DSA_DEFAULTS};
+constexpr int DEFAULTS[7] = {DSA_DEFAULTS}, SCORE_ALT[2] = {DSA_SCORE_ALT};
 #ifndef DSA_SCORE_KEYS
 #define DSA_SCORE_KEYS DEFAULTS[0]
 #endif
 #ifndef DSA_SCORE_HEADS
 #define DSA_SCORE_HEADS DEFAULTS[1]
+#endif
+#ifndef DSA_SCORE_ALT_KEYS
+#define DSA_SCORE_ALT_KEYS SCORE_ALT[0]
+#endif
+#ifndef DSA_SCORE_ALT_HEADS
+#define DSA_SCORE_ALT_HEADS SCORE_ALT[1]
 #endif
 #ifndef DSA_DOT_ACC
 #define DSA_DOT_ACC DEFAULTS[2]
@@ -81,9 +93,9 @@ constexpr int DEFAULTS[7] = {DSA_DEFAULTS};
 constexpr int VW = DSA_VW;
 constexpr int64_t TILE = 64;  // keys per tile of the key layout (`indexer.tile_keys`): [D, 64] contiguous
 constexpr int SCORE_KEYS = DSA_SCORE_KEYS, SCORE_HEADS = DSA_SCORE_HEADS, DOT_ACC = DSA_DOT_ACC;
+constexpr int SCORE_ALT_KEYS = DSA_SCORE_ALT_KEYS, SCORE_ALT_HEADS = DSA_SCORE_ALT_HEADS;
 constexpr int DOT_HEADS = DSA_DOT_HEADS;
 constexpr int ROW_VECS = DSA_ROW_VECS, ROW_HEADS = DSA_ROW_HEADS, OUTER_HEADS = DSA_OUTER_HEADS;
-static_assert(TILE % SCORE_KEYS == 0 && SCORE_KEYS % VW == 0, "a scoring block is whole vectors within one tile");
 static_assert(DOT_HEADS >= 1 && DOT_HEADS <= DOT_ACC && ROW_VECS >= 1 && SCORE_HEADS >= 1 && ROW_HEADS >= 1 && OUTER_HEADS >= 1, "blocking");
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
@@ -201,11 +213,12 @@ inline void lane_sums(vf* a, float* out) {
 
 // ---- indexer scoring ----
 
-// add sum_h w[h] * max(q[h] . k[j], 0) over the NH heads starting at q, w to s (the SCORE_KEYS keys of the block
-// starting at `keys`, rows TILE floats apart)
-template <int NH>
-inline void score_heads(const float* q, const float* w, const float* keys, int D, vf (&s)[SCORE_KEYS / VW]) {
-    constexpr int NV = SCORE_KEYS / VW;
+// add sum_h w[h] * max(q[h] . k[j], 0) over the NH heads starting at q, w to s (the SK keys of the block starting at
+// `keys`, rows TILE floats apart). Each key's dot product runs over d in order, and the heads are added in order,
+// whatever the blocking: every blocking gives the same scores, bit for bit.
+template <int SK, int NH>
+inline void score_heads(const float* q, const float* w, const float* keys, int D, vf (&s)[SK / VW]) {
+    constexpr int NV = SK / VW;
     vf a[NH][NV] = {};
     for (int d = 0; d < D; ++d) {
         vf kv[NV];
@@ -220,17 +233,32 @@ inline void score_heads(const float* q, const float* w, const float* keys, int D
         for (int i = 0; i < NV; ++i) s[i] += w[h] * (a[h][i] > zero ? a[h][i] : zero);
 }
 
-// scores of one query row against keys [0, end), written to out[0, round_up(end, SCORE_KEYS)); kt holds the keys tile
-// by tile, [ceil(T / TILE), D, TILE] (one tile is one contiguous block: no cache-set conflicts between its rows)
-void score_row(const float* q, const float* w, const float* kt, int H, int D, int64_t end, float* out) {
-    for (int64_t j0 = 0; j0 < end; j0 += SCORE_KEYS) {
-        vf s[SCORE_KEYS / VW] = {};
+template <int SK, int SH>
+void score_row_blocked(const float* q, const float* w, const float* kt, int H, int D, int64_t end, float* out) {
+    static_assert(TILE % SK == 0 && SK % VW == 0 && SH >= 1, "a scoring block is whole vectors within one tile");
+    for (int64_t j0 = 0; j0 < end; j0 += SK) {
+        vf s[SK / VW] = {};
         const float* keys = kt + (j0 / TILE) * TILE * D + j0 % TILE;
-        head_groups(H, SCORE_HEADS, [&](int h0, int nh) {
-            dispatch<SCORE_HEADS>(nh, [&](auto nh_c) { score_heads<decltype(nh_c)::value>(q + h0 * D, w + h0, keys, D, s); });
+        head_groups(H, SH, [&](int h0, int nh) {
+            dispatch<SH>(nh, [&](auto nh_c) { score_heads<SK, decltype(nh_c)::value>(q + h0 * D, w + h0, keys, D, s); });
         });
-        for (int i = 0; i < SCORE_KEYS / VW; ++i) store(out + j0 + VW * i, s[i]);
+        for (int i = 0; i < SK / VW; ++i) store(out + j0 + VW * i, s[i]);
     }
+}
+
+// Which scoring blocking runs: 0 the target's default (SCORE_KEYS x SCORE_HEADS), 1 its alternative
+// (SCORE_ALT_KEYS x SCORE_ALT_HEADS). Which is faster depends on the CPU, not only on its instruction set (AVX-512 on
+// 256-bit units, as AMD Zen 4, prefers fewer accumulation chains), so the calibration times both and sets this once
+// (`dsa_set_score_blocking`) before any kernel runs.
+int score_blocking = 0;
+
+// scores of one query row against keys [0, end), written to out[0, round_up(end, 64)); kt holds the keys tile by
+// tile, [ceil(T / TILE), D, TILE] (one tile is one contiguous block: no cache-set conflicts between its rows)
+void score_row(const float* q, const float* w, const float* kt, int H, int D, int64_t end, float* out) {
+    if (score_blocking)
+        score_row_blocked<SCORE_ALT_KEYS, SCORE_ALT_HEADS>(q, w, kt, H, D, end, out);
+    else
+        score_row_blocked<SCORE_KEYS, SCORE_HEADS>(q, w, kt, H, D, end, out);
 }
 
 // ---- top-k selection ----
@@ -555,12 +583,22 @@ inline void add_outer(float* const* grows, int64_t n, const float* a, int64_t ld
 
 extern "C" {
 
-// Which target this library was built for and its blocking, e.g. "avx512 vw=16 score=64x4 dot=16 rows=4x4 outer=4".
+// Which target this library was built for and its blocking, e.g.
+// "avx512 vw=16 score=64x4|16x4 dot=4x4 rows=4x4 outer=4" (the scoring default, then its alternative).
 const char* dsa_build_info() {
     static char info[128];
-    std::snprintf(info, sizeof info, "%s vw=%d score=%dx%d dot=%dx%d rows=%dx%d outer=%d", DSA_ISA, VW, SCORE_KEYS,
-                  SCORE_HEADS, DOT_HEADS, DOT_ACC / DOT_HEADS, ROW_VECS, ROW_HEADS, OUTER_HEADS);
+    std::snprintf(info, sizeof info, "%s vw=%d score=%dx%d|%dx%d dot=%dx%d rows=%dx%d outer=%d", DSA_ISA, VW,
+                  SCORE_KEYS, SCORE_HEADS, SCORE_ALT_KEYS, SCORE_ALT_HEADS, DOT_HEADS, DOT_ACC / DOT_HEADS, ROW_VECS,
+                  ROW_HEADS, OUTER_HEADS);
     return info;
+}
+
+// Run the scoring default (0) or its alternative (1) from now on, in every thread; returns the previous choice. Set
+// it before kernels run, not while they do.
+int dsa_set_score_blocking(int alt) {
+    const int before = score_blocking;
+    score_blocking = alt ? 1 : 0;
+    return before;
 }
 
 // Rows r0..r1-1 of each of B sequences. Per sequence: q [R, H, D], w [R, H] (the score scale folded in), the keys as

@@ -10,6 +10,7 @@ by the library, the choice of target and of the kernel path (DSALITE_KERNEL_ISA,
 import ctypes
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -109,6 +110,21 @@ def test_kernel_selects_what_the_pytorch_path_selects(lib, monkeypatch, name):
     assert torch.equal(kept, kept.sort(-1).values)
 
 
+@pytest.mark.parametrize("name", ["causal_chunk", "padding", "documents", "decode"])
+def test_both_scoring_blockings_select_the_same_keys(lib, monkeypatch, name):
+    """Each build compiles two scoring blockings and the calibration picks one per CPU: both add every score's terms
+    in the same order, so they select exactly the same keys."""
+    q, k, w, vis, K = case(name, torch.Generator().manual_seed(11))
+    before = lib.dsa_set_score_blocking(0)
+    try:
+        default = select(q, k, w, vis, K, lib, monkeypatch)
+        assert lib.dsa_set_score_blocking(1) == 0
+        alternative = select(q, k, w, vis, K, lib, monkeypatch)
+    finally:
+        lib.dsa_set_score_blocking(before)
+    assert torch.equal(default, alternative)
+
+
 def test_tied_boundaries_take_torch_topk_over_the_whole_row(lib, monkeypatch):
     """Every key twice, K odd: the K-th score always ties with a key left out, so every row goes back to torch.topk
     over its whole row (HF's tie order); all-zero queries tie everything at 0."""
@@ -158,6 +174,7 @@ def test_builds_report_their_target_and_blocking():
     infos = {isa: kernels.build_info(kernels.library(isa)) for isa in isas}
     for isa, info in infos.items():
         assert info.split()[0] == isa and f"vw={ {'avx512': 16, 'avx2': 8, 'portable': 4}[isa]} " in info
+        assert re.search(r" score=\d+x\d+\|\d+x\d+ ", info), info  # the scoring default and its alternative
     assert len(set(infos.values())) == len(infos)
 
 
@@ -223,12 +240,20 @@ def test_calibration_decides_and_is_measured_once(fresh_choice, monkeypatch, fas
 
     def measure():
         calls.append(1)
-        return {"kernel_faster": faster, "kernels": {"select": {"speedup": 2.0 if faster else 0.5}}}
+        return {"kernel_faster": faster, "kernels": {"select": {"speedup": 2.0 if faster else 0.5}},
+                "score_blocking": {"alt": 1, "blocking": "16x4", "alternative_over_default": 0.9}}
 
     monkeypatch.delenv("DSALITE_KERNELS", raising=False)
     monkeypatch.setattr(kernels, "_measure", lambda lib: measure())
-    assert (kernels.load() is fresh_choice) == faster
+    before = fresh_choice.dsa_set_score_blocking(0)
+    try:
+        assert (kernels.load() is fresh_choice) == faster
+        # the scoring blocking the calibration found faster is the one the kernels run with
+        assert fresh_choice.dsa_set_score_blocking(0) == int(faster)
+    finally:
+        fresh_choice.dsa_set_score_blocking(before)
     assert kernels.decision()["use"] == faster and "calibrated on this CPU" in kernels.decision()["why"]
+    assert "scoring blocking 16x4" in kernels.decision()["why"]
     monkeypatch.setattr(kernels, "_tried", False)
     kernels.load()
     assert len(calls) == 1
@@ -243,6 +268,9 @@ def test_calibration_runs_and_reports_every_kernel():
     rec = json.loads(out.stdout.strip().splitlines()[-1])
     assert rec["build"] == kernels.build_info(kernels.library())
     assert set(rec["kernels"]) == {"select", "attention"} and isinstance(rec["kernel_faster"], bool)
+    blocking = rec["score_blocking"]
+    assert blocking["blocking"] == [blocking["default"], blocking["alternative"]][blocking["alt"]]
+    assert (blocking["alt"] == 1) == (blocking["alternative_over_default"] < 0.97)
     for case in rec["cases"].values():
         assert case["kernel_ms"] > 0 and case["torch_ms"] > 0
 
