@@ -10,11 +10,14 @@ found, or when the twin is faster on this CPU; tests compare the two.
 
 One source, built for one of three targets (`ISAS`): avx512 (-march=x86-64-v4), avx2 (-march=x86-64-v3: AVX2 + FMA)
 or portable (no SIMD intrinsics, 4-float vectors; any other CPU, aarch64 included). The register blocking of each
-target is chosen in the source for its register file. By default the best target this CPU runs is built;
+target is chosen in the source for its register file (`bench/kernels.py --sweep` times the alternatives); the
+indexer scoring carries two blockings, and the calibration below picks one per CPU model (CPUs of one instruction
+set differ there: AVX-512 on 256-bit units wants fewer accumulators). By default the best target this CPU runs is built;
 DSALITE_KERNEL_ISA=avx512|avx2|portable picks one (it must be one the CPU runs, `cpu_isas()`).
 
 Whether the kernels run at all is decided per machine, not assumed: DSALITE_KERNELS=0 turns them off, =1 on, and by
-default (auto) a short calibration (`kernels.calibrate`: each kernel against its PyTorch twin, one thread, a few
+default (auto) a short calibration (`kernels.calibrate`: the scoring blockings against each other, then each kernel
+against its PyTorch twin, one thread, a few
 seconds in a subprocess) runs once per CPU model and kernel build and is cached on disk, like FFTW's wisdom, so every
 process of a run on this machine takes the same path. `decision()` says what was chosen and why.
 
@@ -141,7 +144,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
 
 
 def build_info(lib: ctypes.CDLL) -> str:
-    """The target and register blocking a loaded library was built with, e.g. "avx2 vw=8 score=32x3 ..."."""
+    """The target and register blocking a loaded library was built with, e.g. "avx2 vw=8 score=32x3|64x1 ..." (the
+    scoring default, then its alternative)."""
     return lib.dsa_build_info().decode()
 
 
