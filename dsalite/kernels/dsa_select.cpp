@@ -240,7 +240,9 @@ void score_row_blocked(const float* q, const float* w, const float* kt, int H, i
         vf s[SK / VW] = {};
         const float* keys = kt + (j0 / TILE) * TILE * D + j0 % TILE;
         head_groups(H, SH, [&](int h0, int nh) {
-            dispatch<SH>(nh, [&](auto nh_c) { score_heads<SK, decltype(nh_c)::value>(q + h0 * D, w + h0, keys, D, s); });
+            dispatch<SH>(nh, [&](auto nh_c) {
+                score_heads<SK, decltype(nh_c)::value>(q + h0 * D, w + h0, keys, D, s);
+            });
         });
         for (int i = 0; i < SK / VW; ++i) store(out + j0 + VW * i, s[i]);
     }
