@@ -2,14 +2,15 @@
 
 torch's x86 CPU wheels multiply fp32 matrices with MKL, which runs generic code on CPUs that are not Intel's. Measured
 fp32 GEMM 2048³, one thread, MKL vs OpenBLAS: AMD EPYC Zen 5 (full 512-bit units) ≈ 95 vs ≈ 215 GFLOP/s; Zen 4
-(AVX-512 on 256-bit units) 95 vs 102; Zen 3 (AVX2) 61.2 vs 70.9; Intel Xeon (Sapphire Rapids, AVX-512) 173 vs 139.
-So on x86 CPUs from other vendors dsalite's large fp32 products go to its own copy of OpenBLAS, loaded with the
-AVX-512 kernels when the CPU has the instructions (OpenBLAS's automatic choice, or an OPENBLAS_CORETYPE set for other
-libraries, may map such CPUs to the AVX2 kernels), and on Intel's they stay with MKL. That rule is fixed, not
-timed, so every process of a run rounds the same way (a resumed run reproduces the uninterrupted one). On other architectures, where neither side was measured, a short
-timing of both decides once per CPU model and is cached (`kernels.wisdom`), which keeps that property on the machine.
-DSALITE_BLAS=torch or =openblas forces the choice; `decision()` says which was made and why. Small products (decode
-rows) stay with torch: below `MIN_WORK` multiply-adds the call overhead wins.
+(AVX-512 on 256-bit units) 95 vs 102; Zen 3 (AVX2) 61.2 vs 70.9; Intel Xeon (Sapphire Rapids, AVX-512) 173 vs 139. So
+on x86 CPUs from other vendors dsalite's large fp32 products go to its own copy of OpenBLAS, loaded with the AVX-512
+kernels when the CPU has the instructions (OpenBLAS's automatic choice, or an OPENBLAS_CORETYPE set for other
+libraries, may map such CPUs to the AVX2 kernels), and on Intel's they stay with MKL. That rule is fixed, not timed,
+so every process of a run rounds the same way (a resumed run reproduces the uninterrupted one). On other
+architectures, where neither side was measured, a short timing of both decides once per CPU model and is cached
+(`kernels.wisdom`), which keeps that property on the machine. DSALITE_BLAS=torch or =openblas forces the choice;
+`decision()` says which was made and why. Small products (decode rows) stay with torch: below `MIN_WORK` multiply-adds
+the call overhead wins.
 """
 
 from __future__ import annotations
