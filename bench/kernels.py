@@ -50,28 +50,12 @@ def build(isa: str, overrides: dict) -> ctypes.CDLL:
     return kernels._declare(ctypes.CDLL(str(kernels._build(kernels.compiler(), isa, extra))))
 
 
-def timed(contenders: dict, runs: dict, rounds: int, reps: int) -> dict:
-    """(contender, case) -> the best of `reps` calls in each of `rounds` rounds, the fastest round kept (the least
-    disturbed by the machine). A contender is (kernel build, scoring blocking 0/1), or None for the PyTorch twins.
-    Contenders take turns, each round starting one further along (whoever runs first after another case was measured
-    ~10 % slow)."""
-    got = {(c, name): [] for c in contenders for name in runs}
-    order = list(contenders.items())
-    for r in range(rounds):
-        for name, fn in runs.items():
-            for c, use in order[r % len(order):] + order[:r % len(order)]:
-                calibrate.route(use and use[0])
-                if use:
-                    use[0].dsa_set_score_blocking(use[1])
-                got[c, name].append(calibrate.best_time(fn, reps=reps, budget=float("inf")))
-    return {key: min(ts) for key, ts in got.items()}
-
-
 def compare(isa: str, rounds: int, reps: int) -> None:
     lib = kernels.library(isa)
     runs = calibrate.cases()
     blockings = calibrate.scoring_blockings(lib)
-    t = timed({"default": (lib, 0), "alternative": (lib, 1), "pytorch": None}, runs, rounds, reps)
+    t = calibrate.in_turns({"default": (lib, 0), "alternative": (lib, 1), "pytorch": None}, runs, rounds, reps,
+                           budget=float("inf"))
     print(f"\nbuild {kernels.build_info(lib)}; kernel columns: indexer scoring blocking {blockings[0]} (default) and "
           f"{blockings[1]} (alternative; the other cases do not use it)")
     print(f"{'case':<48}{'kernel ms':>11}{'alt. ms':>9}{'PyTorch ms':>12}{'speedup':>9}")
@@ -97,7 +81,7 @@ def sweep(isa: str, rounds: int, reps: int, groups: list[str]) -> None:
                 contenders[label] = (build(isa, overrides), 0)
             except Exception as e:  # a blocking the compiler refuses (a static_assert) is left out, said so
                 print(f"  {label}: not built ({str(getattr(e, 'stderr', e)).strip().splitlines()[-1][:100]})")
-        t = timed(contenders, runs, rounds, reps)
+        t = calibrate.in_turns(contenders, runs, rounds, reps, budget=float("inf"))
         names = list(runs)
         print(f"\n{group}: time / default's (below 1 is faster); default ms: "
               + ", ".join(f"{n} {t['default', n] * 1e3:.3f}" for n in names))

@@ -92,21 +92,33 @@ def _no_grad(fn):
         return fn()
 
 
+def in_turns(contenders: dict, runs: dict, rounds: int, reps: int = 5, budget: float = 0.25) -> dict:
+    """(contender, case) -> the least of `best_time(fn, reps, budget)` over `rounds` rounds (the least disturbed by
+    the machine). A contender is (kernel build, scoring blocking 0/1), or None for the PyTorch twins. Contenders take
+    turns, each round starting one further along: whoever runs first after another case ran ~10 % slow, and with a
+    fixed order the two scoring blockings' ratio moved 0.90-1.06 between calibrations (now 0.89-0.97 on Zen 4)."""
+    got = {(c, name): float("inf") for c in contenders for name in runs}
+    order = list(contenders.items())
+    for r in range(rounds):
+        for name, fn in runs.items():
+            for c, use in order[r % len(order):] + order[:r % len(order)]:
+                route(use and use[0])
+                if use:
+                    use[0].dsa_set_score_blocking(use[1])
+                got[c, name] = min(got[c, name], best_time(fn, reps, budget))
+    return got
+
+
 def score_blocking(lib, runs: dict, margin: float = 0.97) -> dict:
-    """Time the selection cases under the build's two scoring blockings (`dsa_set_score_blocking`), taking turns in
-    alternating order, and leave `lib` on the faster: the alternative only when the geometric mean of its time over
-    the default's is below `margin` (a tie keeps the default)."""
-    route(lib)
+    """Time the selection cases under the build's two scoring blockings (`dsa_set_score_blocking`) in turns, and
+    leave `lib` on the faster: the alternative only when the geometric mean of its time over the default's is below
+    `margin` (a tie keeps the default)."""
     select = {name: fn for name, fn in runs.items() if name.startswith("select")}
-    best = {(alt, name): float("inf") for alt in (0, 1) for name in select}
-    for r in range(8):  # ≈ 1 s; with 3 rounds in fixed order the ratio moved 0.90-1.06 between runs, now 0.89-0.92
-        for name, fn in select.items():
-            for alt in (0, 1) if r % 2 == 0 else (1, 0):  # either goes first as often (a first call runs slower)
-                lib.dsa_set_score_blocking(alt)
-                best[alt, name] = min(best[alt, name], best_time(fn))
+    best = in_turns({0: (lib, 0), 1: (lib, 1)}, select, rounds=8)  # ≈ 1 s
     ratios = [best[1, name] / best[0, name] for name in select]
     ratio = math.prod(ratios) ** (1 / len(ratios))
     alt = int(ratio < margin)
+    route(lib)
     lib.dsa_set_score_blocking(alt)
     names = scoring_blockings(lib)
     return {"alt": alt, "blocking": names[alt], "alternative_over_default": ratio, "default": names[0],
