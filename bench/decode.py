@@ -88,9 +88,10 @@ def hf_stepper(model, ids, steps: int):
 
 
 def step_times(steppers, steps: int, clock, block: int = 8) -> list[float]:
-    """Median ms per step of each stepper. The steppers take turns in blocks of `block` consecutive steps, starting
-    each round with the next one, so that all see the same load and each still decodes as a real generation loop
-    does: step after step, its weights and cache warm (interleaving single steps would evict them before every step and time a cold start instead)."""
+    """Median ms per step of each stepper. The steppers take turns in blocks of `block` consecutive steps, starting each
+    round with the next one, so that all see the same load and each still decodes as a real generation loop does: step
+    after step, its weights and cache warm (interleaving single steps would evict them before every step and time a
+    cold start instead)."""
     ts = [[] for _ in steppers]
     n = len(steppers)
     for r in range(0, steps, block):

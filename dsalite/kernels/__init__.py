@@ -8,18 +8,18 @@ read each selected latent row once for all heads, in place, forward and backward
 pure-PyTorch twin that runs on other devices, in compiled graphs that lack the kernel's key layout, when no compiler is
 found, or when the twin is faster on this CPU; tests compare the two.
 
-One source, built for one of three targets (`ISAS`): avx512 (-march=x86-64-v4), avx2 (-march=x86-64-v3: AVX2 + FMA)
-or portable (no SIMD intrinsics, 4-float vectors; any other CPU, aarch64 included). The register blocking of each
-target is chosen in the source for its register file (`bench/kernels.py --sweep` times the alternatives); the
-indexer scoring carries two blockings, and the calibration below picks one per CPU model (CPUs of one instruction
-set differ there: AVX-512 on 256-bit units wants fewer accumulators). By default the best target this CPU runs is built;
+One source, built for one of three targets (`ISAS`): avx512 (-march=x86-64-v4), avx2 (-march=x86-64-v3: AVX2 + FMA) or
+portable (no SIMD intrinsics, 4-float vectors; any other CPU, aarch64 included). The register blocking of each target
+is chosen in the source for its register file (`bench/kernels.py --sweep` times the alternatives); the indexer scoring
+carries two blockings, and the calibration below picks one per CPU model (CPUs of one instruction set differ there:
+AVX-512 on 256-bit units wants fewer accumulators). By default the best target this CPU runs is built;
 DSALITE_KERNEL_ISA=avx512|avx2|portable picks one (it must be one the CPU runs, `cpu_isas()`).
 
 Whether the kernels run at all is decided per machine, not assumed: DSALITE_KERNELS=0 turns them off, =1 on, and by
 default (auto) a short calibration (`kernels.calibrate`: the scoring blockings against each other, then each kernel
-against its PyTorch twin, one thread, a few
-seconds in a subprocess) runs once per CPU model and kernel build and is cached on disk, like FFTW's wisdom, so every
-process of a run on this machine takes the same path. `decision()` says what was chosen and why.
+against its PyTorch twin, one thread, a few seconds in a subprocess) runs once per CPU model and kernel build and is
+cached on disk, like FFTW's wisdom, so every process of a run on this machine takes the same path. `decision()` says
+what was chosen and why.
 
 Builds and measurements land in $DSALITE_KERNEL_CACHE (default ~/.cache/dsalite/kernels; a temporary directory if
 that cannot be written), keyed by the source, the compiler command and this CPU's feature flags, written under a
