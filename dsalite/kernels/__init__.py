@@ -71,11 +71,17 @@ COMPILED_MIN_WORK = 4 * 32 * 4096
 # 8192 keys, bench/decode.py, both paths in one process). A compiled runner whose cache can never hold this much scoring
 # work drops the tiles (`inference.runner.Runner`), and its compiled steps are the PyTorch path's.
 COMPILED_TILES_MIN_WORK = 2 * COMPILED_MIN_WORK
+# An autograd Function and a ctypes call cost ≈ 10 µs more than PyTorch's few element-wise ops on a small tensor:
+# below this many elements (a decode step's rows) the PyTorch code runs. Measured per call, one thread, AMD EPYC Zen 5,
+# AVX-512 build, no grad: RMSNorm 256 wide, kernel / PyTorch µs 13.1 / 12.1 at 1 row, 14.6 / 14.5 at 64, 19.2 / 25.9
+# at 256; SwiGLU 1024 wide 9.5 / 3.6 at 1 row, 21.9 / 21.5 at 64, 62.3 / 87.6 at 256.
+ELEMENTWISE_MIN_NUMEL = 1 << 16
 _lock = threading.RLock()
 _libs: dict[str, ctypes.CDLL] = {}
 _lib: ctypes.CDLL | None = None
 _tried = False
 _available = False  # a plain bool, so torch.compile reads it without tracing `load`
+_elementwise = True  # whether the fused element-wise kernels run where the others do (False: calibrated slower)
 _decision: dict = {}
 _forced_lib: ctypes.CDLL | None = None  # what `forced(True)` runs
 
@@ -140,6 +146,13 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.dsa_sparse_attention_bwd.argtypes = [ptr, ptr, i64, i64, ptr, i64, i64, i32, i32, i32, ptr, ptr, ptr, ptr, i64,
                                              i64, i64]
     lib.dsa_sparse_attention_bwd.restype = None
+    f32 = ctypes.c_float
+    lib.dsa_rms_norm.argtypes = [ptr, i64, ptr, i64, f32, ptr, i64, ptr, i64, i64]
+    lib.dsa_rms_norm_bwd.argtypes = [ptr, i64, ptr, i64, ptr, ptr, ptr, ptr, i64, i64]
+    lib.dsa_swiglu.argtypes = [ptr, ptr, i64, i64, ptr, i64, i64]
+    lib.dsa_swiglu_bwd.argtypes = [ptr, ptr, i64, i64, ptr, ptr, ptr, i64, i64]
+    for name in ("dsa_rms_norm", "dsa_rms_norm_bwd", "dsa_swiglu", "dsa_swiglu_bwd"):
+        getattr(lib, name).restype = None
     return lib
 
 
@@ -192,7 +205,7 @@ def load() -> ctypes.CDLL | None:
     """The compiled kernels when they are this machine's faster path, else None (the PyTorch paths run): disabled
     (DSALITE_KERNELS=0), no working C++ compiler (warned once), or slower than the PyTorch twins in this CPU's
     calibration. DSALITE_KERNELS=1 uses them without calibrating."""
-    global _lib, _tried, _available, _decision
+    global _lib, _tried, _available, _decision, _elementwise
     if _tried:
         return _lib
     with _lock:
@@ -210,12 +223,14 @@ def load() -> ctypes.CDLL | None:
                 else:
                     cal = _calibration(lib)
                     use = cal["kernel_faster"]
+                    _elementwise = cal.get("elementwise_faster", True)
                     blocking = cal.get("score_blocking")
                     _decision.update(use=use, calibration=cal, why=(
                         "calibrated on this CPU: " + ("the kernels are" if use else "the PyTorch paths are")
                         + " faster (" + ", ".join(f"{k} {v['speedup']:.2f}x" for k, v in cal["kernels"].items())
                         + ")" + (f"; indexer scoring blocking {blocking['blocking']} (alternative / default "
-                                 f"{blocking['alternative_over_default']:.2f})" if blocking else "")))
+                                 f"{blocking['alternative_over_default']:.2f})" if blocking else "")
+                        + ("" if _elementwise else "; the fused element-wise kernels are slower: not used")))
                 if _decision["use"]:
                     # the scoring blocking the calibration found faster here (the build's default without one)
                     lib.dsa_set_score_blocking(_decision.get("calibration", {}).get("score_blocking", {}).get("alt", 0))
@@ -230,6 +245,17 @@ def load() -> ctypes.CDLL | None:
     return _lib
 
 
+def elementwise_ready(*tensors) -> bool:
+    """Whether the fused element-wise kernels (RMSNorm, SwiGLU) take these tensors: CPU fp32 outside compiled graphs
+    and autocast, the first at least ELEMENTWISE_MIN_NUMEL elements, with the kernels loaded and not calibrated slower
+    than PyTorch's ops here (the layers fall back to their PyTorch code otherwise)."""
+    import torch
+
+    return (tensors[0].numel() >= ELEMENTWISE_MIN_NUMEL and not torch.compiler.is_compiling() and all(t.device.type == "cpu" and t.dtype == torch.float32
+                                                      for t in tensors)
+            and not torch.is_autocast_enabled("cpu") and load() is not None and _elementwise)
+
+
 def available() -> bool:
     """Whether `load` has found the kernels (False before its first call); safe inside a compiled function."""
     return _available
@@ -240,17 +266,18 @@ def forced(use: bool):
     """Within the block the kernels run (use) or the PyTorch twins do, whatever `load` decided; for benches that
     time both paths side by side in one process. A compiled graph reads `available()` while tracing and is guarded
     on it, so each path gets its own graph. Caches decide their key layout when built: build them inside too."""
-    global _lib, _available, _forced_lib
+    global _lib, _available, _forced_lib, _elementwise
     load()
-    saved = _lib, _available
+    saved = _lib, _available, _elementwise
     if use and _forced_lib is None:
         _forced_lib = library()  # once: finding the target reads the CPU flags (~0.3 ms, a decode step is ~1 ms)
     _lib = _forced_lib if use else None
     _available = _lib is not None
+    _elementwise = True
     try:
         yield
     finally:
-        _lib, _available = saved
+        _lib, _available, _elementwise = saved
 
 
 def decision() -> dict:

@@ -5,8 +5,10 @@ kernel build in a subprocess (so nothing here touches the caller's threads, RNG 
 Shapes: a small model (bench-small: 4 indexer heads of 32 over 2048 keys, K 256; 4 attention heads on 80-wide
 latents) and a wide one (MLA widths: 16 indexer heads of 64 over 4096 keys, K 512; 16 attention heads on 576-wide
 latents), each in a prefill block of queries and, for the indexer, a decode step (one query); the attention also
-under autograd (forward + backward, as training runs it). A kernel is used when it is at least as fast as its twin on
-every shape: the minimum of several timings is compared (the least disturbed by other work on the machine). First the
+under autograd (forward + backward, as training runs it); the fused RMSNorm and SwiGLU forward + backward on a
+training step's rows. The indexer and attention kernels are used when each is at least as fast as its twin on every
+shape, the element-wise ones likewise, decided apart (`elementwise_faster`): the minimum of several timings is
+compared (the least disturbed by other work on the machine). First the
 indexer's two compiled-in scoring blockings are timed against each other (`score_blocking`): the faster here is the
 one the kernels then run with, in the comparison and afterwards.
 """
@@ -23,6 +25,9 @@ import torch
 # keys, K, query rows)
 SELECT_SHAPES = [("small", 4, 32, 2048, 256, 128), ("wide", 16, 64, 4096, 512, 64)]
 ATTENTION_SHAPES = [("small", 4, 80, 64, 2048, 256, 128), ("wide", 16, 576, 512, 4096, 512, 16)]
+# the fused element-wise kernels as a training step runs them (forward + backward): (rows, RMSNorm width) and (rows,
+# SwiGLU width I)
+NORM_SHAPES, SWIGLU_SHAPES = [(2048, 256), (2048, 64)], [(2048, 512)]
 
 
 def best_time(fn, reps: int = 5, budget: float = 0.25) -> float:
@@ -54,6 +59,8 @@ def cases(seed: int = 0) -> dict:
     from dsalite.layers import indexer as ix
     from dsalite.layers import sparse_attention as sa
     from dsalite.layers.mask import Visibility
+    from dsalite.layers.moe import swiglu_fused
+    from dsalite.layers.norm import RMSNorm
 
     g = torch.Generator().manual_seed(seed)
     out = {}
@@ -84,6 +91,14 @@ def cases(seed: int = 0) -> dict:
         out[f"attention {name} {rows} rows"] = lambda f=forward: _no_grad(f)
         out[f"attention {name} {rows} rows, forward + backward"] = train(q.clone().requires_grad_(),
                                                                         kv.clone().requires_grad_(), Dv, idx, D, dout)
+    for rows, D in NORM_SHAPES:
+        norm, x = RMSNorm(D), torch.randn(rows, D, generator=g, requires_grad=True)
+        out[f"rms_norm {rows} x {D}, forward + backward"] = (
+            lambda n=norm, x=x, dy=torch.randn(rows, D, generator=g): torch.autograd.grad(n(x), (x, n.weight), dy))
+    for rows, I in SWIGLU_SHAPES:
+        gu, dy = torch.randn(rows, 2 * I, generator=g, requires_grad=True), torch.randn(rows, I, generator=g)
+        out[f"swiglu {rows} x {I}, forward + backward"] = lambda gu=gu, dy=dy: torch.autograd.grad(swiglu_fused(gu),
+                                                                                                    gu, dy)
     return out
 
 
@@ -148,10 +163,12 @@ def measure() -> dict:
             times[name].append(best_time(fn))
     out = {name: {"kernel_ms": kt * 1e3, "torch_ms": tt * 1e3, "speedup": tt / kt} for name, (kt, tt) in times.items()}
     kinds = {"select": [v for k, v in out.items() if k.startswith("select")],
-             "attention": [v for k, v in out.items() if k.startswith("attention")]}
+             "attention": [v for k, v in out.items() if k.startswith("attention")],
+             "elementwise": [v for k, v in out.items() if k.startswith(("rms_norm", "swiglu"))]}
     summary = {kind: {"speedup": min(v["speedup"] for v in vs)} for kind, vs in kinds.items()}
     return {"build": kernels.build_info(lib), "threads": 1, "cases": out, "kernels": summary,
-            "kernel_faster": all(s["speedup"] >= 1.0 for s in summary.values()), "score_blocking": blocking}
+            "kernel_faster": all(summary[k]["speedup"] >= 1.0 for k in ("select", "attention")),
+            "elementwise_faster": summary["elementwise"]["speedup"] >= 1.0, "score_blocking": blocking}
 
 
 if __name__ == "__main__":

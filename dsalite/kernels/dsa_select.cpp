@@ -581,6 +581,50 @@ inline void add_outer(float* const* grows, int64_t n, const float* a, int64_t ld
     });
 }
 
+
+// Element-wise chains that PyTorch runs as several passes over memory (each op of the forward and of autograd's
+// backward reads and writes the whole tensor): one pass per row here, the row in cache. Columns past the last whole
+// vector run through the same vector code on a padded copy, so every column gets the same arithmetic.
+
+// f over the n columns of a row in vectors: f(offset, valid columns) with offset + VW <= n for all but the last call
+template <typename F>
+inline void by_vectors(int64_t n, F&& f) {
+    int64_t i = 0;
+    for (; i + VW <= n; i += VW) f(i, VW);
+    if (i < n) f(i, n - i);
+}
+
+// load / store of up to VW floats (a partial vector is zero-padded)
+inline vf load_part(const float* p, int64_t m) {
+    if (m == VW) return load(p);
+    float t[VW] = {};
+    std::memcpy(t, p, sizeof(float) * m);
+    return load(t);
+}
+
+inline void store_part(float* p, vf v, int64_t m) {
+    if (m == VW) return store(p, v);
+    float t[VW];
+    store(t, v);
+    std::memcpy(p, t, sizeof(float) * m);
+}
+
+// the sum of x^2 over a row, four chains
+inline float sum_squares(const float* x, int64_t n) {
+    vf a[4] = {};
+    int64_t i = 0;
+    for (; i + 4 * VW <= n; i += 4 * VW)
+        for (int c = 0; c < 4; ++c) {
+            const vf v = load(x + i + c * VW);
+            a[c] += v * v;
+        }
+    by_vectors(n - i, [&](int64_t o, int64_t m) {
+        const vf v = load_part(x + i + o, m);
+        a[0] += v * v;
+    });
+    return hsum((a[0] + a[1]) + (a[2] + a[3]));
+}
+
 }  // namespace
 
 extern "C" {
@@ -696,6 +740,70 @@ void dsa_sparse_attention_bwd(const float* q, const float* table, int64_t ld, in
         }
         all_weighted_rows(rows.data(), n, ds.data(), Kp, H, D, dq + r * H * D);
         add_outer(grows.data(), n, ds.data(), Kp, probs + r * H * K, K, q + r * H * D, go, H, D, Dv);
+    }
+}
+
+// RMSNorm of rows r0..r1-1 (HF DeepseekV3RMSNorm in fp32): x rows ldx floats apart, D channels; rstd[r] = 1 / sqrt(
+// mean(x^2) + eps) is kept for the backward and y = w * (x * rstd), multiplied in that order, as PyTorch does.
+void dsa_rms_norm(const float* x, int64_t ldx, const float* w, int64_t D, float eps, float* y, int64_t ldy,
+                  float* rstd, int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+        const float* xr = x + r * ldx;
+        const float rs = 1.f / std::sqrt(sum_squares(xr, D) / static_cast<float>(D) + eps);
+        rstd[r] = rs;
+        float* yr = y + r * ldy;
+        by_vectors(D, [&](int64_t o, int64_t m) {
+            store_part(yr + o, load_part(w + o, m) * (load_part(xr + o, m) * rs), m);
+        });
+    }
+}
+
+// Gradients of dsa_rms_norm, rows r0..r1-1: with xh = x * rstd and g = dy * w, dx = rstd * (g - xh * mean(g * xh))
+// (dx rows D floats apart); dy * xh summed over the rows is added into dw [D] (one buffer per thread part).
+void dsa_rms_norm_bwd(const float* x, int64_t ldx, const float* w, int64_t D, const float* rstd, const float* dy,
+                      float* dx, float* dw, int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+        const float *xr = x + r * ldx, *dyr = dy + r * D;
+        const float rs = rstd[r];
+        vf acc = {};
+        by_vectors(D, [&](int64_t o, int64_t m) {
+            acc += (load_part(dyr + o, m) * load_part(w + o, m)) * (load_part(xr + o, m) * rs);
+        });
+        const float c = hsum(acc) / static_cast<float>(D);
+        float* dxr = dx + r * D;
+        by_vectors(D, [&](int64_t o, int64_t m) {
+            const vf dyv = load_part(dyr + o, m), xh = load_part(xr + o, m) * rs;
+            store_part(dxr + o, rs * (dyv * load_part(w + o, m) - xh * c), m);
+            store_part(dw + o, load_part(dw + o, m) + dyv * xh, m);
+        });
+    }
+}
+
+// SwiGLU of rows r0..r1-1: out = silu(gate) * up over I columns; gate and up rows ld floats apart (the fused
+// [rows, 2I] gate_up: up = gate + I), out rows I apart. silu(g) = g / (1 + e^-g), as PyTorch computes it.
+void dsa_swiglu(const float* gate, const float* up, int64_t ld, int64_t I, float* out, int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+        const float *g = gate + r * ld, *u = up + r * ld;
+        float* o = out + r * I;
+        by_vectors(I, [&](int64_t c, int64_t m) {
+            const vf gv = load_part(g + c, m);
+            store_part(o + c, gv / (1.f + vexp(-gv)) * load_part(u + c, m), m);
+        });
+    }
+}
+
+// Gradients of dsa_swiglu, rows r0..r1-1, from dout (rows I apart): with s = sigmoid(gate), dgate = dout * up * s *
+// (1 + gate * (1 - s)) and dup = dout * silu(gate), written with the inputs' layout (rows ld apart).
+void dsa_swiglu_bwd(const float* gate, const float* up, int64_t ld, int64_t I, const float* dout, float* dgate,
+                    float* dup, int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+        const float *g = gate + r * ld, *u = up + r * ld, *d = dout + r * I;
+        float *dg = dgate + r * ld, *du = dup + r * ld;
+        by_vectors(I, [&](int64_t c, int64_t m) {
+            const vf gv = load_part(g + c, m), dv = load_part(d + c, m), e1 = 1.f + vexp(-gv), s = 1.f / e1;
+            store_part(dg + c, dv * load_part(u + c, m) * (s * (1.f + gv * (1.f - s))), m);
+            store_part(du + c, dv * (gv / e1), m);
+        });
     }
 }
 

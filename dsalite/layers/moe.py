@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsalite import kernels
 from dsalite.config import ModelConfig
 from dsalite.layers.linear import Linear, dense, linear
 
@@ -26,9 +27,58 @@ SMALL_BATCH = 16
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float | None = None) -> torch.Tensor:
     """silu(gate)·up; with a limit (V4), gate is clamped from above and up to ±limit first (HF `_apply_gate`)."""
+    if limit is None and kernels.elementwise_ready(gate, up):
+        return KernelSwiGLU.apply(gate, up)
     if limit is not None:
         gate, up = gate.clamp(max=limit), up.clamp(min=-limit, max=limit)
     return F.silu(gate) * up
+
+
+def swiglu_fused(gate_up: torch.Tensor, limit: float | None = None) -> torch.Tensor:
+    """`swiglu` of the two halves of gate_up [..., 2I] (gate first); the kernel writes its gradient in one piece."""
+    if limit is None and kernels.elementwise_ready(gate_up):
+        return KernelSwiGLU.apply(gate_up, None)
+    return swiglu(*gate_up.chunk(2, dim=-1), limit=limit)
+
+
+class KernelSwiGLU(torch.autograd.Function):
+    """fp32 silu(gate)·up by the CPU kernel, one pass forward and one backward (PyTorch's silu, mul and their autograd
+    nodes each pass over the [N, I] blocks). Takes gate and up [..., I], or (gate_up [..., 2I], None) for the experts'
+    fused projection, whose gradient then comes back as one tensor instead of two halves autograd joins."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor | None) -> torch.Tensor:
+        fused = up is None
+        ctx.shape = gate.shape
+        if fused:
+            I = gate.shape[-1] // 2
+            gu = gate.reshape(-1, 2 * I).contiguous()
+            g, u = gu[:, :I], gu[:, I:]
+        else:
+            I = gate.shape[-1]
+            g, u = gate.reshape(-1, I).contiguous(), up.reshape(-1, I).contiguous()
+        out = g.new_empty(g.shape[0], I)
+        lib = kernels.load()
+        args = (g.data_ptr(), u.data_ptr(), g.stride(0), I, out.data_ptr())
+        kernels.split_rows(lambda r0, r1: lib.dsa_swiglu(*args, r0, r1), g.shape[0], torch.get_num_threads())
+        ctx.save_for_backward(g, u)
+        ctx.fused = fused
+        return out.view(*gate.shape[:-1], I)
+
+    @staticmethod
+    def backward(ctx, dout: torch.Tensor):
+        g, u = ctx.saved_tensors
+        N, I = g.shape
+        dout = dout.reshape(N, I).contiguous()
+        if ctx.fused:
+            dgu = dout.new_empty(N, 2 * I)
+            dg, du = dgu[:, :I], dgu[:, I:]
+        else:
+            dg, du = dout.new_empty(N, I), dout.new_empty(N, I)
+        lib = kernels.load()
+        args = (g.data_ptr(), u.data_ptr(), g.stride(0), I, dout.data_ptr(), dg.data_ptr(), du.data_ptr())
+        kernels.split_rows(lambda r0, r1: lib.dsa_swiglu_bwd(*args, r0, r1), N, torch.get_num_threads())
+        return (dgu.view(ctx.shape), None) if ctx.fused else (dg.view(ctx.shape), du.view(ctx.shape))
 
 
 class MLP(nn.Module):
@@ -138,7 +188,7 @@ class Experts(nn.Module):
         # a slice's backward zero-fills a full-size gradient for every expert
         xs = x.index_select(0, order // k).split(counts)
         gate_up, down = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
-        ys = torch.cat([dense(swiglu(*dense(xs[e], gate_up[e]).chunk(2, dim=-1), limit=self.limit), down[e])
+        ys = torch.cat([dense(swiglu_fused(dense(xs[e], gate_up[e]), self.limit), down[e])
                         for e, cnt in enumerate(counts) if cnt])
         ys = ys * w.reshape(-1)[order, None].to(ys.dtype)
         slot_of = torch.empty_like(order)

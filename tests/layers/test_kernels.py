@@ -267,7 +267,8 @@ def test_calibration_runs_and_reports_every_kernel():
                          check=True)
     rec = json.loads(out.stdout.strip().splitlines()[-1])
     assert rec["build"] == kernels.build_info(kernels.library())
-    assert set(rec["kernels"]) == {"select", "attention"} and isinstance(rec["kernel_faster"], bool)
+    assert set(rec["kernels"]) == {"select", "attention", "elementwise"} and isinstance(rec["kernel_faster"], bool)
+    assert rec["elementwise_faster"] == (rec["kernels"]["elementwise"]["speedup"] >= 1.0)
     blocking = rec["score_blocking"]
     assert blocking["blocking"] == [blocking["default"], blocking["alternative"]][blocking["alt"]]
     assert (blocking["alt"] == 1) == (blocking["alternative_over_default"] < 0.97)
