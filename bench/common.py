@@ -1,6 +1,7 @@
 """Shared bench helpers: the bench-small GLM config of hf-reference §10, timing with medians, peak memory, the
 header that says where a bench ran (`header`), dsalite loaded strictly from the HF model and checked against its
-logits before anything is timed (`dsalite_from_hf`), and stand-ins for other CPUs (`--isa`, `use_isa`)."""
+logits before anything is timed (`dsalite_from_hf`), stand-ins for other CPUs (`--isa`) and the allocator setting
+both sides share (`--malloc`), applied by `use_machine`."""
 
 from __future__ import annotations
 
@@ -77,16 +78,31 @@ STANDINS = {
 }
 
 
-def add_isa_argument(ap) -> None:
+def add_machine_arguments(ap) -> None:
+    """--isa (a stand-in for another CPU) and --malloc (how freed memory is handled, the same for both sides)."""
     ap.add_argument("--isa", choices=["native", *STANDINS], default="native",
                     help="run as a stand-in for another CPU: avx2 (no AVX-512: kernels, torch, MKL, oneDNN and "
                          "inductor held to AVX2) or portable (SSE only); default native (this CPU as it is)")
+    ap.add_argument("--malloc", choices=["keep", "glibc"], default="keep",
+                    help="keep (default): every process of the run, dsalite's and the reference's, keeps freed "
+                         "memory for reuse (glibc tunables, `dsalite.kernels.memory`), so neither pays page faults "
+                         "for re-allocating its buffers; glibc: glibc's default for both, which unmaps large freed "
+                         "blocks (on a VM, where faults are slow, this makes transformers 2-3x slower)")
 
 
-def use_isa(isa: str) -> None:
-    """Re-run this process with the stand-in environment of `isa` (a no-op for native or when already set): the
-    libraries read it when they load, so it must be there from the start."""
-    env = STANDINS.get(isa, {})
+def use_machine(args) -> None:
+    """Re-run this process with the environment of --isa and --malloc (a no-op when it is already set): the
+    libraries read it when they load, so it must be there from the start; subprocesses inherit it."""
+    from dsalite.kernels import memory
+
+    env = dict(STANDINS.get(args.isa, {}))
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if args.malloc == "keep":
+        env["GLIBC_TUNABLES"] = tunables if memory.tunables() in tunables else memory.tunables()
+    else:
+        env["DSALITE_MALLOC"] = "glibc"
+        if memory.tunables() in tunables:
+            env["GLIBC_TUNABLES"] = tunables.replace(memory.tunables(), "").strip(":")
     if any(os.environ.get(k) != v for k, v in env.items()):
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **env})
 

@@ -25,7 +25,7 @@ import types
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import MODELS, add_isa_argument, dsalite_from_hf, header, hf_model, use_isa  # noqa: E402
+from common import MODELS, add_machine_arguments, dsalite_from_hf, header, hf_model, use_machine  # noqa: E402
 
 from dsalite import kernels  # noqa: E402
 from dsalite.inference.runner import Runner, new_cache  # noqa: E402
@@ -122,9 +122,9 @@ def main() -> None:
     ap.add_argument("--no-pytorch-path", action="store_true",
                     help="time dsalite on this machine's chosen path only (not both the kernels and their PyTorch "
                          "twins)")
-    add_isa_argument(ap)
+    add_machine_arguments(ap)
     a = ap.parse_args()
-    use_isa(a.isa)
+    use_machine(a)
     torch.set_num_threads(a.threads)
     clock = time.process_time if a.cpu_time else time.perf_counter
     bench, title = MODELS[a.model]

@@ -25,7 +25,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import add_isa_argument, header, use_isa  # noqa: E402
+from common import add_machine_arguments, header, use_machine  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LLAMACPP_VER = "0.3.36"
@@ -74,9 +74,9 @@ def main() -> None:
     ap.add_argument("--llamacpp", choices=["native", "portable"], default="native",
                     help="llama.cpp build: native (GGML_NATIVE=ON, as pip builds it; `make llamacpp-native`, "
                          "default) or portable (GGML_NATIVE=OFF, the tests' build; `make llamacpp`)")
-    add_isa_argument(ap)
+    add_machine_arguments(ap)
     a = ap.parse_args()
-    use_isa(a.isa)
+    use_machine(a)
     llama_cpp = import_llama_cpp(a.llamacpp)
 
     from dsalite import generate

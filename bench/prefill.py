@@ -27,7 +27,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import MODELS, add_isa_argument, dsalite_from_hf, header, hf_model, peak_rss_gb, use_isa  # noqa: E402
+from common import MODELS, add_machine_arguments, dsalite_from_hf, header, hf_model, peak_rss_gb, use_machine  # noqa: E402
 
 
 def median_wall_and_cpu(fn, reps: int, warmup: int = 1) -> tuple[float, float]:
@@ -80,10 +80,10 @@ def main() -> None:
                          "chunked prefill")
     ap.add_argument("--no-pytorch-path", action="store_true",
                     help="skip the run of dsalite with DSALITE_KERNELS=0 (its PyTorch paths)")
-    add_isa_argument(ap)
+    add_machine_arguments(ap)
     ap.add_argument("--one", nargs=2, metavar=("WHICH", "S"), help=argparse.SUPPRESS)
     a = ap.parse_args()
-    use_isa(a.isa)
+    use_machine(a)
     torch.set_num_threads(a.threads)
     if a.one:
         print(json.dumps(one(a.one[0], int(a.one[1]), a.reps, a.threads, a.chunk, a.model)))

@@ -37,7 +37,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import add_isa_argument, dsalite_from_hf, header, hf_model, use_isa  # noqa: E402
+from common import add_machine_arguments, dsalite_from_hf, header, hf_model, use_machine  # noqa: E402
 
 from dsalite.presets import BENCH_MEDIUM, BENCH_SMALL, BENCH_V4  # noqa: E402
 
@@ -123,11 +123,11 @@ def main() -> None:
                          "decides), torch (torch's own BLAS, as HF uses), openblas (default auto)")
     ap.add_argument("--no-pytorch-path", action="store_true",
                     help="skip timing dsalite with DSALITE_KERNELS=0 (its PyTorch paths)")
-    add_isa_argument(ap)
+    add_machine_arguments(ap)
     ap.add_argument("--one", nargs=2, metavar=("WHICH", "CONFIG"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     a.configs = a.configs or ("v4" if a.model == "v4" else "small,medium")
-    use_isa(a.isa)
+    use_machine(a)
     torch.set_num_threads(a.threads)
     if a.one:
         print(json.dumps(one(a.one[0], a.one[1], a.seq, a.batch, a.reps, a.threads)))

@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from dsalite.kernels import memory
 from dsalite.presets import PRESETS
 
 
@@ -304,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    memory.keep_freed_memory()  # training and generation reuse their large buffers: no page faults per step
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:  # ConfigError / CheckpointError name the field or tensor

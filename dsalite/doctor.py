@@ -24,7 +24,8 @@ SIMD_FLAGS = ("sse2", "sse4_2", "avx", "avx2", "fma", "f16c", "bmi2", "avx512f",
               "asimd", "asimdhp", "asimddp", "sve", "sve2", "bf16", "i8mm")
 ENV_VARS = ("DSALITE_KERNELS", "DSALITE_KERNEL_ISA", "DSALITE_KERNEL_CACHE", "DSALITE_BLAS", "DSALITE_OPENBLAS_CORETYPE",
             "OMP_NUM_THREADS", "MKL_NUM_THREADS", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA",
-            "OPENBLAS_CORETYPE", "TORCHINDUCTOR_CPP_MARCH", "CXX")
+            "OPENBLAS_CORETYPE", "TORCHINDUCTOR_CPP_MARCH", "CXX", "DSALITE_MALLOC",
+            "GLIBC_TUNABLES")
 
 
 def _x86_level(flags: set[str]) -> str:
@@ -92,8 +93,17 @@ def report(measure_blas: bool = True) -> dict:
         "openblas": "single-threaded library; product rows split over the same threads (>= "
                     f"{blas.MIN_ROWS} rows a part), products under {blas.MIN_WORK} multiply-adds stay with torch",
     }
+    rep["malloc"] = _malloc()
     rep["env"] = {k: os.environ[k] for k in ENV_VARS if k in os.environ}
     return rep
+
+
+def _malloc() -> str:
+    from dsalite.kernels import memory
+
+    if memory.mode() == "kept":
+        return "freed memory kept for reuse (no page faults on reallocation; resident memory stays at its peak)"
+    return "glibc's default: large freed blocks go back to the kernel (each reuse faults its pages in again)"
 
 
 def _safe(fn):
@@ -135,6 +145,7 @@ def format_report(rep: dict) -> str:
         + rate_txt,
         f"threads    torch {t['threads']} intra-op / {t['interop_threads']} inter-op; kernels: "
         f"{rep['threads']['kernel_split']}; OpenBLAS: {rep['threads']['openblas']}",
+        f"malloc     {rep['malloc']}",
         "env        " + (", ".join(f"{k_}={v}" for k_, v in rep["env"].items()) or "no overrides set"),
     ]
     return "\n".join(lines)
@@ -166,4 +177,5 @@ def summary_lines() -> list[str]:
         f"# torch {t['version']} (CPU capability {t['cpu_capability']}, {t['blas']}), {t['threads']} thread(s)",
         f"# kernels: {'C++ ' + k.get('build', '') if k['use'] else 'PyTorch paths'} -- {k['why']}",
         f"# BLAS: {b['blas']} -- {b['why']}",
+        f"# malloc: {rep['malloc']}",
     ] + ([f"# overrides: {', '.join(f'{n}={v}' for n, v in rep['env'].items())}"] if rep["env"] else [])

@@ -78,3 +78,44 @@ def test_calibration_timings_are_printed(monkeypatch):
     text = doctor.format_report(doctor.report(measure_blas=False))
     assert "select small 128 rows" in text and "3.00x" in text and "calibrated on this CPU: x" in text
     assert doctor.summary_lines()[2].startswith("# kernels: C++ avx2 vw=8 -- calibrated")
+
+
+FAULTS = """
+import sys
+import torch
+from dsalite.kernels import memory
+mode = memory.keep_freed_memory() if sys.argv[1] == "call" else memory.mode()
+
+def minor_faults():
+    with open("/proc/self/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[7])
+
+faults = []
+for _ in range(8):  # 64 MiB, freed again
+    before = minor_faults()
+    torch.empty(1 << 24).fill_(1.0)
+    faults.append(minor_faults() - before)
+print(mode, sorted(faults)[4])  # the heap settles after a few: the typical count
+"""
+
+
+@pytest.mark.parametrize("how,env,kept", [("call", {}, True), ("call", {"DSALITE_MALLOC": "glibc"}, False),
+                                          ("read", {"GLIBC_TUNABLES": "from memory.tunables()"}, True),
+                                          ("read", {}, False)])
+def test_freed_memory_is_kept_for_reuse(how, env, kept):
+    """With freed memory kept (dsalite's commands call `keep_freed_memory`; benches start their processes with
+    `memory.tunables()`) a 64 MiB buffer allocated again reuses its pages: next to no page faults, where glibc's
+    default unmaps it and faults all 16384 pages in again. `dsalite env` reports which is in effect."""
+    from dsalite.kernels import memory
+
+    env = {k: memory.tunables() if v == "from memory.tunables()" else v for k, v in env.items()}
+    base = {k: v for k, v in os.environ.items() if k not in ("DSALITE_MALLOC", "GLIBC_TUNABLES")}
+    out = subprocess.run([sys.executable, "-c", FAULTS, how], env={**base, **env}, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out[0] == ("kept" if kept else "glibc")
+    faults = int(out[1])
+    assert faults < 1000 if kept else faults >= 16384, faults
+    rep = subprocess.run([sys.executable, "-m", "dsalite.cli", "env", "--no-measure", "--json"],
+                         env={**base, **env, "DSALITE_KERNELS": "0"}, capture_output=True, text=True, check=True)
+    # the command itself keeps freed memory unless told not to
+    assert json.loads(rep.stdout)["malloc"].startswith("glibc's default" if env.get("DSALITE_MALLOC") else "freed")

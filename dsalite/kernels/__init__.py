@@ -251,8 +251,8 @@ def elementwise_ready(*tensors) -> bool:
     than PyTorch's ops here (the layers fall back to their PyTorch code otherwise)."""
     import torch
 
-    return (tensors[0].numel() >= ELEMENTWISE_MIN_NUMEL and not torch.compiler.is_compiling() and all(t.device.type == "cpu" and t.dtype == torch.float32
-                                                      for t in tensors)
+    return (tensors[0].numel() >= ELEMENTWISE_MIN_NUMEL and not torch.compiler.is_compiling()
+            and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
             and not torch.is_autocast_enabled("cpu") and load() is not None and _elementwise)
 
 

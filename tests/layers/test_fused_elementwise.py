@@ -1,6 +1,7 @@
 """The fused element-wise CPU kernels (RMSNorm, SwiGLU) against float64 references, in every build this CPU runs:
 forward and gradients, widths that are not whole vectors, strided inputs, exp's saturation, threads; the PyTorch code
-where the kernels do not apply (small tensors, V4's clamped SwiGLU); and a whole model's training step on either path."""
+where the kernels do not apply (small tensors, V4's clamped SwiGLU); a whole model's HF parity and training step on
+either path."""
 
 import contextlib
 
@@ -175,4 +176,5 @@ def test_model_matches_transformers_and_trains_alike_on_either_path(lib, tmp_pat
     torch.testing.assert_close(loss_k, loss_t, rtol=1e-6, atol=1e-6)
     assert grads_k.keys() == grads_t.keys() and grads_k
     for name in grads_k:
-        torch.testing.assert_close(grads_k[name], grads_t[name], rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(grads_k[name], grads_t[name], rtol=1e-4, atol=1e-6,
+                                   msg=lambda m, n=name: f"{n}: {m}")
