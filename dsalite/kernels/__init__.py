@@ -196,8 +196,10 @@ def _calibration(lib: ctypes.CDLL) -> dict:
     from dsalite.kernels import wisdom
 
     # the twins' speed depends on the instructions torch itself uses (ATEN_CPU_CAPABILITY can lower them)
-    key = {"cpu": wisdom.cpu_key(), "build": build_info(lib), "source": build_key("", []), "torch": torch.__version__,
-           "torch_isa": torch.backends.cpu.get_cpu_capability()}
+    # the calibration's own source too: a record measured by an older calibrate.py may lack a kernel's cases
+    calibration = hashlib.sha256(_SRC.with_name("calibrate.py").read_bytes()).hexdigest()[:16]
+    key = {"cpu": wisdom.cpu_key(), "build": build_info(lib), "source": build_key("", []), "calibration": calibration,
+           "torch": torch.__version__, "torch_isa": torch.backends.cpu.get_cpu_capability()}
     return wisdom.cached("kernels", key, lambda: _measure(lib))
 
 
