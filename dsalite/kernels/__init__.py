@@ -4,7 +4,8 @@ PyTorch has no fused "score, then keep the K best" for the lightning indexer: it
 block out to memory three times and rank every entry with `torch.topk`, which dominates a long CPU prefill. The kernel
 here does both per query row in cache. Likewise sparse attention over the selected keys: PyTorch gathers K rows per
 query into a buffer before small batched GEMMs (or, for training, multiplies against every causal key); the kernels
-read each selected latent row once for all heads, in place, forward and backward. Every kernel has an exact
+read each selected latent row once for all heads, in place, forward and backward. And a training step's RMSNorm and
+SwiGLU, which PyTorch runs as about ten passes over memory each way, in one pass per row. Every kernel has an exact
 pure-PyTorch twin that runs on other devices, in compiled graphs that lack the kernel's key layout, when no compiler is
 found, or when the twin is faster on this CPU; tests compare the two.
 

@@ -7,7 +7,8 @@
 // in ascending order, then -1 where fewer than K keys are visible; among equal scores the lower index is kept, except
 // where the tie sits at the K-th place: that row is ranked the way torch.topk ranks it (`rank_like_torch`).
 // Sparse attention over the selected keys in the absorbed MQA form (dsa_sparse_attention, for inference and training)
-// and its backward (dsa_sparse_attention_bwd), each reading the selected rows in place.
+// and its backward (dsa_sparse_attention_bwd), each reading the selected rows in place. RMSNorm and SwiGLU forward and
+// backward (dsa_rms_norm[_bwd], dsa_swiglu[_bwd]): one pass per row where PyTorch's ops each pass over the tensor.
 //
 // One source, three targets, picked by the compiler's predefined macros (the build passes -march): AVX-512 (32
 // registers of 16 floats), AVX2 + FMA (16 registers of 8) and a portable build (4-float vectors, no intrinsics: any
