@@ -249,13 +249,14 @@ def load() -> ctypes.CDLL | None:
 
 
 def elementwise_ready(*tensors) -> bool:
-    """Whether the fused element-wise kernels (RMSNorm, SwiGLU) take these tensors: CPU fp32 outside compiled graphs
-    and autocast, the first at least ELEMENTWISE_MIN_NUMEL elements, with the kernels loaded and not calibrated slower
+    """Whether the fused element-wise kernels (RMSNorm, SwiGLU) take these tensors: plain CPU fp32 tensors (no
+    DTensor or other subclass) outside compiled graphs and autocast, the first at least ELEMENTWISE_MIN_NUMEL elements, with the kernels loaded and not calibrated slower
     than PyTorch's ops here (the layers fall back to their PyTorch code otherwise)."""
     import torch
 
     return (tensors[0].numel() >= ELEMENTWISE_MIN_NUMEL and not torch.compiler.is_compiling()
-            and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+            and all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu"
+                    and t.dtype == torch.float32 for t in tensors)
             and not torch.is_autocast_enabled("cpu") and load() is not None and _elementwise)
 
 

@@ -626,6 +626,26 @@ inline float sum_squares(const float* x, int64_t n) {
     return hsum((a[0] + a[1]) + (a[2] + a[3]));
 }
 
+// dsa_rms_norm_bwd on rows r0..r1-1, dy * xh added into dw
+void rms_norm_bwd_rows(const float* x, int64_t ldx, const float* w, int64_t D, const float* rstd, const float* dy,
+                       float* dx, float* dw, int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+        const float *xr = x + r * ldx, *dyr = dy + r * D;
+        const float rs = rstd[r];
+        vf acc = {};
+        by_vectors(D, [&](int64_t o, int64_t m) {
+            acc += (load_part(dyr + o, m) * load_part(w + o, m)) * (load_part(xr + o, m) * rs);
+        });
+        const float c = hsum(acc) / static_cast<float>(D);
+        float* dxr = dx + r * D;
+        by_vectors(D, [&](int64_t o, int64_t m) {
+            const vf dyv = load_part(dyr + o, m), xh = load_part(xr + o, m) * rs;
+            store_part(dxr + o, rs * (dyv * load_part(w + o, m) - xh * c), m);
+            store_part(dw + o, load_part(dw + o, m) + dyv * xh, m);
+        });
+    }
+}
+
 }  // namespace
 
 extern "C" {
@@ -760,23 +780,16 @@ void dsa_rms_norm(const float* x, int64_t ldx, const float* w, int64_t D, float 
 }
 
 // Gradients of dsa_rms_norm, rows r0..r1-1: with xh = x * rstd and g = dy * w, dx = rstd * (g - xh * mean(g * xh))
-// (dx rows D floats apart); dy * xh summed over the rows is added into dw [D] (one buffer per thread part).
+// (dx rows D floats apart); dy * xh summed over the rows is added into dw [D] (one buffer per thread part), in blocks
+// of DW_BLOCK rows first: a running fp32 sum over thousands of rows loses digits that a sum of block sums keeps.
 void dsa_rms_norm_bwd(const float* x, int64_t ldx, const float* w, int64_t D, const float* rstd, const float* dy,
                       float* dx, float* dw, int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-        const float *xr = x + r * ldx, *dyr = dy + r * D;
-        const float rs = rstd[r];
-        vf acc = {};
-        by_vectors(D, [&](int64_t o, int64_t m) {
-            acc += (load_part(dyr + o, m) * load_part(w + o, m)) * (load_part(xr + o, m) * rs);
-        });
-        const float c = hsum(acc) / static_cast<float>(D);
-        float* dxr = dx + r * D;
-        by_vectors(D, [&](int64_t o, int64_t m) {
-            const vf dyv = load_part(dyr + o, m), xh = load_part(xr + o, m) * rs;
-            store_part(dxr + o, rs * (dyv * load_part(w + o, m) - xh * c), m);
-            store_part(dw + o, load_part(dw + o, m) + dyv * xh, m);
-        });
+    constexpr int64_t DW_BLOCK = 32;
+    std::vector<float> block(static_cast<size_t>(D));
+    for (int64_t b0 = r0; b0 < r1; b0 += DW_BLOCK) {
+        std::fill(block.begin(), block.end(), 0.f);
+        rms_norm_bwd_rows(x, ldx, w, D, rstd, dy, dx, block.data(), b0, std::min(r1, b0 + DW_BLOCK));
+        for (int64_t c = 0; c < D; ++c) dw[c] += block[c];
     }
 }
 
