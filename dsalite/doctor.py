@@ -24,8 +24,7 @@ SIMD_FLAGS = ("sse2", "sse4_2", "avx", "avx2", "fma", "f16c", "bmi2", "avx512f",
               "asimd", "asimdhp", "asimddp", "sve", "sve2", "bf16", "i8mm")
 ENV_VARS = ("DSALITE_KERNELS", "DSALITE_KERNEL_ISA", "DSALITE_KERNEL_CACHE", "DSALITE_BLAS", "DSALITE_OPENBLAS_CORETYPE",
             "OMP_NUM_THREADS", "MKL_NUM_THREADS", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA",
-            "OPENBLAS_CORETYPE", "TORCHINDUCTOR_CPP_MARCH", "CXX", "DSALITE_MALLOC",
-            "GLIBC_TUNABLES")
+            "OPENBLAS_CORETYPE", "TORCHINDUCTOR_CPP_MARCH", "CXX", "DSALITE_MALLOC", "GLIBC_TUNABLES")
 
 
 def _x86_level(flags: set[str]) -> str:

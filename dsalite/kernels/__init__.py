@@ -250,13 +250,16 @@ def load() -> ctypes.CDLL | None:
 
 def elementwise_ready(*tensors) -> bool:
     """Whether the fused element-wise kernels (RMSNorm, SwiGLU) take these tensors: plain CPU fp32 tensors (no
-    DTensor or other subclass) outside compiled graphs and autocast, the first at least ELEMENTWISE_MIN_NUMEL elements, with the kernels loaded and not calibrated slower
-    than PyTorch's ops here (the layers fall back to their PyTorch code otherwise)."""
+    DTensor or other subclass) outside compiled graphs and autocast, the first at least ELEMENTWISE_MIN_NUMEL
+    elements, with the kernels loaded and not calibrated slower than PyTorch's ops here (the layers fall back to their
+    PyTorch code otherwise)."""
     import torch
 
-    return (tensors[0].numel() >= ELEMENTWISE_MIN_NUMEL and not torch.compiler.is_compiling()
-            and all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu"
-                    and t.dtype == torch.float32 for t in tensors)
+    # compiling first, so a traced graph never guards on the size; then the size, which a decode step fails
+    if torch.compiler.is_compiling() or tensors[0].numel() < ELEMENTWISE_MIN_NUMEL:
+        return False
+    return (all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu"
+                and t.dtype == torch.float32 for t in tensors)
             and not torch.is_autocast_enabled("cpu") and load() is not None and _elementwise)
 
 
@@ -316,9 +319,14 @@ def even_bounds(rows: int, parts: int) -> list[int]:
     return [rows * i // parts for i in range(parts + 1)]
 
 
+def row_parts(rows: int, threads: int, min_rows: int = 32) -> int:
+    """How many parts `split_rows` cuts `rows` into: one per thread, each at least `min_rows` rows (at least one)."""
+    return max(1, min(threads, rows // min_rows))
+
+
 def split_rows(call, rows: int, threads: int, min_rows: int = 32) -> int:
     """Sum of call(r0, r1) over rows 0..rows-1 split across up to `threads` threads."""
-    parts = max(1, min(threads, rows // min_rows))
+    parts = row_parts(rows, threads, min_rows)
     if parts == 1:  # a decode step's few rows: no pool, no closures (this runs once per layer and token)
         return call(0, rows) or 0
     return sum(r or 0 for r in run_parts(lambda _, r0, r1: call(r0, r1), even_bounds(rows, parts), threads))

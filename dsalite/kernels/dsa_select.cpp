@@ -582,7 +582,6 @@ inline void add_outer(float* const* grows, int64_t n, const float* a, int64_t ld
     });
 }
 
-
 // Element-wise chains that PyTorch runs as several passes over memory (each op of the forward and of autograd's
 // backward reads and writes the whole tensor): one pass per row here, the row in cache. Columns past the last whole
 // vector run through the same vector code on a padded copy, so every column gets the same arithmetic.

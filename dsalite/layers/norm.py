@@ -16,8 +16,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if kernels.elementwise_ready(x, self.weight):
+        if kernels.elementwise_ready(x, self.weight):  # fp32: where both classes compute the same thing
             return KernelRMSNorm.apply(x, self.weight, self.eps)
+        return self._pytorch(x)
+
+    def _pytorch(self, x: torch.Tensor) -> torch.Tensor:
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -28,9 +31,7 @@ class RMSNormF32(RMSNorm):
     """Same as RMSNorm except the weight multiply happens in fp32 before the cast (HF `DeepseekV4RMSNorm`); in fp32
     the two are the same computation."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if kernels.elementwise_ready(x, self.weight):
-            return KernelRMSNorm.apply(x, self.weight, self.eps)
+    def _pytorch(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         return (self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps))).to(x.dtype)
 
@@ -62,7 +63,7 @@ class KernelRMSNorm(torch.autograd.Function):
         n, D = rows.shape
         dy = dy.reshape(n, D).contiguous()
         dx = dy.new_empty(n, D)
-        threads = max(1, min(n // 32, torch.get_num_threads()))
+        threads = kernels.row_parts(n, torch.get_num_threads())
         bounds = kernels.even_bounds(n, threads)
         dw = dy.new_zeros(threads, D)  # one partial sum per thread part
         lib = kernels.load()
